@@ -1,0 +1,26 @@
+"""ddim-fused: DDIM sampling with the per-step update fused into one Triton kernel."""
+from .coefficients import SIGMA_HAT, DDIMCoefficients, ddim_coefficients
+from .reference import ReferenceDDIMSampler
+from .sampler import DDIMSampler
+from .schedules import (
+    alpha_bar_from_betas,
+    ddim_timesteps,
+    make_alpha_bar,
+    make_betas,
+    rescale_zero_terminal_snr,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DDIMCoefficients",
+    "DDIMSampler",
+    "ReferenceDDIMSampler",
+    "SIGMA_HAT",
+    "alpha_bar_from_betas",
+    "ddim_coefficients",
+    "ddim_timesteps",
+    "make_alpha_bar",
+    "make_betas",
+    "rescale_zero_terminal_snr",
+]

@@ -1,0 +1,93 @@
+"""The kernel's keyed Philox normal stream, reproduced with torch integer ops.
+
+Same counters, key, uniform mapping and Box-Muller as `kernels/noise.py`, so the
+torch backend and the Triton kernel draw the same noise for one seed (bitwise in the
+integers, to float rounding of log/cos/sin in the normals).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NOISE_STREAMS = {"step": 0, "orig": 1, "initial": 2}
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 values; key = (seed lo32, seed hi32).
+
+    Returns:
+        four int64 tensors of uint32 values.
+    """
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(rounds):
+        hi_b, lo_b = _umul(_ROUND_B, c2)
+        hi_a, lo_a = _umul(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _umul(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for a < 2**32 and b a tensor of uint32 values."""
+    # a * b can reach 2**64 and overflow int64, so multiply by b's 16-bit halves.
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    low_part = a * b_lo  # < 2**48
+    high_part = a * b_hi  # < 2**48, weight 2**16
+    total_low = (low_part & _MASK32) + ((high_part & 0xFFFF) << 16)
+    lo = total_low & _MASK32
+    hi = ((low_part >> 32) + (high_part >> 16) + (total_low >> 32)) & _MASK32
+    return hi, lo
+
+
+def keyed_normal_torch(
+    batch: int,
+    numel: int,
+    seed: int,
+    step_key: int = 0,
+    stream: str = "step",
+    sample_offset: int = 0,
+    *,
+    repeat: bool = False,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Noise of the kernel's keyed stream for `batch` samples of `numel` elements.
+
+    Args:
+        batch: number of samples B; sample b is keyed by sample_offset + b (0 if repeat).
+        numel: elements per sample.
+        seed: int in [0, 2**63).
+        step_key: DDIM step index.
+        stream: "step", "orig" or "initial".
+
+    Returns:
+        float32 tensor of shape (B, numel).
+    """
+    n_counters = (numel + 3) // 4
+    counter = torch.arange(n_counters, device=device, dtype=torch.int64)
+    keys = torch.zeros(batch, 1, device=device, dtype=torch.int64)
+    if not repeat:
+        keys += torch.arange(sample_offset, sample_offset + batch, device=device, dtype=torch.int64).view(batch, 1)
+    c0 = (counter & _MASK32).expand(batch, n_counters)
+    c1 = (keys & _MASK32).expand(batch, n_counters)
+    c2 = torch.full((batch, n_counters), step_key & _MASK32, device=device, dtype=torch.int64)
+    c3 = ((counter >> 32) * 4 + NOISE_STREAMS[stream]).expand(batch, n_counters)
+    r0, r1, r2, r3 = philox4x32(c0, c1, c2, c3, int(seed))
+    u0, u1, u2, u3 = (_uniform_open(r) for r in (r0, r1, r2, r3))
+    rad_a = torch.sqrt(-2.0 * torch.log(u0))
+    rad_b = torch.sqrt(-2.0 * torch.log(u2))
+    angle_a, angle_b = (2 * math.pi) * u1, (2 * math.pi) * u3
+    normals = torch.stack(
+        (rad_a * torch.cos(angle_a), rad_a * torch.sin(angle_a), rad_b * torch.cos(angle_b), rad_b * torch.sin(angle_b)),
+        dim=-1,
+    )
+    return normals.reshape(batch, 4 * n_counters)[:, :numel].contiguous()
+
+
+def _uniform_open(bits: torch.Tensor) -> torch.Tensor:
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)

@@ -1,0 +1,22 @@
+from setuptools import setup
+
+setup(
+    name="ddim-fused",
+    version="0.1.0",
+    description="DDIM sampler for PyTorch whose per-step update runs as one fused Triton kernel",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ (GPU code) installs as ddim_fused.kernels: a top-level `kernels`
+    # package would collide with an unrelated PyPI project of that name.
+    packages=["ddim_fused", "ddim_fused.kernels"],
+    package_dir={"ddim_fused": "ddim_fused", "ddim_fused.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.6; sys_platform == 'linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+    },
+)
