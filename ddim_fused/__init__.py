@@ -1,4 +1,5 @@
 """ddim-fused: DDIM sampling with the per-step update fused into one Triton kernel."""
+from .interpolation import slerp
 from .coefficients import SIGMA_HAT, DDIMCoefficients, ddim_coefficients
 from .reference import ReferenceDDIMSampler
 from .sampler import DDIMSampler
@@ -23,4 +24,5 @@ __all__ = [
     "make_alpha_bar",
     "make_betas",
     "rescale_zero_terminal_snr",
+    "slerp",
 ]

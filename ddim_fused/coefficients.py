@@ -33,6 +33,10 @@ class DDIMCoefficients:
     eps_coef: np.ndarray
     x0_x_coef: np.ndarray
     x0_eps_coef: np.ndarray
+    # DDIM inversion, from the level alpha_prev up to alpha (eta = 0):
+    # x_next = sqrt(a) * pred_x0(x, eps at a_prev) + sqrt(1 - a) * eps.
+    inv_x_coef: np.ndarray
+    inv_eps_coef: np.ndarray
 
     @property
     def n_steps(self) -> int:
@@ -111,6 +115,8 @@ def ddim_coefficients(
     x0_eps_coef = -sqrt_one_minus_alpha / sqrt_alpha
     x_coef = np.sqrt(alpha_prev) * x0_x_coef
     eps_coef = np.sqrt(alpha_prev) * x0_eps_coef + np.sqrt(dir_sq)
+    inv_x_coef = np.sqrt(alpha / alpha_prev)
+    inv_eps_coef = np.sqrt(1 - alpha) - np.sqrt(alpha) * np.sqrt(1 - alpha_prev) / np.sqrt(alpha_prev)
     coefs = DDIMCoefficients(
         time_steps=np.asarray(time_steps, dtype=np.int64),
         alpha=alpha,
@@ -121,8 +127,10 @@ def ddim_coefficients(
         eps_coef=eps_coef,
         x0_x_coef=x0_x_coef,
         x0_eps_coef=x0_eps_coef,
+        inv_x_coef=inv_x_coef,
+        inv_eps_coef=inv_eps_coef,
     )
-    for name in ("sigma", "noise_scale", "x_coef", "eps_coef", "x0_x_coef", "x0_eps_coef"):
+    for name in ("sigma", "noise_scale", "x_coef", "eps_coef", "x0_x_coef", "x0_eps_coef", "inv_x_coef", "inv_eps_coef"):
         values = getattr(coefs, name)
         if not np.all(np.isfinite(values)):
             bad = int(np.flatnonzero(~np.isfinite(values))[0])

@@ -206,6 +206,46 @@ class DDIMSampler:
         return x
 
     @torch.no_grad()
+    def invert(
+        self,
+        x0: torch.Tensor,
+        cond,
+        *,
+        uncond_scale: float = 1.0,
+        uncond_cond=None,
+        callback: Optional[Callable[[dict], None]] = None,
+    ) -> torch.Tensor:
+        """Deterministic DDIM inversion: encode x0 into the latent at the noisiest step.
+
+        Step i evaluates eps at time step tau_i on x (at level alpha_prev_i) and moves x
+        to level alpha_i with the same fused kernel (eta = 0). `sample(x_last=...)` with
+        this sampler then reconstructs x0 up to the discretization error.
+
+        Args:
+            x0: (B, *s) clean sample (not modified).
+            cond, uncond_scale, uncond_cond: as in `sample`.
+            callback: called after each step with a dict of index, t, x.
+
+        Returns:
+            x_T: (B, *s) latent at time_steps[-1].
+        """
+        check_tensor("x0", x0)
+        if x0.dim() < 1:
+            raise ValueError("x0 must have a batch dimension")
+        self._check_run(x0.shape[0], x0.device, x0.dtype, 1.0, uncond_scale, uncond_cond, cond, 0)
+        step_fn = self._step_fn(x0.device)
+        c = self.coefs
+        x = x0.contiguous()
+        for index, step in enumerate(self.time_steps):
+            ts = x.new_full((x.shape[0],), int(step), dtype=torch.long)
+            model_out, guidance = self._model_out(x, cond, ts, uncond_scale, uncond_cond)
+            x = step_fn(x, model_out, torch.empty_like(x), x_coef=float(c.inv_x_coef[index]),
+                        eps_coef=float(c.inv_eps_coef[index]), guidance=guidance)
+            if callback is not None:
+                callback({"index": index, "t": int(step), "x": x})
+        return x
+
+    @torch.no_grad()
     def p_sample(self, x, c, t, step, index, *, repeat_noise=False, temperature=1.0, uncond_scale=1.0,
                  uncond_cond=None, noise=None, seed=None, sample_offset=0):
         """One DDIM step at DDIM index `index` (time step `step`, t its (B,) tensor).

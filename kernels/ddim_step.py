@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise import NOISE_STREAMS, keyed_normals
+from .cast import cast_for_store
+from .noise import keyed_normals
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -70,9 +71,9 @@ def _ddim_step_kernel(
 
     if STORE_X0:
         b_x0 = x0_x_coef * b_x + x0_eps_coef * b_eps
-        tl.store(x0_ptr + offs, b_x0.to(x0_ptr.dtype.element_ty), mask=mask_e)
+        tl.store(x0_ptr + offs, cast_for_store(b_x0, x0_ptr), mask=mask_e)
     if STORE_EPS:
-        tl.store(eps_out_ptr + offs, b_eps.to(eps_out_ptr.dtype.element_ty), mask=mask_e)
+        tl.store(eps_out_ptr + offs, cast_for_store(b_eps, eps_out_ptr), mask=mask_e)
 
     if MASK_MODE != 0:
         b_orig = tl.load(orig_ptr + pid_b * orig_bstride + offs_e, mask=mask_e).to(tl.float32)
@@ -89,7 +90,7 @@ def _ddim_step_kernel(
         b_m = tl.load(mask_ptr + pid_b * mask_bstride + offs_m, mask=mask_e).to(tl.float32)
         b_out = b_orig_t * b_m + b_out * (1.0 - b_m)
 
-    tl.store(out_ptr + offs, b_out.to(out_ptr.dtype.element_ty), mask=mask_e)
+    tl.store(out_ptr + offs, cast_for_store(b_out, out_ptr), mask=mask_e)
 
 
 class MaskLayout(NamedTuple):

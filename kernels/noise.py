@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cast import cast_for_store
+
 # Independent streams under one seed: the step noise, paint's orig noise, the initial latent.
 NOISE_STREAMS = {"step": 0, "orig": 1, "initial": 2}
 
@@ -57,7 +59,7 @@ def _keyed_normal_kernel(out_ptr, N, seed, step_key, stream, sample_offset, BLOC
     offs_e = pid_e.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask_e = offs_e < N
     b_noise = keyed_normals(seed, sample_offset + pid_b, step_key, stream, pid_e.to(tl.int64) * BLOCK, BLOCK // 4)
-    tl.store(out_ptr + pid_b.to(tl.int64) * N + offs_e, b_noise.to(out_ptr.dtype.element_ty), mask=mask_e)
+    tl.store(out_ptr + pid_b.to(tl.int64) * N + offs_e, cast_for_store(b_noise, out_ptr), mask=mask_e)
 
 
 def keyed_normal(

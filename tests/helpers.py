@@ -1,0 +1,60 @@
+"""Shared test utilities: one comparison helper, toy models, dtype tolerances."""
+from __future__ import annotations
+
+import torch
+
+from ddim_fused.schedules import make_alpha_bar
+
+# Relative RMS tolerance of fp32 results against the reference.
+FP32_RTOL = 1e-5
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = FP32_RTOL, atol: float = 0.0, name: str = "") -> None:
+    """Fail with max abs error, relative RMS error, mismatch count and first bad indices.
+
+    Passes when no value is NaN/Inf where expected is finite, the relative RMS error is
+    <= rtol, and every element is within atol + rtol * max|expected|.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    bad_finite = torch.isfinite(e) & ~torch.isfinite(a)
+    assert not bad_finite.any(), f"{name}: {int(bad_finite.sum())} NaN/Inf values, first at {_first(bad_finite)}"
+    err = (a - e).abs()
+    scale = e.abs().max().item() or 1.0
+    rel_rms = ((a - e).pow(2).mean().sqrt() / (e.pow(2).mean().sqrt() + 1e-30)).item()
+    bad = err > atol + rtol * scale
+    msg = (f"{name}: max abs err {err.max().item():.3e}, rel RMS err {rel_rms:.3e} (rtol {rtol:.1e}), "
+           f"{int(bad.sum())}/{a.numel()} beyond atol {atol:.1e} + rtol * {scale:.3e}, first at {_first(bad)}")
+    assert rel_rms <= rtol and not bad.any(), msg
+
+
+def error_vs(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    """Relative RMS error of actual against a float64 exact result."""
+    a, e = actual.detach().double().cpu(), exact.detach().double().cpu()
+    return ((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt()).item()
+
+
+def _first(mask: torch.Tensor, k: int = 3):
+    return [tuple(i.tolist()) for i in mask.nonzero()[:k]]
+
+
+class ToyModel:
+    """A cheap nonlinear eps-model following labml's protocol, conditioned by a scalar per sample."""
+
+    n_steps = 1000
+
+    def __init__(self, schedule: str = "linear"):
+        self.alpha_bar = torch.from_numpy(make_alpha_bar(schedule, self.n_steps))
+        self.calls = 0
+
+    def __call__(self, x, t, cond):
+        self.calls += 1
+        view = (-1,) + (1,) * (x.dim() - 1)
+        t = (t.to(torch.float64) / self.n_steps).view(view)
+        c = cond.to(torch.float64).view(view) if cond is not None else 0.0
+        h = torch.tanh(0.6 * x.to(torch.float64) + t + 0.5 * c)
+        return h.to(x.dtype)
+
+
+def nan_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(x, float("nan"))
