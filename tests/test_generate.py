@@ -1,0 +1,129 @@
+"""Bulk generation: shards, resume, verification, atomic writes, configuration identity."""
+import dataclasses
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddim_fused import generate as gen
+from ddim_fused.schedules import make_alpha_bar
+
+
+class TinyModel:
+    """A batch-invariant class-conditional eps-model for 1x4x4 'images'."""
+
+    n_steps = 1000
+    image_shape = (1, 4, 4)
+    alpha_bar = torch.from_numpy(make_alpha_bar("linear"))
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+
+    def __call__(self, x, t, cond):
+        return torch.tanh(x + cond.view(-1, 1, 1, 1).float() / 10)
+
+    def null_cond(self, batch):
+        return torch.full((batch,), 10, dtype=torch.long)
+
+
+CONFIG = gen.GenerateConfig(num=22, shard_size=6, batch_size=4, steps=6, eta=0.5, guidance=2.0, seed=3, classes=(1, 4, 7))
+INFO = {"name": "tiny"}
+
+
+def run(out, config=CONFIG):
+    return gen.run_generation(out, config, TinyModel, INFO, progress=False)
+
+
+def test_run_writes_shards_and_manifest(tmp_path):
+    summary = run(tmp_path)
+    assert summary["samples_written"] == 22
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_samples"] == 22
+    assert [s["count"] for s in manifest["shards"]] == [6, 6, 6, 4]
+    assert set(manifest["versions"]) >= {"torch", "triton", "numpy", "ddim_fused"}
+    data = gen.load_samples(tmp_path)
+    assert np.array_equal(data["indices"], np.arange(22))
+    assert np.array_equal(data["labels"], np.array([1, 4, 7])[np.arange(22) % 3])
+    assert data["samples"].shape == (22, 1, 4, 4) and np.isfinite(data["samples"]).all()
+    for s in manifest["shards"]:
+        assert gen.file_sha256(tmp_path / s["file"]) == s["sha256"]
+
+
+def test_samples_do_not_depend_on_batch_or_shard_size(tmp_path):
+    run(tmp_path / "a")
+    run(tmp_path / "b", dataclasses.replace(CONFIG, batch_size=5))
+    a, b = gen.load_samples(tmp_path / "a"), gen.load_samples(tmp_path / "b")
+    assert np.array_equal(a["samples"], b["samples"])
+    # A different shard size is a different run layout but the same samples by index.
+    run(tmp_path / "c", dataclasses.replace(CONFIG, shard_size=5))
+    assert np.array_equal(gen.load_samples(tmp_path / "c")["samples"], a["samples"])
+
+
+def test_resume_skips_complete_shards_and_regenerates_missing_and_corrupt(tmp_path):
+    run(tmp_path)
+    reference = gen.load_samples(tmp_path)["samples"]
+    (tmp_path / "shard-000001.npz").unlink()
+    corrupt = tmp_path / "shard-000002.npz"
+    corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated
+    (tmp_path / ".shard-000003.npz.tmp.999").write_bytes(b"partial")  # left by a killed run
+    with pytest.warns(UserWarning, match="shard-000002.npz is unreadable"):
+        summary = run(tmp_path)
+    assert summary["samples_written"] == 12 and summary["shards_skipped"] == 2
+    assert np.array_equal(gen.load_samples(tmp_path)["samples"], reference)
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_a_shard_with_altered_samples_fails_its_checksum(tmp_path):
+    run(tmp_path)
+    path = tmp_path / "shard-000000.npz"
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["samples"] = arrays["samples"] + 1
+    np.savez(path, **arrays)
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        assert run(tmp_path)["samples_written"] == 6
+
+
+def test_a_different_configuration_is_refused(tmp_path):
+    run(tmp_path)
+    with pytest.raises(gen.RunMismatchError, match="config.seed: 3 there, 4 now"):
+        run(tmp_path, dataclasses.replace(CONFIG, seed=4))
+    # batch size, device and backend change no sample: resuming with them is allowed.
+    assert run(tmp_path, dataclasses.replace(CONFIG, batch_size=2))["samples_written"] == 0
+
+
+def test_a_failing_write_loses_nothing_already_finished(tmp_path, monkeypatch):
+    real_savez, calls = np.savez, []
+
+    def savez_fails_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_savez(*args, **kwargs)
+
+    monkeypatch.setattr(gen.np, "savez", savez_fails_third)
+    with pytest.raises(OSError, match="No space left"):
+        run(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-000000.npz", "shard-000001.npz"]
+    assert not (tmp_path / "manifest.json").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    monkeypatch.setattr(gen.np, "savez", real_savez)
+    assert run(tmp_path)["samples_written"] == 10
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("num", 0), ("batch_size", -1), ("shard_size", 0), ("steps", 2.5), ("classes", ()), ("seed", -1)],
+)
+def test_bad_configuration(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(CONFIG, **{field: value})
+
+
+def test_unwritable_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot create output directory"):
+        run(blocker / "out")
