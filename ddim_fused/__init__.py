@@ -1,6 +1,8 @@
 """ddim-fused: DDIM sampling with the per-step update fused into one Triton kernel."""
-from .interpolation import slerp
 from .coefficients import SIGMA_HAT, DDIMCoefficients, ddim_coefficients
+from .interpolation import slerp
+from .metrics import frechet_distance
+from .oracle import GaussianMixture
 from .reference import ReferenceDDIMSampler
 from .sampler import DDIMSampler
 from .schedules import (
@@ -16,11 +18,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DDIMCoefficients",
     "DDIMSampler",
+    "GaussianMixture",
     "ReferenceDDIMSampler",
     "SIGMA_HAT",
     "alpha_bar_from_betas",
     "ddim_coefficients",
     "ddim_timesteps",
+    "frechet_distance",
     "make_alpha_bar",
     "make_betas",
     "rescale_zero_terminal_snr",

@@ -1,6 +1,8 @@
 """Spherical interpolation between latents (DDIM's semantic interpolation)."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .validation import check_tensor
@@ -21,8 +23,10 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha) -> torch.Tensor:
     """
     check_tensor("z0", z0)
     check_tensor("z1", z1, shape=tuple(z0.shape), device=z0.device)
-    scalar = isinstance(alpha, (int, float))
-    weights = torch.as_tensor([alpha] if scalar else alpha, dtype=torch.float64)
+    if isinstance(alpha, bool):
+        raise TypeError("alpha must be a float or a 1-D sequence of weights, got bool")
+    scalar = isinstance(alpha, numbers.Real) or (isinstance(alpha, torch.Tensor) and alpha.dim() == 0)
+    weights = torch.as_tensor(alpha, dtype=torch.float64).reshape(1) if scalar else torch.as_tensor(alpha, dtype=torch.float64)
     if weights.dim() != 1 or weights.numel() == 0:
         raise ValueError(f"alpha must be a float or a 1-D sequence of weights, got shape {tuple(weights.shape)}")
     if not torch.all((weights >= 0) & (weights <= 1)):
