@@ -1,0 +1,485 @@
+"""Drop-in fused DDIM schedulers for Hugging Face diffusers.
+
+    from ddim_fused.diffusers import use_fused
+    pipe = use_fused(pipe)          # pipe.scheduler is now a FusedDDIMScheduler
+
+`FusedDDIMScheduler` and `FusedDDIMInverseScheduler` subclass diffusers' `DDIMScheduler`
+and `DDIMInverseScheduler`: same config, same `set_timesteps`, same `step()` signature and
+results. `set_timesteps` tabulates alpha_t, alpha_prev and the DDIM variance for every
+training time step on the host (float64, from diffusers' own float32 alphas_cumprod);
+`step()` turns them into the coefficients of one linear update
+
+    x_prev  = x_coef * sample + m_coef * model_output + std * noise
+    pred_x0 = a * sample + b * model_output
+
+and runs it as one fused kernel on CUDA (`ddim_fused.kernels.launch_ddim_step`) or with
+`ddim_fused.torch_step.torch_ddim_step` elsewhere. clip_sample and thresholding are not
+linear: pred_x0 is written first, clipped in torch, and a second fused launch finishes.
+
+Host-device synchronisation: none per step when the timestep is an int, a float, a CPU
+tensor, or a 0-d tensor taken from `scheduler.timesteps` (as every diffusers pipeline
+does): such a tensor is a view of the schedule, and its index is its storage offset,
+so its value is read from the host copy. A device tensor from anywhere else is read
+with `.item()`, one sync. `alphas_cumprod` is copied to the host once per scheduler
+(a sync only if `add_noise` has already moved it to a GPU).
+
+Importing this module imports diffusers; `import ddim_fused` does not.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+try:
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "ddim_fused.diffusers needs Hugging Face diffusers: pip install 'ddim-fused[diffusers]'"
+    ) from exc
+
+from .torch_step import torch_ddim_step
+
+__all__ = ["BACKENDS", "FusedDDIMInverseScheduler", "FusedDDIMScheduler", "StepCoefficients",
+           "step_coefficients", "use_fused"]
+
+BACKENDS = ("auto", "triton", "torch")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# The dtypes the Triton kernel loads and stores (kernels/ddim_step.py).
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class StepCoefficients(NamedTuple):
+    """Host (float64) coefficients of one DDIM step, every output linear in its inputs.
+
+    pred_x0  = x0[0] * sample + x0[1] * model_output
+             = (x0_split[0] * sample + x0_split[1] * model_output) / x0_split[2]
+    pred_eps = eps[0] * sample + eps[1] * model_output
+    x_prev   = prev_x0 * pred_x0 + prev_eps * pred_eps + std * noise
+    eps_from_x0 gives pred_eps from a clipped pred_x0 (use_clipped_model_output):
+    pred_eps = eps_from_x0[0] * sample + eps_from_x0[1] * pred_x0.
+    """
+
+    x0: tuple[float, float]
+    x0_split: tuple[float, float, float]
+    eps: tuple[float, float]
+    eps_from_x0: tuple[float, float]
+    prev_x0: float
+    prev_eps: float
+    std: float
+
+    @property
+    def linear(self) -> tuple[float, float]:
+        """(x_coef, m_coef) of x_prev (without noise) straight from sample and model_output."""
+        return (self.prev_x0 * self.x0[0] + self.prev_eps * self.eps[0],
+                self.prev_x0 * self.x0[1] + self.prev_eps * self.eps[1])
+
+    @property
+    def from_clipped_x0(self) -> tuple[float, float]:
+        """(x0_coef, sample_coef) of x_prev from a clipped pred_x0 whose eps is re-derived."""
+        return (self.prev_x0 + self.prev_eps * self.eps_from_x0[1], self.prev_eps * self.eps_from_x0[0])
+
+    @property
+    def eps_is_model_output(self) -> bool:
+        return self.eps == (0.0, 1.0)
+
+
+def step_coefficients(alpha_t: float, alpha_prev: float, variance: float, eta: float,
+                      prediction_type: str) -> StepCoefficients:
+    """All coefficients of one DDIM step, in float64, as diffusers' DDIM step defines them.
+
+    Args:
+        alpha_t: alphas_cumprod at the step's time step.
+        alpha_prev: alphas_cumprod at the time step the step goes to.
+        variance: the DDIM variance of the step (0 for inversion).
+        eta: weight of the noise; std = eta * sqrt(variance).
+        prediction_type: `epsilon`, `sample` or `v_prediction`.
+
+    Returns:
+        StepCoefficients. Degenerate schedules (alpha_t == 0, 1 - alpha_prev < std**2)
+        give inf/nan coefficients, as the float32 math in diffusers does.
+    """
+    # numpy scalars so that a zero-SNR step divides to inf/nan like torch, not raising.
+    with np.errstate(all="ignore"):
+        a, a_prev = np.float64(alpha_t), np.float64(alpha_prev)
+        sa, sb = np.sqrt(a), np.sqrt(1.0 - a)
+        if prediction_type == "epsilon":
+            x0_split, eps = (1.0, -sb, sa), (0.0, 1.0)
+        elif prediction_type == "sample":
+            x0_split, eps = (0.0, 1.0, 1.0), (1.0 / sb, -sa / sb)
+        elif prediction_type == "v_prediction":
+            x0_split, eps = (sa, -sb, 1.0), (sb, sa)
+        else:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        x0 = (x0_split[0] / x0_split[2], x0_split[1] / x0_split[2])
+        std = np.float64(eta) * np.sqrt(np.float64(variance))
+        prev_eps = np.sqrt(1.0 - a_prev - std * std)
+        return StepCoefficients(
+            x0=(float(x0[0]), float(x0[1])), x0_split=tuple(float(c) for c in x0_split), eps=(float(eps[0]), float(eps[1])),
+            eps_from_x0=(float(1.0 / sb), float(-sa / sb)),
+            prev_x0=float(np.sqrt(a_prev)), prev_eps=float(prev_eps), std=float(std),
+        )
+
+
+class _FusedStepMixin:
+    """Host schedule tables, timestep lookup and the fused launches shared by both schedulers."""
+
+    _backend = "auto"
+
+    @property
+    def backend(self) -> str:
+        """`auto` (kernel for CUDA tensors, torch otherwise), `triton` (always the kernel) or `torch`."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    # --- schedule ------------------------------------------------------------------
+
+    def _host_alphas_cumprod(self) -> np.ndarray:
+        cached = self.__dict__.get("_alphas_cumprod_host")
+        if cached is None:
+            cached = self.alphas_cumprod.detach().to("cpu", torch.float64).numpy().copy()
+            self._alphas_cumprod_host = cached
+        return cached
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Set the inference time steps (as diffusers) and tabulate every step's alphas on the host.
+
+        Args:
+            num_inference_steps: number of sampling steps, 1..num_train_timesteps.
+            device: where `self.timesteps` goes; the host tables stay on the host.
+        """
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+            raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        super().set_timesteps(int(num_inference_steps))  # on the CPU: the host copy costs no sync
+        self._host_timesteps = self.timesteps.numpy().copy()
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
+        self._timesteps_ref = self.timesteps
+        self._timesteps_version = self.timesteps._version
+        self._tables = self._schedule_tables(self._host_alphas_cumprod(),
+                                             self.config.num_train_timesteps // self.num_inference_steps)
+
+    def _timestep_value(self, timestep) -> int:
+        """The training time step `timestep` names, as a host int, without a device sync if possible."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
+            if timestep.dtype.is_complex or timestep.dtype == torch.bool:
+                raise TypeError(f"timestep must be an integer or float tensor, got dtype {timestep.dtype}")
+            index = self._schedule_index(timestep)
+            value = self._host_timesteps[index].item() if index is not None else timestep.item()
+        elif isinstance(timestep, (bool, np.bool_)):
+            raise TypeError("timestep must be an int, a float or a tensor, got a bool")
+        elif isinstance(timestep, (int, np.integer, float, np.floating)):
+            value = timestep.item() if isinstance(timestep, np.generic) else timestep
+        else:
+            raise TypeError(f"timestep must be an int, a float or a tensor, got {type(timestep).__name__}")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"timestep must be a whole number (a training time step), got {value}")
+            value = int(value)
+        n_train = self.config.num_train_timesteps
+        if not 0 <= value < n_train:
+            raise ValueError(f"timestep {value} is outside the training time steps [0, {n_train - 1}]")
+        return value
+
+    def _schedule_index(self, timestep: torch.Tensor) -> int | None:
+        """Index of `timestep` in the schedule if it is a view of `self.timesteps`, else None."""
+        ref = self.__dict__.get("_timesteps_ref")
+        if (ref is None or self.timesteps is not ref or ref._version != self._timesteps_version
+                or timestep.device != ref.device or timestep.dtype != ref.dtype):
+            return None
+        if timestep.untyped_storage().data_ptr() != ref.untyped_storage().data_ptr():
+            return None
+        index = timestep.storage_offset() - ref.storage_offset()
+        return index if 0 <= index < len(self._host_timesteps) else None
+
+    # --- checks and launches --------------------------------------------------------
+
+    def _check_ready(self) -> None:
+        if self.num_inference_steps is None or self.__dict__.get("_tables") is None:
+            raise ValueError("Number of inference steps is 'None': call set_timesteps(num_inference_steps) "
+                             "on the scheduler before step()")
+
+    @staticmethod
+    def _check_inputs(model_output, sample) -> torch.dtype:
+        for name, t in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)}, expected sample's shape "
+                             f"{tuple(sample.shape)} (split a learned-variance output before step())")
+        if model_output.device != sample.device:
+            raise ValueError(f"model_output is on {model_output.device}, sample on {sample.device}")
+        return torch.promote_types(model_output.dtype, sample.dtype)
+
+    def _launcher(self, tensors, noise):
+        """torch_ddim_step or the kernel's launcher, both with the same arguments."""
+        backend = self._backend
+        if backend == "torch":
+            return torch_ddim_step
+        all_cuda = all(t.is_cuda for t in tensors)
+        if backend == "auto" and not all_cuda:
+            return torch_ddim_step
+        fits = all(t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in tensors)
+        if noise is not None:  # the kernel reads noise as (1 or B, *sample.shape[1:])
+            sample = tensors[0]
+            fits = fits and noise.shape[1:] == sample.shape[1:] and noise.shape[0] in (1, sample.shape[0])
+        if backend == "triton":
+            if not all_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                                 "triton is imported to run the kernel on the CPU")
+            if not fits:
+                raise ValueError("backend='triton' needs contiguous float32/float16/bfloat16 tensors "
+                                 "and noise of shape (1 or B, *sample.shape[1:])")
+        elif not fits:
+            return torch_ddim_step  # documented fallback: no hidden .contiguous() copies
+        from ddim_fused.kernels import launch_ddim_step
+        return launch_ddim_step
+
+    def _fused_update(self, model_output, sample, coefs: StepCoefficients, noise, clip, use_clipped: bool):
+        """(prev_sample, pred_original_sample): one launch, or two around a torch clip of pred_x0."""
+        dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        inputs = [sample, model_output] + ([noise] if noise is not None else [])
+        run = self._launcher(inputs, noise)
+        if run is torch_ddim_step and dtype == torch.float64:
+            # torch_ddim_step accumulates in sample's dtype; diffusers promotes to float64.
+            sample, model_output = sample.double(), model_output.double()
+        std = coefs.std if noise is not None else 0.0
+        prev = torch.empty(sample.shape, dtype=dtype, device=sample.device)
+        x0 = torch.empty_like(prev)
+        if clip is None:
+            x_coef, m_coef = coefs.linear
+            run(sample, model_output, prev, x_coef=x_coef, eps_coef=m_coef, noise_coef=std, noise=noise,
+                x0_coefs=coefs.x0, x0_out=x0)
+            return prev, x0
+        eps = None
+        if use_clipped or coefs.eps_is_model_output:
+            # Subtract, then divide, as diffusers does: at high noise pred_x0 of an eps-model
+            # is a small difference of two terms ~1/sqrt(alpha_t) large, and a clip range
+            # far below them would expose the rounding of x0[0] * sample + x0[1] * model_output.
+            p, q, d = coefs.x0_split
+            run(sample, model_output, x0, x_coef=p, eps_coef=q)
+            if d != 1.0:
+                x0.div_(d)
+        else:  # sample / v_prediction: x0_split[2] == 1, pred_x0 and pred_eps in one launch
+            eps = torch.empty_like(prev)
+            run(sample, model_output, eps, x_coef=coefs.eps[0], eps_coef=coefs.eps[1],
+                x0_coefs=coefs.x0, x0_out=x0)
+        x0 = clip(x0)
+        if use_clipped:
+            x0_coef, s_coef = coefs.from_clipped_x0
+            run(x0, sample, prev, x_coef=x0_coef, eps_coef=s_coef, noise_coef=std, noise=noise)
+        else:
+            run(x0, model_output if eps is None else eps, prev, x_coef=coefs.prev_x0, eps_coef=coefs.prev_eps,
+                noise_coef=std, noise=noise)
+        return prev, x0
+
+
+class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
+    """`diffusers.DDIMScheduler` whose step runs as the fused DDIM kernel (torch path off CUDA).
+
+    Same config, same `set_timesteps`, same `step()` arguments and results; every
+    DDIMScheduler option is supported. `scheduler.backend` picks `auto` / `triton` / `torch`.
+    """
+
+    def _schedule_tables(self, alphas_cumprod: np.ndarray, ratio: int) -> np.ndarray:
+        """(3, T) float64: alpha_t, alpha_prev, variance for a step from each training time step t.
+
+        The step goes to t - num_train_timesteps // num_inference_steps whatever the
+        spacing (diffusers' rule), or to final_alpha_cumprod below 0.
+        """
+        final = 1.0 if self.config.set_alpha_to_one else alphas_cumprod[0]
+        t = np.arange(len(alphas_cumprod))
+        prev = t - ratio
+        a_t = alphas_cumprod
+        a_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], final)
+        with np.errstate(all="ignore"):
+            variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+        return np.stack([a_t, a_prev, variance])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
+        """One DDIM step from `timestep`, as `diffusers.DDIMScheduler.step`, fused.
+
+        Args:
+            model_output: (B, *s) float tensor, the model's eps / x0 / v prediction.
+            timestep: int, whole float or 1-element tensor: a training time step.
+            sample: (B, *s) float tensor x_t, same device as model_output.
+            eta: noise weight, >= 0 (0: deterministic DDIM, 1: DDPM-like).
+            use_clipped_model_output: re-derive eps from the clipped/thresholded pred_x0.
+            generator: torch.Generator for the variance noise (used when eta > 0), drawn
+                with diffusers' randn_tensor so seeded results match diffusers.
+            variance_noise: noise broadcastable to sample (used when eta > 0); not with generator.
+            return_dict: return a DDIMSchedulerOutput, else a (prev_sample, pred_original_sample) tuple.
+
+        Returns:
+            DDIMSchedulerOutput(prev_sample, pred_original_sample), both (B, *s) in the
+            promoted dtype of sample and model_output, or the same as a tuple.
+        """
+        self._check_ready()
+        self._check_inputs(model_output, sample)
+        t = self._timestep_value(timestep)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
+            raise TypeError(f"eta must be a float, got {type(eta).__name__}")
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        if self.config.thresholding and sample.dim() < 2:
+            raise ValueError(f"thresholding needs sample of shape (B, C, ...), got {tuple(sample.shape)}")
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("pass either generator or variance_noise, not both: one of them must be None")
+            if variance_noise is not None:
+                _check_noise(variance_noise, sample)
+                noise = variance_noise
+            else:
+                # diffusers draws the noise even where std is 0, so the generator advances identically.
+                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                     dtype=model_output.dtype)
+        a_t, a_prev, variance = self._tables[:, t]
+        coefs = step_coefficients(a_t, a_prev, variance, eta, self.config.prediction_type)
+        if self.config.thresholding:
+            clip = self._threshold_sample
+        elif self.config.clip_sample:
+            r = self.config.clip_sample_range
+            clip = lambda x0: x0.clamp_(-r, r)  # noqa: E731 - x0 is our own fresh buffer
+        else:
+            clip = None
+        prev, x0 = self._fused_update(model_output, sample, coefs, noise, clip, use_clipped_model_output)
+        if not return_dict:
+            return prev, x0
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+class FusedDDIMInverseScheduler(_FusedStepMixin, DDIMInverseScheduler):
+    """`diffusers.DDIMInverseScheduler` (DDIM inversion, x_t -> x_{t+1}) with the fused step."""
+
+    def _schedule_tables(self, alphas_cumprod: np.ndarray, ratio: int) -> np.ndarray:
+        """(3, T) float64: alpha_t, alpha_prev, variance (0) for an inversion step named by t.
+
+        diffusers' rule: the step goes from min(t - ratio, T - 1) (initial_alpha_cumprod
+        below 0) up to t, the time step it was called with.
+        """
+        n_train = len(alphas_cumprod)
+        initial = 1.0 if self.config.set_alpha_to_one else alphas_cumprod[0]
+        t = np.arange(n_train)
+        src = np.minimum(t - ratio, n_train - 1)
+        a_t = np.where(src >= 0, alphas_cumprod[np.maximum(src, 0)], initial)
+        return np.stack([a_t, alphas_cumprod, np.zeros(n_train)])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One DDIM inversion step to `timestep`, as `diffusers.DDIMInverseScheduler.step`, fused.
+
+        Args:
+            model_output: (B, *s) float tensor, the model's prediction at the lower level.
+            timestep: int, whole float or 1-element tensor: the training time step to reach.
+            sample: (B, *s) float tensor, same device as model_output.
+            return_dict: return a DDIMSchedulerOutput, else a tuple.
+
+        Returns:
+            DDIMSchedulerOutput(prev_sample, pred_original_sample) (prev_sample is the
+            noisier latent), or the same as a tuple.
+        """
+        self._check_ready()
+        self._check_inputs(model_output, sample)
+        t = self._timestep_value(timestep)
+        a_t, a_prev, _ = self._tables[:, t]
+        coefs = step_coefficients(a_t, a_prev, 0.0, 0.0, self.config.prediction_type)
+        r = self.config.clip_sample_range
+        clip = (lambda x0: x0.clamp_(-r, r)) if self.config.clip_sample else None
+        prev, x0 = self._fused_update(model_output, sample, coefs, None, clip, False)
+        if not return_dict:
+            return prev, x0
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def _check_noise(noise, sample: torch.Tensor) -> None:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"variance_noise must be a torch.Tensor, got {type(noise).__name__}")
+    if not noise.dtype.is_floating_point:
+        raise TypeError(f"variance_noise must be a floating-point tensor, got dtype {noise.dtype}")
+    try:
+        shape = torch.broadcast_shapes(noise.shape, sample.shape)
+    except RuntimeError:
+        shape = None
+    if shape != sample.shape:
+        raise ValueError(f"variance_noise has shape {tuple(noise.shape)}, which does not broadcast to "
+                         f"sample's shape {tuple(sample.shape)}")
+    if noise.device != sample.device:
+        raise ValueError(f"variance_noise is on {noise.device}, sample on {sample.device}")
+
+
+def _fused_class_for(scheduler) -> type | None:
+    """The fused class that reproduces `scheduler` exactly, or None."""
+    for stock, fused in ((DDIMInverseScheduler, FusedDDIMInverseScheduler), (DDIMScheduler, FusedDDIMScheduler)):
+        # A subclass with its own step() computes something else: do not replace it.
+        if isinstance(scheduler, stock) and type(scheduler).step in (stock.step, fused.step):
+            return fused
+    return None
+
+
+def use_fused(pipe, *, backend: str = "auto", convert: bool = False):
+    """Swap a pipeline's DDIM scheduler(s) for the fused ones, keeping their config.
+
+    Every scheduler component that is a DDIMScheduler or DDIMInverseScheduler (e.g.
+    `scheduler`, `inverse_scheduler`) is replaced by FusedDDIMScheduler /
+    FusedDDIMInverseScheduler built `from_config` of its config.
+
+    Args:
+        pipe: a diffusers pipeline (anything with a `scheduler` attribute).
+        backend: `auto`, `triton` or `torch` for the new schedulers.
+        convert: also replace a non-DDIM `pipe.scheduler` whose config DDIM accepts (any
+            scheduler listed in DDIMScheduler.compatibles, e.g. PNDM, Euler, DPM-Solver)
+            by a FusedDDIMScheduler: this changes the sampling algorithm to DDIM.
+
+    Returns:
+        pipe, modified in place.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not hasattr(pipe, "scheduler"):
+        raise TypeError(f"use_fused needs a diffusers pipeline with a `scheduler`, got {type(pipe).__name__}")
+    components = getattr(pipe, "components", None) or {"scheduler": pipe.scheduler}
+    names = [n for n, c in components.items() if isinstance(c, SchedulerMixin)] or ["scheduler"]
+    replaced = {}
+    for name in names:
+        scheduler = getattr(pipe, name)
+        fused = _fused_class_for(scheduler)
+        if fused is None and name == "scheduler" and convert:
+            compatible = {c.__name__ for c in DDIMScheduler._get_compatibles()}
+            if type(scheduler).__name__ in compatible and hasattr(scheduler, "config"):
+                fused = FusedDDIMScheduler
+        if fused is None:
+            if name == "scheduler":
+                raise TypeError(
+                    f"pipe.scheduler is a {type(scheduler).__name__}; use_fused replaces DDIMScheduler and "
+                    "DDIMInverseScheduler (without an overridden step()). To switch a DDIM-compatible "
+                    "scheduler (PNDM, Euler, DPM-Solver, ...) to fused DDIM sampling, pass convert=True"
+                )
+            continue
+        if type(scheduler) is fused:
+            new = scheduler
+        else:
+            new = fused.from_config(scheduler.config)
+        new.backend = backend
+        replaced[name] = new
+    for name, new in replaced.items():
+        setattr(pipe, name, new)
+    return pipe
