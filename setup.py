@@ -9,14 +9,23 @@ setup(
     python_requires=">=3.10",
     # kernels/ (GPU code) installs as ddim_fused.kernels: a top-level `kernels`
     # package would collide with an unrelated PyPI project of that name.
-    packages=["ddim_fused", "ddim_fused.kernels"],
+    packages=["ddim_fused", "ddim_fused.kernels", "ddim_fused.digits"],
     package_dir={"ddim_fused": "ddim_fused", "ddim_fused.kernels": "kernels"},
+    # The embedded digits model and its classifier (plain state dicts, weights_only-loadable).
+    package_data={"ddim_fused.digits": ["weights/*.pt"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
         "triton>=3.6; sys_platform == 'linux'",
+        "Pillow",
+        "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        # The tests exercise the diffusers backend, so the test extra installs diffusers.
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.42"],
+        "diffusers": ["diffusers>=0.42"],
+        "plots": ["matplotlib"],
+        "train": ["scikit-learn"],
     },
+    entry_points={"console_scripts": ["ddim-fused = ddim_fused.cli:main"]},
 )

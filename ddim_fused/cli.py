@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .schedules import DISCRETIZATIONS
+from .schedules import DISCRETIZATIONS, ddim_timesteps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 REGIONS = ("top", "bottom", "left", "right")
@@ -84,6 +84,8 @@ def _add_sampler_options(p: argparse.ArgumentParser, *, steps=50, guidance=3.0, 
                         "(on CPU it runs in Triton's slow interpreter) (default auto)")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="digits model weights file (default: the one shipped in the package)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 keeps torch's default (one per core) (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -165,6 +167,10 @@ def _check_common(args) -> dict:
         raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not np.isfinite(args.guidance):
         raise UserError(f"--guidance must be finite, got {args.guidance}")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     dtype = DTYPES[args.dtype]
     if args.backend == "triton":
@@ -176,6 +182,11 @@ def _check_common(args) -> dict:
     if args.weights is not None and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights!r} is not a file")
     _check_out(args.out)
+    try:
+        # The model's T is 1000; uniform spacing can give more steps than asked for.
+        args.n_ddim_steps = len(ddim_timesteps(1000, args.steps, args.discretize))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return {"device": device, "dtype": dtype}
 
 
@@ -231,7 +242,10 @@ class _Run:
         from .digits import load_digits_model  # noqa: PLC0415
 
         self.args, self.device, self.dtype = args, device, dtype
-        self.model = load_digits_model(device=device, dtype=dtype, path=args.weights)
+        try:
+            self.model = load_digits_model(device=device, dtype=dtype, path=args.weights)
+        except FileNotFoundError as exc:
+            raise UserError(f"no digits model weights at {exc.filename} (run ddim-fused train-digits)") from None
 
     def sampler(self, steps: int, eta=0.0):
         from . import DDIMSampler  # noqa: PLC0415
@@ -324,14 +338,14 @@ def _region_mask(region: str, n: int, device, dtype) -> torch.Tensor:
 
 def cmd_paint(args) -> None:
     env = _check_common(args)
-    t_start = args.steps if args.t_start is None else args.t_start
+    t_start = args.n_ddim_steps if args.t_start is None else args.t_start
+    if not 1 <= t_start <= args.n_ddim_steps:
+        raise UserError(f"--t-start must be in 1..{args.n_ddim_steps} (the DDIM steps), got {t_start}")
     paint_classes = _classes(args.paint_classes) if args.paint_classes is not None else None
     classes = _classes(args.classes) if args.classes is not None else list(range(10))
     x0 = _load_npy(args.input, env["device"], env["dtype"]) if args.input else None
     run = _Run(args, **env)
     sampler = run.sampler(args.steps)
-    if not 1 <= t_start <= len(sampler.time_steps):
-        raise UserError(f"--t-start must be in 1..{len(sampler.time_steps)} (the DDIM steps), got {t_start}")
     sampler.paint_blend = args.blend
     if x0 is None:
         labels = _cycle(classes, args.num)
@@ -435,7 +449,14 @@ def cmd_train_digits(args) -> None:
         raise UserError("train-digits needs scikit-learn: pip install 'ddim-fused[train]'") from None
     from .digits.train import train_digits  # noqa: PLC0415
 
-    train_digits(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads)
+    if args.out is not None:
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write --out {args.out!r}: {exc.strerror}") from None
+        if not os.access(args.out, os.W_OK):
+            raise UserError(f"cannot write --out {args.out!r}: permission denied")
+    train_digits(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=not args.no_progress)
 
 
 COMMANDS = {"sample": cmd_sample, "paint": cmd_paint, "interpolate": cmd_interpolate, "invert": cmd_invert,

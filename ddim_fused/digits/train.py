@@ -18,7 +18,7 @@ from .classifier import save_classifier, train_classifier
 from .model import N_CLASSES, NULL_CLASS, DigitsUNet
 from .pretrained import MODEL_FILE
 
-DEFAULTS = dict(epochs=500, batch_size=128, lr=2e-3, label_dropout=0.15, ema=0.999, seed=0,
+DEFAULTS = dict(epochs=300, batch_size=128, lr=2e-3, label_dropout=0.15, ema=0.999, seed=0,
                 schedule="linear", n_train_steps=1000, channels=(32, 64, 96), emb_dim=128)
 
 
@@ -45,7 +45,7 @@ def split_indices(n: int, seed: int, test_fraction: float = 0.2) -> tuple[torch.
 
 
 def train_digits(out_dir=None, *, epochs: int = DEFAULTS["epochs"], seed: int = DEFAULTS["seed"],
-                 threads: int = 2, log=None) -> dict:
+                 threads: int = 2, log=None, progress: bool = True) -> dict:
     """Train the eps-model (EMA weights are saved) and the classifier; write both files.
 
     Args:
@@ -53,14 +53,17 @@ def train_digits(out_dir=None, *, epochs: int = DEFAULTS["epochs"], seed: int = 
         epochs: passes over the 1,797 digits (15 batches of up to 128).
         seed: seeds weights, batch order, time steps, noise and label dropout.
         threads: torch CPU threads (fixed so timings and results are reproducible).
-        log: callable for progress lines.
+        log: callable for progress lines (default: print above the progress bar).
+        progress: show a tqdm progress bar over the training steps.
 
     Returns:
         dict of summary numbers (train seconds, parameter count, classifier accuracy).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    log = log or (lambda line: print(line, flush=True))
+    from tqdm import tqdm  # noqa: PLC0415
+
+    log = log or tqdm.write
     out_dir = Path(out_dir) if out_dir is not None else MODEL_FILE.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
@@ -87,6 +90,7 @@ def train_digits(out_dir=None, *, epochs: int = DEFAULTS["epochs"], seed: int = 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / total))))
     step = 0
+    bar = tqdm(total=total, desc="train-digits", unit="step", leave=False, disable=not progress)
     for epoch in range(epochs):
         running = 0.0
         for idx in torch.randperm(len(x), generator=gen).split(cfg["batch_size"]):
@@ -107,9 +111,11 @@ def train_digits(out_dir=None, *, epochs: int = DEFAULTS["epochs"], seed: int = 
                 for pe, p in zip(ema.parameters(), net.parameters()):
                     pe.lerp_(p, 1 - decay)
             running += loss.item()
+            bar.update(1)
         if (epoch + 1) % max(1, epochs // 20) == 0 or epoch + 1 == epochs:
             log(f"epoch {epoch + 1}/{epochs}  loss {running / steps_per_epoch:.4f}  "
                 f"{time.perf_counter() - start:.0f}s")
+    bar.close()
     seconds = time.perf_counter() - start
     n_params = sum(p.numel() for p in net.parameters())
     config = {"channels": list(cfg["channels"]), "emb_dim": cfg["emb_dim"], "n_classes": N_CLASSES,
@@ -134,6 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"passes over the 1,797 digits, 15 steps each (default {DEFAULTS['epochs']})")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="training seed (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def main(argv=None) -> None:
@@ -142,7 +149,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    train_digits(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads)
+    train_digits(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=not args.no_progress)
 
 
 if __name__ == "__main__":
