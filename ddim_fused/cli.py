@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-digits", help="retrain the embedded digits model (needs scikit-learn)",
                        description="Train the digits eps-model and its classifier from scratch, deterministically.")
     add_arguments(p)
+
+    from .generate_cli import add_parser as add_generate  # noqa: PLC0415 - imports this module
+
+    add_generate(sub)
     return parser
 
 
@@ -461,6 +465,15 @@ def cmd_train_digits(args) -> None:
 
 COMMANDS = {"sample": cmd_sample, "paint": cmd_paint, "interpolate": cmd_interpolate, "invert": cmd_invert,
             "train-digits": cmd_train_digits}
+
+
+def _cmd_generate(args) -> None:
+    from .generate_cli import cmd_generate  # noqa: PLC0415
+
+    cmd_generate(args)
+
+
+COMMANDS["generate"] = _cmd_generate
 
 
 def main(argv=None) -> int:
