@@ -25,6 +25,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "diffusers>=0.42"],
         "diffusers": ["diffusers>=0.42"],
         "plots": ["matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.42"],
         "train": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["ddim-fused = ddim_fused.cli:main"]},

@@ -25,24 +25,15 @@ def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = 10):
     """
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(rounds):
-        hi_b, lo_b = _umul(_ROUND_B, c2)
-        hi_a, lo_a = _umul(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        # The products can pass 2**63 and wrap in int64, but wrapping keeps their low 64
+        # bits, which are all that the two 32-bit halves (mulhi, mullo) are made of.
+        prod_b, prod_a = c2 * _ROUND_B, c0 * _ROUND_A
+        c0 = (prod_b >> 32).bitwise_and_(_MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = (prod_a >> 32).bitwise_and_(_MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = prod_b.bitwise_and_(_MASK32), prod_a.bitwise_and_(_MASK32)
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
     return c0, c1, c2, c3
-
-
-def _umul(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of a * b for a < 2**32 and b a tensor of uint32 values."""
-    # a * b can reach 2**64 and overflow int64, so multiply by b's 16-bit halves.
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    low_part = a * b_lo  # < 2**48
-    high_part = a * b_hi  # < 2**48, weight 2**16
-    total_low = (low_part & _MASK32) + ((high_part & 0xFFFF) << 16)
-    lo = total_low & _MASK32
-    hi = ((low_part >> 32) + (high_part >> 16) + (total_low >> 32)) & _MASK32
-    return hi, lo
 
 
 def keyed_normal_torch(

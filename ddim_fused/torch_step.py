@@ -33,11 +33,16 @@ def torch_ddim_step(
     else:
         eps = model_out.to(compute)
     xc = x.to(compute)
+    # Results go straight into fp32 (fp64) outputs; fp16/bf16 outputs get one rounding copy.
     if x0_out is not None:
-        x0_out.copy_(torch.add(xc * x0_coefs[0], eps, alpha=x0_coefs[1]))
+        if x0_out.dtype == compute:
+            torch.mul(xc, x0_coefs[0], out=x0_out).add_(eps, alpha=x0_coefs[1])
+        else:
+            x0_out.copy_(torch.add(xc * x0_coefs[0], eps, alpha=x0_coefs[1]))
     if eps_out is not None:
         eps_out.copy_(eps)
-    acc = torch.mul(xc, x_coef)
+    direct = out.dtype == compute and out.data_ptr() != x.data_ptr()
+    acc = torch.mul(xc, x_coef, out=out) if direct else torch.mul(xc, x_coef)
     acc.add_(eps, alpha=eps_coef)
     if noise_coef != 0.0:
         if noise is None:
@@ -51,6 +56,5 @@ def torch_ddim_step(
                 orig_noise = keyed_normal_torch(B, x[0].numel(), seed, step_key, "orig", sample_offset,
                                                 device=x.device).view(x.shape)
             orig_t = torch.add(orig_t, orig_noise.to(compute), alpha=orig_noise_coef)
-        m = mask.mask.to(compute)
-        acc = orig_t * m + acc * (1 - m)
-    return out.copy_(acc)
+        acc.lerp_(orig_t, mask.mask.to(compute))  # orig_t * m + acc * (1 - m), exact at m = 0 and 1
+    return out if direct else out.copy_(acc)

@@ -1,0 +1,26 @@
+"""pytest-benchmark setup for bench/: device choice, interpreter flag, CPU threads and allocator.
+
+Run explicitly: `pytest bench/ --benchmark-only` (the project's default test run
+collects tests/ only).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton on CPU only through the interpreter, chosen before triton is imported; the
+    # Triton cases are skipped on CPU anyway (an interpreter timing means nothing).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    from bench.timing import MALLOC_TUNED, tune_malloc  # noqa: E402
+
+    MALLOC_TUNED[0] = tune_malloc()
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device():
+    return DEVICE

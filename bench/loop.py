@@ -1,0 +1,200 @@
+"""Whole sampling loops: 50 DDIM steps, fused sampler vs reference vs diffusers.
+
+With the trivial eps-model (it returns its input: no work, no allocation) and a tiny
+latent, a loop's time is the samplers' own per-step cost: host overhead (Python,
+argument checks, coefficient lookups, op dispatch or kernel launches). The measured
+cost of the model call is subtracted to give the host overhead per step. With the
+embedded digits model (when shipped) the loop is a real, small end-to-end sample.
+On CUDA the fused loop is also captured in a CUDA graph (one replay = 50 steps).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ddim_fused import DDIMSampler, ReferenceDDIMSampler
+from ddim_fused.schedules import make_alpha_bar
+
+from .cases import ALPHA_BAR, DISCRETIZE, ETA, GUIDANCE, N_STEPS, SEED
+from .providers import diffusers_scheduler
+from .timing import sync, time_host, time_interleaved
+
+LOOP_PROVIDERS = ("fused", "reference", "diffusers", "fused-cudagraph")
+
+
+class TrivialEps:
+    """eps-model that returns x itself: isolates the samplers' own per-step cost."""
+
+    n_steps = 1000
+
+    def __init__(self, alpha_bar):
+        self.alpha_bar = alpha_bar
+
+    def __call__(self, x, t, cond):
+        return x
+
+
+def _cond(batch, device):
+    return torch.ones(batch, device=device), torch.zeros(batch, device=device)
+
+
+def loop_fns(model, shape, device, dtype, *, eta=0.0, cfg=False, noise_source="philox", cond=None,
+             uncond=None, backend="auto"):
+    """Zero-argument callables, one per loop provider, each running a whole 50-step sample.
+
+    Args:
+        model: eps-model (protocol of the samplers) with alpha_bar.
+        shape: (B, *s) latent shape.
+        device, dtype: of the latent.
+        eta: DDIM eta; cfg: classifier-free guidance (batch-doubled model call).
+        noise_source: the fused sampler's noise ("philox" keyed, or "torch" randn).
+        cond, uncond: conditioning tensors (default: (B,) ones and zeros).
+
+    Returns:
+        ({provider: fn}, {provider: reason it is missing}).
+    """
+    gen = torch.Generator().manual_seed(SEED)
+    x_T = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    if cond is None:
+        cond, uncond = _cond(shape[0], device)
+    scale = GUIDANCE if cfg else 1.0
+    un = uncond if cfg else None
+    fused = DDIMSampler(model, N_STEPS, DISCRETIZE, eta, backend=backend, noise_source=noise_source, seed=SEED)
+    ref = ReferenceDDIMSampler(model, N_STEPS, DISCRETIZE, eta)
+    fns, missing = {}, {}
+    fns["fused"] = lambda: fused.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un)
+    fns["reference"] = lambda: ref.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un)
+    try:
+        alpha_bar = np.asarray(torch.as_tensor(model.alpha_bar, dtype=torch.float64))
+        sched = diffusers_scheduler(alpha_bar)
+        fns["diffusers"] = _diffusers_loop(sched, model, x_T, cond, un, scale, eta)
+    except ImportError as err:
+        missing["diffusers"] = f"diffusers is not installed ({err})"
+    if device.type == "cuda":
+        try:
+            fns["fused-cudagraph"] = _graph_loop(fused, shape, cond, x_T, scale, un)
+        except Exception as err:  # noqa: BLE001 - capture can fail in many ways; report, don't crash
+            missing["fused-cudagraph"] = f"CUDA graph capture failed: {type(err).__name__}: {err}"
+    else:
+        missing["fused-cudagraph"] = "needs CUDA"
+    return fns, missing
+
+
+def _diffusers_loop(sched, model, x_T, cond, uncond, scale, eta):
+    """A diffusers-pipeline-style loop: set_timesteps, model call, CFG combine, scheduler.step."""
+
+    @torch.no_grad()
+    def run():
+        sched.set_timesteps(N_STEPS)
+        x = x_T
+        for t in sched.timesteps:
+            ts = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+            if uncond is not None:
+                out = model(torch.cat([x, x]), torch.cat([ts, ts]), torch.cat([uncond, cond]))
+                e_u, e_c = out.chunk(2)
+                eps = e_u + scale * (e_c - e_u)
+            else:
+                eps = model(x, ts, cond)
+            x = sched.step(eps, t, x, eta=eta, return_dict=False)[0]
+        return x
+
+    return run
+
+
+def _graph_loop(fused, shape, cond, x_T, scale, uncond):
+    """Capture fused.sample (fixed seed, static x_T) in a CUDA graph; replay runs all 50 steps.
+
+    Untested without a GPU: it needs a sampler whose loop makes no host syncs (a fixed
+    seed, tensors already on the device).
+    """
+    static_x = x_T.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up compiles the kernels outside the capture
+            fused.sample(shape, cond, x_last=static_x, uncond_scale=scale, uncond_cond=uncond)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = fused.sample(shape, cond, x_last=static_x, uncond_scale=scale, uncond_cond=uncond)
+    eager_out = fused.sample(shape, cond, x_last=static_x, uncond_scale=scale, uncond_cond=uncond)
+    graph.replay()
+    torch.cuda.synchronize()
+    if not torch.allclose(graph_out, eager_out, rtol=1e-4, atol=1e-4):
+        raise RuntimeError("the replayed graph's sample differs from the eager sample")
+
+    def run():
+        graph.replay()
+        return graph_out
+
+    return run
+
+
+def loop_configs(quick: bool):
+    """(id, shape, eta, cfg, noise_source) of the trivial-model loops."""
+    tiny = (1, 4, 8, 8)
+    configs = [("eta0", tiny, 0.0, False, "philox"), ("cfg", tiny, 0.0, True, "philox"),
+               ("eta-philox", tiny, ETA, False, "philox"), ("eta-randn", tiny, ETA, False, "torch")]
+    if not quick:
+        configs.append(("eta0-4x64x64", (1, 4, 64, 64), 0.0, False, "philox"))
+    return configs
+
+
+def run_loops(device: torch.device, quick: bool, budget_s: float, log=print) -> list[dict]:
+    """Time every loop config and provider; rows include per-step time and host overhead (us)."""
+    model = TrivialEps(make_alpha_bar(ALPHA_BAR, 1000))
+    rows = []
+    for loop_id, shape, eta, cfg, noise_source in loop_configs(quick):
+        fns, missing = loop_fns(model, shape, device, torch.float32, eta=eta, cfg=cfg, noise_source=noise_source)
+        x = torch.zeros(shape, device=device)
+        ts = torch.zeros(shape[0], dtype=torch.long, device=device)
+        model_s = time_host(lambda: model(x, ts, None), device, budget_s=0.02)["p50"]
+        times = time_interleaved(fns, device, budget_s=budget_s, warmup=1, min_samples=5)
+        for name in LOOP_PROVIDERS:
+            if name in missing:
+                rows.append(_loop_row(loop_id, "trivial", shape, name, None, 0.0, missing[name]))
+                continue
+            # One model call per step (batch-doubled under CFG); a graph replay has no Python model call.
+            row = _loop_row(loop_id, "trivial", shape, name, times[name], 0.0 if name == "fused-cudagraph" else model_s)
+            rows.append(row)
+            log(f"  loop {loop_id:14s} {name:16s} {row['per_step_us']:9.1f} us/step  "
+                f"overhead {row['host_overhead_us']:9.1f} us/step")
+    rows += _digits_loops(device, budget_s, log)
+    return rows
+
+
+def _loop_row(loop_id, model, shape, name, t, model_s, skipped=None):
+    row = {"kind": "loop", "loop": loop_id, "model": model, "shape": list(shape), "provider": name,
+           "steps": N_STEPS, "skipped": skipped}
+    if t is not None:
+        per_step = t["p50"] / N_STEPS
+        row.update(p20_s=t["p20"], p50_s=t["p50"], p80_s=t["p80"], per_step_us=per_step * 1e6,
+                   host_overhead_us=(per_step - model_s) * 1e6)
+    return row
+
+
+def _digits_loops(device, budget_s, log):
+    try:
+        from ddim_fused.digits import load_digits_model  # noqa: PLC0415
+        model = load_digits_model(device=device)
+    except Exception as err:  # noqa: BLE001 - an optional model: any failure is a skip with its reason
+        reason = f"digits model unavailable: {type(err).__name__}: {err}"
+        log(f"  loop digits: skipped ({reason})")
+        return [_loop_row("digits", "digits", (16, 1, 8, 8), "fused", None, 0.0, reason)]
+    B = 16
+    shape = (B, *model.image_shape)
+    cond = model.cond([i % 10 for i in range(B)])
+    rows = []
+    for loop_id, cfg in (("digits", False), ("digits-cfg", True)):
+        fns, missing = loop_fns(model, shape, device, torch.float32, cfg=cfg, cond=cond, uncond=model.null_cond(B))
+        times = time_interleaved(fns, device, budget_s=budget_s, warmup=1, min_samples=5)
+        for name in LOOP_PROVIDERS:
+            if name in missing:
+                rows.append(_loop_row(loop_id, "digits", shape, name, None, 0.0, missing[name]))
+                continue
+            row = _loop_row(loop_id, "digits", shape, name, times[name], 0.0)
+            row.pop("host_overhead_us")  # the model's cost dominates: no overhead claim here
+            rows.append(row)
+            log(f"  loop {loop_id:14s} {name:16s} {row['per_step_us']:9.1f} us/step (digits UNet included)")
+    sync(device)
+    return rows

@@ -1,0 +1,69 @@
+"""Which (case, dtype, size, provider) combinations a run times, per device and mode.
+
+CPU runs trim what would take long on a 2-core machine; what is left out is listed in
+`omitted` and written into the results, so no gap is silent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .cases import CASES, SIZES
+
+ALL_CASES = tuple(CASES)
+
+
+@dataclass
+class Matrix:
+    """A benchmark plan.
+
+    Attributes:
+        groups: list of (case name, dtype id, list of (B, C, H, W)).
+        providers: provider names to time.
+        compile_cases: cases for which torch.compile is timed (others omit it).
+        budget_s: timing budget per measurement.
+        omitted: human-readable notes on what this plan leaves out.
+    """
+
+    groups: list
+    providers: tuple
+    compile_cases: tuple
+    budget_s: float
+    omitted: list = field(default_factory=list)
+
+    def pairs(self):
+        """(case, dtype) pairs in plan order."""
+        return [(c, d) for c, d, _ in self.groups]
+
+
+def _shapes(batches, sizes=tuple(SIZES)):
+    return [(b, *SIZES[s]) for s in sizes for b in batches]
+
+
+def plan(device_type: str, quick: bool) -> Matrix:
+    """The matrix for a device type ("cpu" or "cuda") and mode."""
+    if device_type == "cuda":
+        providers = ("triton", "torch", "eager", "compile", "diffusers")
+        if quick:
+            shapes = _shapes((1, 8, 64), ("4x64x64", "3x256x256"))
+            groups = [(c, "fp32", shapes) for c in ALL_CASES] + [("eta0", "bf16", shapes)]
+            return Matrix(groups, providers, ("eta0", "cfg"), 0.05,
+                          ["--quick: 4x64x64 and 3x256x256 at batch 1, 8, 64; fp32, plus bf16 for eta0",
+                           "--quick: torch.compile only for eta0 and cfg"])
+        shapes = _shapes((1, 4, 8, 16, 64))
+        groups = [(c, d, shapes) for d in ("fp32", "fp16", "bf16") for c in ALL_CASES]
+        return Matrix(groups, providers, ALL_CASES, 0.05,
+                      ["GPU: batches 1, 4, 8, 16, 64 (2 and 32 left out to fit one 10-minute device call)"])
+    providers = ("torch", "eager", "compile", "diffusers")
+    if quick:
+        shapes = [(1, 3, 32, 32), (4, 4, 64, 64), (16, 4, 128, 128)]
+        groups = [(c, "fp32", shapes) for c in ALL_CASES]
+        return Matrix(groups, providers, ("eta0",), 0.05,
+                      ["--quick: three sizes (B1-3x32x32, B4-4x64x64, B16-4x128x128), fp32 only",
+                       "--quick: torch.compile only for eta0 (each CPU compile costs seconds)"])
+    shapes = _shapes((1, 4, 16, 64))
+    groups = [(c, "fp32", shapes) for c in ALL_CASES]
+    groups += [(c, d, shapes) for d in ("fp16", "bf16") for c in ("eta0", "cfg")]
+    omitted = ["CPU: batches 1, 4, 16, 64 (2, 8 and 32 left out for time)",
+               "CPU: fp16 and bf16 only for cases eta0 and cfg (the other cases in fp32 only)",
+               "CPU: the Triton kernel is not timed (interpreter only; it is checked for parity)"]
+    return Matrix(groups, providers, ("eta0", "eta-noise", "eta-drawn", "cfg", "paint", "eta0-x0"), 0.25, omitted)

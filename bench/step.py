@@ -1,0 +1,96 @@
+"""Time every provider on every (case, dtype, size) of a plan; one row per measurement."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .cases import CASES, DTYPES, make_inputs, min_bytes, n_elements, shape_id
+from .parity import check_output, exact_step
+from .providers import BASELINES, FUSED, first_call_seconds, x_prev_of
+from .timing import time_interleaved, time_kernel
+
+CACHE_FACTOR = 2  # GB/s counts as memory bandwidth only for traffic >= CACHE_FACTOR x the last-level cache
+
+
+def run_steps(matrix, timed, device, copy_gbs, cache, rows_path, parity_ok, log=print):
+    """Run the plan; returns (rows, {(case, dtype): compile seconds}).
+
+    Rows are appended to rows_path (JSON lines) as they come, so a run cut short keeps
+    what it measured. For the first size of each (case, dtype) every provider's output
+    is compared with the float64 reference again (the full-size parity check).
+    """
+    from .run import _providers  # noqa: PLC0415 - one Providers per run (shares compiled fns)
+
+    providers = _providers(device)
+    rows = []
+    for case_name, dtype_id, shapes in matrix.groups:
+        case, dtype = CASES[case_name], DTYPES[dtype_id]
+        names = [n for n in timed if n != "compile" or case_name in matrix.compile_cases]
+        for k, shape in enumerate(shapes):
+            inputs = make_inputs(case, shape, dtype, device)
+            group = []
+            exact = exact_step(providers, case, inputs) if k == 0 and case.deterministic else None
+            eager_out = None
+            if exact is not None:
+                eager_out = x_prev_of(providers.make("eager", case, inputs, dtype_id)())
+            fns = {}
+            for name in names:
+                fn = providers.make(name, case, inputs, dtype_id)
+                first = first_call_seconds(fn, device)
+                fns[name] = providers.make(name, case, inputs, dtype_id)  # compile's first-call wrapper is gone now
+                row = _row(case, dtype_id, shape, name, device, copy_gbs, cache, matrix.budget_s, first)
+                if exact is not None:
+                    check = check_output(name, case, dtype_id, x_prev_of(fns[name]()), exact, eager_out)
+                    row.update(parity_error=check.error, parity_bound=check.bound, parity_ok=check.ok)
+                group.append(row)
+            for row, t in zip(group, _timings(fns, device, matrix.budget_s)):
+                gbs = row["bytes"] / t["p50"] / 1e9
+                row.update(p20_s=t["p20"], p50_s=t["p50"], p80_s=t["p80"], timer=t.get("timer"),
+                           gbs=gbs, pct_copy=100 * gbs / copy_gbs)
+            del fns
+            _speedups(group, parity_ok)
+            for row in group:
+                rows.append(row)
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            log(_progress(group))
+            del inputs, exact, eager_out
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows, dict(providers.compile_seconds)
+
+
+def _row(case, dtype_id, shape, name, device, copy_gbs, cache, budget_s, first):
+    n = n_elements(shape)
+    nbytes = min_bytes(case, shape, DTYPES[dtype_id])
+    return {"kind": "step", "case": case.name, "dtype": dtype_id, "shape": list(shape), "shape_id": shape_id(shape),
+            "size": "x".join(str(d) for d in shape[1:]), "batch": shape[0], "elements": n, "bytes": nbytes,
+            "provider": name, "device": str(device), "first_call_s": first,
+            "above_cache": nbytes >= CACHE_FACTOR * cache if cache else None, "budget_s": budget_s}
+
+
+def _timings(fns, device, budget_s):
+    """Per-provider timings in fns' order: interleaved on CPU, do_bench one by one on CUDA."""
+    if device.type == "cuda":
+        return [time_kernel(fn, device, budget_s) for fn in fns.values()]
+    times = time_interleaved(fns, device, budget_s)
+    return [times[name] for name in fns]
+
+
+def _speedups(group, parity_ok):
+    """speedup_vs_<baseline> = baseline p50 / this p50, on the fused providers' rows."""
+    by_name = {r["provider"]: r for r in group}
+    for name in FUSED:
+        if name not in by_name:
+            continue
+        row = by_name[name]
+        for base in BASELINES:
+            if base in by_name:
+                row[f"speedup_vs_{base}"] = by_name[base]["p50_s"] / row["p50_s"] if parity_ok else None
+
+
+def _progress(group) -> str:
+    r0 = group[0]
+    parts = [f"{r['provider']} {r['p50_s'] * 1e6:.0f}us" for r in group]
+    return f"  {r0['case']:9s} {r0['dtype']} {r0['shape_id']:16s} " + "  ".join(parts)

@@ -1,0 +1,38 @@
+"""Whole 50-step loops under pytest-benchmark: fused sampler vs reference vs diffusers.
+
+The trivial eps-model and a tiny latent leave only the samplers' own per-step cost.
+"""
+import pytest
+import torch
+
+from bench.cases import ETA
+from bench.loop import TrivialEps, loop_fns
+from bench.providers import availability
+from ddim_fused.schedules import make_alpha_bar
+
+CONFIGS = {"eta0": (0.0, False, "philox"), "cfg": (0.0, True, "philox"),
+           "eta-philox": (ETA, False, "philox"), "eta-randn": (ETA, False, "torch")}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("provider", ["fused", "reference", "diffusers", "fused-cudagraph"])
+def test_loop(benchmark, device, provider, config):
+    if provider == "diffusers":
+        ok, reason = availability("diffusers", device)
+        if not ok:
+            pytest.skip(reason)
+    eta, cfg, noise_source = CONFIGS[config]
+    model = TrivialEps(make_alpha_bar("scaled_linear", 1000))
+    fns, missing = loop_fns(model, (1, 4, 8, 8), device, torch.float32, eta=eta, cfg=cfg, noise_source=noise_source)
+    if provider in missing:
+        pytest.skip(missing[provider])
+    out = fns[provider]()
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    if device.type == "cuda":
+        def run():
+            fns[provider]()
+            torch.cuda.synchronize()
+    else:
+        run = fns[provider]
+    benchmark.extra_info.update(provider=provider, config=config, steps=50)
+    benchmark(run)
