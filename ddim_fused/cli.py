@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .generate_cli import add_parser as add_generate  # noqa: PLC0415 - imports this module
 
     add_generate(sub)
+    sub.add_parser("bench", add_help=False, help="run the benchmark suite (from a source checkout; "
+                   "same options as `python -m bench`)")
     return parser
 
 
@@ -476,6 +478,19 @@ def _cmd_generate(args) -> None:
 COMMANDS["generate"] = _cmd_generate
 
 
+def _run_bench(argv) -> int:
+    """`ddim-fused bench ...` is `python -m bench ...`: bench/ ships with the source, not the wheel."""
+    if os.path.isdir("bench") and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the console script's own folder is first on the path, not the checkout
+    try:
+        from bench.run import main as bench_main  # noqa: PLC0415
+    except ImportError:
+        print("ddim-fused: error: ddim-fused bench runs from a source checkout (its bench/ folder): cd there "
+              "and retry", file=sys.stderr)
+        return 2
+    return bench_main(argv)
+
+
 def main(argv=None) -> int:
     """Entry point of `ddim-fused` and `python -m ddim_fused`.
 
@@ -485,6 +500,9 @@ def main(argv=None) -> int:
     Returns:
         0 on success; user errors exit with status 2 through SystemExit.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options are the benchmark runner's own
+        raise SystemExit(_run_bench(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
