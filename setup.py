@@ -21,8 +21,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # The tests exercise the diffusers backend, so the test extra installs diffusers.
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.42"],
+        # Everything the tests exercise, so none of them is skipped: the diffusers backend
+        # and the digits classifier's check on real digits (scikit-learn, which brings scipy).
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.42", "scikit-learn"],
         "diffusers": ["diffusers>=0.42"],
         "plots": ["matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.42"],
