@@ -421,7 +421,4 @@ def _check_choice(name, value, choices):
 
 def _check_mask(mask, x, mask_layout):
     check_tensor("mask", mask, device=x.device, dtypes=FLOAT_DTYPES + (torch.bool,))
-    padded = (1,) * (x.dim() - mask.dim()) + tuple(mask.shape)
-    if mask.dim() > x.dim() or not all(m in (1, d) for m, d in zip(padded, x.shape)):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, which does not broadcast to x's shape {tuple(x.shape)}")
     return mask_layout(mask.contiguous(), tuple(x.shape))

@@ -114,10 +114,12 @@ def mask_layout(mask: torch.Tensor, x_shape: tuple[int, ...]) -> MaskLayout:
         x_shape: (B, *s).
 
     Returns:
-        MaskLayout.
+        MaskLayout; ValueError if mask does not broadcast to x_shape.
     """
     sample_shape = tuple(x_shape[1:])
     padded = (1,) * (len(x_shape) - mask.dim()) + tuple(mask.shape)
+    if mask.dim() > len(x_shape) or not all(m in (1, d) for m, d in zip(padded, x_shape)):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, which does not broadcast to x's shape {tuple(x_shape)}")
     mask = mask.reshape(padded)
     per_sample = padded[1:]
     batch_stride = 0 if padded[0] == 1 else mask[0].numel()
@@ -264,9 +266,7 @@ def ddim_step(
         raise ValueError("mask and orig must be given together")
     if mask is not None:
         _check_tensor("mask", mask, x.device, allow_bool=True)
-        layout = mask_layout(mask, tuple(x.shape)) if _broadcasts(mask, x) else None
-        if layout is None:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, which does not broadcast to x's shape {tuple(x.shape)}")
+        layout = mask_layout(mask, tuple(x.shape))
         if orig_noise is None and seed is None and orig_noise_coef != 0.0:
             raise ValueError("paint needs orig_noise or a seed for in-kernel orig noise")
     if seed is not None and not (0 <= int(seed) < 2**63):
@@ -277,13 +277,6 @@ def ddim_step(
         repeat_noise=repeat_noise, x0_coefs=x0_coefs, x0_out=x0_out, eps_out=eps_out,
         mask=layout, orig=orig, orig_coef=orig_coef, orig_noise_coef=orig_noise_coef, orig_noise=orig_noise,
     )
-
-
-def _broadcasts(mask: torch.Tensor, x: torch.Tensor) -> bool:
-    if mask.dim() > x.dim():
-        return False
-    padded = (1,) * (x.dim() - mask.dim()) + tuple(mask.shape)
-    return all(m in (1, d) for m, d in zip(padded, x.shape))
 
 
 def _check_tensor(name: str, t, device: torch.device, allow_bool: bool = False) -> None:
