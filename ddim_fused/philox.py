@@ -40,7 +40,7 @@ def keyed_normal_torch(
     batch: int,
     numel: int,
     seed: int,
-    step_key: int = 0,
+    step_key=0,
     stream: str = "step",
     sample_offset: int = 0,
     *,
@@ -53,21 +53,24 @@ def keyed_normal_torch(
         batch: number of samples B; sample b is keyed by sample_offset + b (0 if repeat).
         numel: elements per sample.
         seed: int in [0, 2**63).
-        step_key: DDIM step index.
+        step_key: DDIM step index, or a sequence of K of them to draw K steps' noise in
+            one call (the same values as K separate calls, for far fewer torch ops).
         stream: "step", "orig" or "initial".
 
     Returns:
-        float32 tensor of shape (B, numel).
+        float32 tensor of shape (B, numel), or (K, B, numel) for a sequence of step keys.
     """
+    steps = torch.as_tensor(step_key, dtype=torch.int64, device=device)
     n_counters = (numel + 3) // 4
     counter = torch.arange(n_counters, device=device, dtype=torch.int64)
     keys = torch.zeros(batch, 1, device=device, dtype=torch.int64)
     if not repeat:
         keys += torch.arange(sample_offset, sample_offset + batch, device=device, dtype=torch.int64).view(batch, 1)
-    c0 = (counter & _MASK32).expand(batch, n_counters)
-    c1 = (keys & _MASK32).expand(batch, n_counters)
-    c2 = torch.full((batch, n_counters), step_key & _MASK32, device=device, dtype=torch.int64)
-    c3 = ((counter >> 32) * 4 + NOISE_STREAMS[stream]).expand(batch, n_counters)
+    shape = (steps.numel(), batch, n_counters)
+    c0 = (counter & _MASK32).expand(shape)
+    c1 = (keys & _MASK32).expand(shape)
+    c2 = (steps.view(-1, 1, 1) & _MASK32).expand(shape)
+    c3 = ((counter >> 32) * 4 + NOISE_STREAMS[stream]).expand(shape)
     r0, r1, r2, r3 = philox4x32(c0, c1, c2, c3, int(seed))
     u0, u1, u2, u3 = (_uniform_open(r) for r in (r0, r1, r2, r3))
     rad_a = torch.sqrt(-2.0 * torch.log(u0))
@@ -77,7 +80,8 @@ def keyed_normal_torch(
         (rad_a * torch.cos(angle_a), rad_a * torch.sin(angle_a), rad_b * torch.cos(angle_b), rad_b * torch.sin(angle_b)),
         dim=-1,
     )
-    return normals.reshape(batch, 4 * n_counters)[:, :numel].contiguous()
+    normals = normals.reshape(shape[:2] + (4 * n_counters,))[..., :numel].contiguous()
+    return normals if steps.dim() else normals[0]
 
 
 def _uniform_open(bits: torch.Tensor) -> torch.Tensor:

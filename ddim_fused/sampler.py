@@ -18,6 +18,7 @@ BACKENDS = ("auto", "triton", "torch")
 NOISE_SOURCES = ("philox", "torch")
 PAINT_BLENDS = ("seed", "prev")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PREDRAW_LIMIT = 1 << 22  # elements of noise (16 MB in fp32) drawn up front on the torch path
 
 
 class DDIMSampler:
@@ -131,12 +132,15 @@ class DDIMSampler:
         # A strided x_last is copied once; it is never written to.
         x = x_last.contiguous() if x_last is not None else self._initial_noise(shape, device, dtype, seed, sample_offset)
         time_steps = np.flip(self.time_steps)[skip_steps:]
+        step_noise = self._predrawn_noise(step_fn, shape, device, seed, sample_offset, repeat_noise,
+                                          [len(time_steps) - i - 1 for i in range(len(time_steps))])
         for i, step in enumerate(time_steps):
             index = len(time_steps) - i - 1
             ts = x.new_full((shape[0],), int(step), dtype=torch.long)
             model_out, guidance = self._model_out(x, cond, ts, uncond_scale, uncond_cond)
             x, pred_x0, _ = self._step(step_fn, x, model_out, guidance, index, temperature=temperature,
                                        repeat_noise=repeat_noise, seed=seed, sample_offset=sample_offset,
+                                       noise=None if step_noise is None else step_noise[i].view(shape),
                                        want_x0=callback is not None)
             if callback is not None:
                 callback({"index": index, "t": int(step), "x": x, "pred_x0": pred_x0})
@@ -354,6 +358,20 @@ class DDIMSampler:
             **paint_args,
         )
         return out, x0_out, eps_out
+
+    def _predrawn_noise(self, step_fn, shape, device, seed, sample_offset, repeat, indices):
+        """(K, B, N) keyed noise of every step of a torch-path loop, drawn in one call; or None.
+
+        Per step, the keyed stream costs about 130 small integer-tensor ops, which dominates
+        the step for small latents; drawn for all steps at once it costs that once. Only
+        for loops whose noise is small (_PREDRAW_LIMIT elements); the values are the same.
+        """
+        numel = int(np.prod(shape[1:]))
+        if step_fn is not torch_ddim_step or self.noise_source != "philox":
+            return None
+        if len(indices) * shape[0] * numel > _PREDRAW_LIMIT or not np.any(self.coefs.noise_scale[indices]):
+            return None
+        return keyed_normal_torch(shape[0], numel, seed, indices, "step", sample_offset, repeat=repeat, device=device)
 
     def _initial_noise(self, shape, device, dtype, seed, sample_offset):
         if self.noise_source == "torch":

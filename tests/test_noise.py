@@ -70,3 +70,9 @@ def test_stream_ids_agree_between_kernel_and_host():
     from ddim_fused.kernels import NOISE_STREAMS
 
     assert philox.NOISE_STREAMS == NOISE_STREAMS
+
+
+def test_several_steps_in_one_call_equal_separate_calls():
+    together = keyed_normal_torch(3, 1173, 77, [4, 0, 9], "step", 2)
+    for k, step in enumerate((4, 0, 9)):
+        assert torch.equal(together[k], keyed_normal_torch(3, 1173, 77, step, "step", 2))
