@@ -14,8 +14,8 @@ from .cast import cast_for_store
 # Independent streams under one seed: the step noise, paint's orig noise, the initial latent.
 NOISE_STREAMS = {"step": 0, "orig": 1, "initial": 2}
 
-_TWO_PI = 6.283185307179586
-_INV_2_23 = 1.0 / 8388608.0
+_TWO_PI = tl.constexpr(6.283185307179586)
+_INV_2_23 = tl.constexpr(1.0 / 8388608.0)
 
 
 @triton.jit
@@ -44,10 +44,10 @@ def keyed_normals(seed, sample_key, step_key, stream, first_elem, QUARTER: tl.co
     u3 = _uniform_open(r3)
     rad_a = tl.sqrt(-2.0 * tl.log(u0))
     rad_b = tl.sqrt(-2.0 * tl.log(u2))
-    n0 = rad_a * tl.cos(_TWO_PI * u1)
-    n1 = rad_a * tl.sin(_TWO_PI * u1)
-    n2 = rad_b * tl.cos(_TWO_PI * u3)
-    n3 = rad_b * tl.sin(_TWO_PI * u3)
+    n0 = rad_a * tl.cos(u1 * _TWO_PI)
+    n1 = rad_a * tl.sin(u1 * _TWO_PI)
+    n2 = rad_b * tl.cos(u3 * _TWO_PI)
+    n3 = rad_b * tl.sin(u3 * _TWO_PI)
     # Lane order n0, n1, n2, n3 for consecutive elements 4c .. 4c + 3.
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
