@@ -169,6 +169,18 @@ def _check_common(args) -> dict:
         raise UserError(f"--num must be >= 1, got {args.num}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    env = _check_runtime(args)
+    _check_out(args.out)
+    try:
+        # The model's T is 1000; uniform spacing can give more steps than asked for.
+        args.n_ddim_steps = len(ddim_timesteps(1000, args.steps, args.discretize))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return env
+
+
+def _check_runtime(args) -> dict:
+    """Validate seed, guidance, threads, device, dtype, backend and weights; returns device, dtype."""
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not np.isfinite(args.guidance):
@@ -187,12 +199,6 @@ def _check_common(args) -> dict:
             raise UserError("--backend triton supports float32, float16 and bfloat16, not float64")
     if args.weights is not None and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights!r} is not a file")
-    _check_out(args.out)
-    try:
-        # The model's T is 1000; uniform spacing can give more steps than asked for.
-        args.n_ddim_steps = len(ddim_timesteps(1000, args.steps, args.discretize))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     return {"device": device, "dtype": dtype}
 
 

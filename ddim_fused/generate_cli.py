@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import generate as gen
-from .cli import UserError, _add_sampler_options, _classes, _device
+from .cli import UserError, _add_sampler_options, _check_runtime, _classes
 
 PREVIEW = "preview.png"
 
@@ -41,15 +41,7 @@ def cmd_generate(args) -> None:
     for name in ("num", "batch_size", "shard_size", "steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _device(args.device)
-    if args.backend == "triton" and device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    if args.weights is not None and not Path(args.weights).is_file():
-        raise UserError(f"--weights {args.weights!r} is not a file")
+    device = _check_runtime(args)["device"]
     try:
         config = gen.GenerateConfig(
             num=args.num, shard_size=args.shard_size, batch_size=args.batch_size, steps=args.steps, eta=args.eta,
