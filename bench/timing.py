@@ -66,14 +66,7 @@ def time_host(fn, device: torch.device, budget_s: float = 0.25, warmup: int = 2,
     Returns:
         dict with p20, p50, p80, min (seconds per call), samples, inner.
     """
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, math.ceil(MIN_SAMPLE_S / one))
+    one, inner = _calibrate(fn, device, warmup)
     n = int(min(max_samples, max(min_samples, budget_s / (inner * one))))
     times = np.empty(n)
     for k in range(n):
@@ -104,14 +97,7 @@ def time_interleaved(fns: dict, device: torch.device, budget_s: float = 0.25, wa
     """
     inner, one = {}, {}
     for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        one[name] = max(time.perf_counter() - t0, 1e-7)
-        inner[name] = max(1, math.ceil(MIN_SAMPLE_S / one[name]))
+        one[name], inner[name] = _calibrate(fn, device, warmup)
     slowest = max((inner[k] * one[k] for k in fns), default=1.0)
     n = int(min(max_samples, max(min_samples, budget_s / slowest)))
     times = {name: np.empty(n) for name in fns}
@@ -241,3 +227,15 @@ def _git(root: Path, *args: str):
                               check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _calibrate(fn, device: torch.device, warmup: int) -> tuple[float, int]:
+    """Warm fn up, time one call; returns (seconds per call, calls per timed sample)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    return one, max(1, math.ceil(MIN_SAMPLE_S / one))
