@@ -3,8 +3,8 @@
 Each provider turns (case, inputs) into a zero-argument callable returning x_prev,
 doing what its sampler does per step (allocating its outputs, reading host
 coefficients), so that the timed call is the per-step cost a user pays:
-    triton    ddim_fused.kernels.launch_ddim_step (the fused kernel)
-    torch     ddim_fused.torch_step.torch_ddim_step (the fused sampler's torch backend)
+    triton    the fused kernel (ddim_fused.backend.step_function("triton", ...))
+    torch     the fused sampler's torch backend (step_function("torch", ...))
     eager     ddim_fused.reference.ReferenceDDIMSampler (the tests' oracle)
     compile   torch.compile(fullgraph=True) of the eager step
     diffusers diffusers.DDIMScheduler.step (optional)
@@ -13,18 +13,19 @@ The fused providers use DDIMSampler(...).coefs, the coefficients the sampler use
 from __future__ import annotations
 
 import copy
-import os
 import time
 
 import numpy as np
 import torch
 
 from ddim_fused import DDIMSampler, ReferenceDDIMSampler
+from ddim_fused.backend import interpreter_on, step_function
+from ddim_fused.masks import mask_layout
 from ddim_fused.schedules import make_alpha_bar
-from ddim_fused.torch_step import torch_ddim_step
+from ddim_fused.step_args import StepArgs
 
-from .timing import sync
 from .cases import ALPHA_BAR, DISCRETIZE, GUIDANCE, INDEX, N_STEPS, SEED, Case
+from .timing import sync
 
 FUSED = ("triton", "torch")
 BASELINES = ("eager", "compile", "diffusers")
@@ -77,7 +78,7 @@ def availability(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "triton":
         if device.type == "cuda":
             return True, ""
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if interpreter_on():
             return False, "CPU: Triton runs only through its interpreter, whose timing is meaningless (parity only)"
         return False, "no CUDA device and TRITON_INTERPRET is not set"
     if name == "compile":
@@ -93,21 +94,17 @@ def availability(name: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def fused_args(s: Samplers, case: Case, inputs: dict, x0_out=None) -> dict:
-    """Keyword arguments of launch_ddim_step / torch_ddim_step for this case at INDEX."""
+def fused_args(s: Samplers, case: Case, inputs: dict) -> StepArgs:
+    """The step contract for this case at INDEX, as the sampler builds it."""
     c = s.fused.coefs
-    args = dict(x_coef=float(c.x_coef[INDEX]), eps_coef=float(c.eps_coef[INDEX]),
-                guidance=GUIDANCE if case.cfg else None,
-                noise_coef=float(c.noise_scale[INDEX]), noise=inputs["noise"], seed=SEED, step_key=INDEX)
-    if case.x0:
-        args["x0_coefs"] = (float(c.x0_x_coef[INDEX]), float(c.x0_eps_coef[INDEX]))
+    paint = {}
     if case.paint:
-        from ddim_fused.kernels import mask_layout  # noqa: PLC0415 - host code only
-
         orig_coef, orig_noise_coef = c.q_sample_coefs(INDEX, "alpha")
-        args.update(mask=mask_layout(inputs["mask"].contiguous(), tuple(inputs["x"].shape)), orig=inputs["orig"],
-                    orig_coef=orig_coef, orig_noise_coef=orig_noise_coef, orig_noise=inputs["orig_noise"])
-    return args
+        paint = dict(mask=mask_layout(inputs["mask"], tuple(inputs["x"].shape)), orig=inputs["orig"],
+                     orig_coef=orig_coef, orig_noise_coef=orig_noise_coef, orig_noise=inputs["orig_noise"])
+    return StepArgs(float(c.x_coef[INDEX]), float(c.eps_coef[INDEX]), GUIDANCE if case.cfg else None,
+                    noise_coef=float(c.noise_scale[INDEX]), noise=inputs["noise"], seed=SEED, step_key=INDEX,
+                    x0_coefs=(float(c.x0_x_coef[INDEX]), float(c.x0_eps_coef[INDEX])), **paint)
 
 
 def _fused_fn(step_fn, s, case, inputs):
@@ -117,7 +114,7 @@ def _fused_fn(step_fn, s, case, inputs):
     def run():
         # The sampler allocates its outputs every step; so does this.
         x0_out = torch.empty_like(x) if case.x0 else None
-        out = step_fn(x, model_out, torch.empty_like(x), x0_out=x0_out, **args)
+        out = step_fn(x, model_out, torch.empty_like(x), args, x0_out)
         return (out, x0_out) if case.x0 else out
 
     return run
@@ -190,9 +187,8 @@ def _graph_friendly(ref: ReferenceDDIMSampler) -> ReferenceDDIMSampler:
 class Providers:
     """Builds each provider's callable; caches samplers and compiled functions across sizes."""
 
-    def __init__(self, device: torch.device, compile_dynamic: bool = True):
+    def __init__(self, device: torch.device):
         self.device = device
-        self.compile_dynamic = compile_dynamic
         self._samplers: dict[float, Samplers] = {}
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds: dict[tuple, float] = {}
@@ -205,12 +201,8 @@ class Providers:
     def make(self, name: str, case: Case, inputs: dict, dtype_id: str = ""):
         """Zero-argument callable running provider `name` on `inputs` (x_prev first in its result)."""
         s = self.samplers(case.eta)
-        if name == "torch":
-            return _fused_fn(torch_ddim_step, s, case, inputs)
-        if name == "triton":
-            from ddim_fused.kernels import launch_ddim_step  # noqa: PLC0415
-
-            return _fused_fn(launch_ddim_step, s, case, inputs)
+        if name in ("torch", "triton"):
+            return _fused_fn(step_function(name, self.device, inputs["x"].dtype), s, case, inputs)
         args = _tensor_args(inputs)
         if name == "eager":
             f = eager_step(s.ref, case)
@@ -220,7 +212,7 @@ class Providers:
             if key not in self._compiled:
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 self._compiled[key] = torch.compile(eager_step(_graph_friendly(s.ref), case),
-                                                    dynamic=self.compile_dynamic, fullgraph=True)
+                                                    dynamic=True, fullgraph=True)
             f = self._compiled[key]
             if key in self.compile_seconds:
                 return lambda: f(*args)

@@ -2,6 +2,7 @@
 from .coefficients import SIGMA_HAT, DDIMCoefficients, ddim_coefficients
 from .interpolation import slerp
 from .metrics import frechet_distance
+from .ops import ddim_step
 from .oracle import GaussianMixture
 from .reference import ReferenceDDIMSampler
 from .sampler import DDIMSampler
@@ -23,6 +24,7 @@ __all__ = [
     "SIGMA_HAT",
     "alpha_bar_from_betas",
     "ddim_coefficients",
+    "ddim_step",
     "ddim_timesteps",
     "frechet_distance",
     "make_alpha_bar",

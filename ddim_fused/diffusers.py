@@ -12,8 +12,9 @@ training time step on the host (float64, from diffusers' own float32 alphas_cump
     x_prev  = x_coef * sample + m_coef * model_output + std * noise
     pred_x0 = a * sample + b * model_output
 
-and runs it as one fused kernel on CUDA (`ddim_fused.kernels.launch_ddim_step`) or with
-`ddim_fused.torch_step.torch_ddim_step` elsewhere. clip_sample and thresholding are not
+and runs it as one fused kernel on CUDA or with torch ops elsewhere (`ddim_fused.backend`
+decides, as for the sampler; float64 runs on the torch path, strided inputs are copied
+once). clip_sample and thresholding are not
 linear: pred_x0 is written first, clipped in torch, and a second fused launch finishes.
 
 Host-device synchronisation: none per step when the timestep is an int, a float, a CPU
@@ -28,8 +29,6 @@ Importing this module imports diffusers; `import ddim_fused` does not.
 from __future__ import annotations
 
 import math
-import os
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,87 +43,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "ddim_fused.diffusers needs Hugging Face diffusers: pip install 'ddim-fused[diffusers]'"
     ) from exc
 
-from .torch_step import torch_ddim_step
+from .backend import BACKENDS, check_backend, step_function
+from .coefficients import StepCoefficients, ddim_variance, step_coefficients
+from .step_args import StepArgs
 
 __all__ = ["BACKENDS", "FusedDDIMInverseScheduler", "FusedDDIMScheduler", "StepCoefficients",
            "step_coefficients", "use_fused"]
-
-BACKENDS = ("auto", "triton", "torch")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-# The dtypes the Triton kernel loads and stores (kernels/ddim_step.py).
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class StepCoefficients(NamedTuple):
-    """Host (float64) coefficients of one DDIM step, every output linear in its inputs.
-
-    pred_x0  = x0[0] * sample + x0[1] * model_output
-             = (x0_split[0] * sample + x0_split[1] * model_output) / x0_split[2]
-    pred_eps = eps[0] * sample + eps[1] * model_output
-    x_prev   = prev_x0 * pred_x0 + prev_eps * pred_eps + std * noise
-    eps_from_x0 gives pred_eps from a clipped pred_x0 (use_clipped_model_output):
-    pred_eps = eps_from_x0[0] * sample + eps_from_x0[1] * pred_x0.
-    """
-
-    x0: tuple[float, float]
-    x0_split: tuple[float, float, float]
-    eps: tuple[float, float]
-    eps_from_x0: tuple[float, float]
-    prev_x0: float
-    prev_eps: float
-    std: float
-
-    @property
-    def linear(self) -> tuple[float, float]:
-        """(x_coef, m_coef) of x_prev (without noise) straight from sample and model_output."""
-        return (self.prev_x0 * self.x0[0] + self.prev_eps * self.eps[0],
-                self.prev_x0 * self.x0[1] + self.prev_eps * self.eps[1])
-
-    @property
-    def from_clipped_x0(self) -> tuple[float, float]:
-        """(x0_coef, sample_coef) of x_prev from a clipped pred_x0 whose eps is re-derived."""
-        return (self.prev_x0 + self.prev_eps * self.eps_from_x0[1], self.prev_eps * self.eps_from_x0[0])
-
-    @property
-    def eps_is_model_output(self) -> bool:
-        return self.eps == (0.0, 1.0)
-
-
-def step_coefficients(alpha_t: float, alpha_prev: float, variance: float, eta: float,
-                      prediction_type: str) -> StepCoefficients:
-    """All coefficients of one DDIM step, in float64, as diffusers' DDIM step defines them.
-
-    Args:
-        alpha_t: alphas_cumprod at the step's time step.
-        alpha_prev: alphas_cumprod at the time step the step goes to.
-        variance: the DDIM variance of the step (0 for inversion).
-        eta: weight of the noise; std = eta * sqrt(variance).
-        prediction_type: `epsilon`, `sample` or `v_prediction`.
-
-    Returns:
-        StepCoefficients. Degenerate schedules (alpha_t == 0, 1 - alpha_prev < std**2)
-        give inf/nan coefficients, as the float32 math in diffusers does.
-    """
-    # numpy scalars so that a zero-SNR step divides to inf/nan like torch, not raising.
-    with np.errstate(all="ignore"):
-        a, a_prev = np.float64(alpha_t), np.float64(alpha_prev)
-        sa, sb = np.sqrt(a), np.sqrt(1.0 - a)
-        if prediction_type == "epsilon":
-            x0_split, eps = (1.0, -sb, sa), (0.0, 1.0)
-        elif prediction_type == "sample":
-            x0_split, eps = (0.0, 1.0, 1.0), (1.0 / sb, -sa / sb)
-        elif prediction_type == "v_prediction":
-            x0_split, eps = (sa, -sb, 1.0), (sb, sa)
-        else:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        x0 = (x0_split[0] / x0_split[2], x0_split[1] / x0_split[2])
-        std = np.float64(eta) * np.sqrt(np.float64(variance))
-        prev_eps = np.sqrt(1.0 - a_prev - std * std)
-        return StepCoefficients(
-            x0=(float(x0[0]), float(x0[1])), x0_split=tuple(float(c) for c in x0_split), eps=(float(eps[0]), float(eps[1])),
-            eps_from_x0=(float(1.0 / sb), float(-sa / sb)),
-            prev_x0=float(np.sqrt(a_prev)), prev_eps=float(prev_eps), std=float(std),
-        )
 
 
 class _FusedStepMixin:
@@ -139,9 +63,7 @@ class _FusedStepMixin:
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
+        self._backend = check_backend(value)
 
     # --- schedule ------------------------------------------------------------------
 
@@ -228,45 +150,37 @@ class _FusedStepMixin:
             raise ValueError(f"model_output is on {model_output.device}, sample on {sample.device}")
         return torch.promote_types(model_output.dtype, sample.dtype)
 
-    def _launcher(self, tensors, noise):
-        """torch_ddim_step or the kernel's launcher, both with the same arguments."""
-        backend = self._backend
-        if backend == "torch":
-            return torch_ddim_step
-        all_cuda = all(t.is_cuda for t in tensors)
-        if backend == "auto" and not all_cuda:
-            return torch_ddim_step
-        fits = all(t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in tensors)
-        if noise is not None:  # the kernel reads noise as (1 or B, *sample.shape[1:])
-            sample = tensors[0]
-            fits = fits and noise.shape[1:] == sample.shape[1:] and noise.shape[0] in (1, sample.shape[0])
-        if backend == "triton":
-            if not all_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                                 "triton is imported to run the kernel on the CPU")
-            if not fits:
-                raise ValueError("backend='triton' needs contiguous float32/float16/bfloat16 tensors "
-                                 "and noise of shape (1 or B, *sample.shape[1:])")
-        elif not fits:
-            return torch_ddim_step  # documented fallback: no hidden .contiguous() copies
-        from ddim_fused.kernels import launch_ddim_step
-        return launch_ddim_step
+    def _launcher(self, sample, dtype, noise):
+        """(step function, noise) for this step; see `ddim_fused.backend` for the policy.
+
+        float64 runs on the torch path under backend="auto"; inputs are made contiguous
+        by the caller. Noise that does not have the kernel's (1 or B, *s) layout (e.g.
+        broadcast over channels) is expanded once into it.
+        """
+        run = step_function(self._backend, sample.device, dtype)
+        if noise is not None and (noise.shape[1:] != sample.shape[1:] or noise.shape[0] not in (1, sample.shape[0])
+                                  or noise.dim() != sample.dim()):
+            noise = noise.expand(sample.shape)
+        return run, None if noise is None else noise.contiguous()
 
     def _fused_update(self, model_output, sample, coefs: StepCoefficients, noise, clip, use_clipped: bool):
         """(prev_sample, pred_original_sample): one launch, or two around a torch clip of pred_x0."""
         dtype = torch.promote_types(model_output.dtype, sample.dtype)
-        inputs = [sample, model_output] + ([noise] if noise is not None else [])
-        run = self._launcher(inputs, noise)
-        if run is torch_ddim_step and dtype == torch.float64:
-            # torch_ddim_step accumulates in sample's dtype; diffusers promotes to float64.
+        if dtype == torch.float64:
+            # The torch path accumulates in sample's dtype; diffusers promotes to float64.
             sample, model_output = sample.double(), model_output.double()
+        elif model_output.dtype != sample.dtype:
+            sample, model_output = sample.to(dtype), model_output.to(dtype)
+        # The kernel reads contiguous memory: a strided input is copied once here.
+        sample, model_output = sample.contiguous(), model_output.contiguous()
+        run, noise = self._launcher(sample, dtype, noise)
         std = coefs.std if noise is not None else 0.0
         prev = torch.empty(sample.shape, dtype=dtype, device=sample.device)
         x0 = torch.empty_like(prev)
         if clip is None:
             x_coef, m_coef = coefs.linear
-            run(sample, model_output, prev, x_coef=x_coef, eps_coef=m_coef, noise_coef=std, noise=noise,
-                x0_coefs=coefs.x0, x0_out=x0)
+            run(sample, model_output, prev, StepArgs(x_coef, m_coef, noise_coef=std, noise=noise, x0_coefs=coefs.x0),
+                x0)
             return prev, x0
         eps = None
         if use_clipped or coefs.eps_is_model_output:
@@ -274,20 +188,19 @@ class _FusedStepMixin:
             # is a small difference of two terms ~1/sqrt(alpha_t) large, and a clip range
             # far below them would expose the rounding of x0[0] * sample + x0[1] * model_output.
             p, q, d = coefs.x0_split
-            run(sample, model_output, x0, x_coef=p, eps_coef=q)
+            run(sample, model_output, x0, StepArgs(p, q))
             if d != 1.0:
                 x0.div_(d)
         else:  # sample / v_prediction: x0_split[2] == 1, pred_x0 and pred_eps in one launch
             eps = torch.empty_like(prev)
-            run(sample, model_output, eps, x_coef=coefs.eps[0], eps_coef=coefs.eps[1],
-                x0_coefs=coefs.x0, x0_out=x0)
+            run(sample, model_output, eps, StepArgs(coefs.eps[0], coefs.eps[1], x0_coefs=coefs.x0), x0)
         x0 = clip(x0)
         if use_clipped:
             x0_coef, s_coef = coefs.from_clipped_x0
-            run(x0, sample, prev, x_coef=x0_coef, eps_coef=s_coef, noise_coef=std, noise=noise)
+            run(x0, sample, prev, StepArgs(x0_coef, s_coef, noise_coef=std, noise=noise))
         else:
-            run(x0, model_output if eps is None else eps, prev, x_coef=coefs.prev_x0, eps_coef=coefs.prev_eps,
-                noise_coef=std, noise=noise)
+            run(x0, model_output if eps is None else eps, prev,
+                StepArgs(coefs.prev_x0, coefs.prev_eps, noise_coef=std, noise=noise))
         return prev, x0
 
 
@@ -309,9 +222,7 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
         prev = t - ratio
         a_t = alphas_cumprod
         a_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], final)
-        with np.errstate(all="ignore"):
-            variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
-        return np.stack([a_t, a_prev, variance])
+        return np.stack([a_t, a_prev, ddim_variance(a_t, a_prev)])
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
@@ -452,8 +363,7 @@ def use_fused(pipe, *, backend: str = "auto", convert: bool = False):
     Returns:
         pipe, modified in place.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"use_fused needs a diffusers pipeline with a `scheduler`, got {type(pipe).__name__}")
     components = getattr(pipe, "components", None) or {"scheduler": pipe.scheduler}

@@ -1,7 +1,7 @@
 """The eager reference: labml.ai's DDIM sampler transcribed into plain PyTorch.
 
 It is the parity oracle of the tests and the baseline of the benchmarks, so it keeps
-the seed's formulas term by term (pred_x0, dir_xt, sigma * noise) and its calls to
+labml's formulas term by term (pred_x0, dir_xt, sigma * noise) and its calls to
 torch.randn, and shares nothing with the fused path but the time-step list and the
 model adapter. Its arrays are float64; in a low-precision dtype the arithmetic runs
 in that dtype, as eager code would.
@@ -30,7 +30,7 @@ class ReferenceDDIMSampler:
         alpha_bar=None,
         set_alpha_to_one: bool = False,
         steps_offset: int = 0,
-        paint_blend: str = "seed",
+        paint_blend: str = "alpha",
     ):
         self.model, alpha_bar = resolve_model(model, alpha_bar)
         self.n_steps = len(alpha_bar)
@@ -121,7 +121,7 @@ class ReferenceDDIMSampler:
             x, _, _ = self.p_sample(x, cond, ts, step, index=index, uncond_scale=uncond_scale,
                                     uncond_cond=uncond_cond)
             if orig is not None:
-                if self.paint_blend == "seed":
+                if self.paint_blend == "alpha":
                     orig_t = self.q_sample(orig, index, noise=orig_noise)
                 else:  # blend at the level x now has; the clean original after the last step
                     a = self.ddim_alpha_prev[index] if index > 0 else torch.ones((), dtype=torch.float64)

@@ -1,24 +1,21 @@
 """DDIMSampler: labml's DDIM sampler API, one model call and one fused step per step."""
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
+from .backend import check_backend, step_function
 from .coefficients import ddim_coefficients
+from .masks import mask_layout
 from .model import model_device, resolve_model
-from .philox import keyed_normal_torch
+from .plan import NOISE_SOURCES, Guide, Plan, StepPlan, check_model_out, make_noise_policy
 from .schedules import ddim_timesteps
-from .torch_step import torch_ddim_step
+from .step_args import StepArgs
 from .validation import FLOAT_DTYPES, broadcast_batch, check_float, check_int, check_shape, check_tensor
 
-BACKENDS = ("auto", "triton", "torch")
-NOISE_SOURCES = ("philox", "torch")
-PAINT_BLENDS = ("seed", "prev")
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PREDRAW_LIMIT = 1 << 22  # elements of noise (16 MB in fp32) drawn up front on the torch path
+PAINT_BLENDS = ("alpha", "alpha_prev")
 
 
 class DDIMSampler:
@@ -35,13 +32,14 @@ class DDIMSampler:
         set_alpha_to_one: a_prev of the last step is 1 instead of alpha_bar[0].
         steps_offset: offset of "leading" time steps.
         backend: "auto" (Triton for CUDA tensors, torch ops otherwise), "triton" (CUDA,
-            or CPU under TRITON_INTERPRET=1) or "torch".
+            or CPU under TRITON_INTERPRET=1) or "torch"; see `ddim_fused.backend`. Strided
+            inputs (x_last, x, orig, mask, noise) are copied once per call, never written.
         noise_source: "philox": noise keyed by (seed, global sample index, step), so a
             sample does not depend on the batch it is in; "torch": torch.randn drawn
             exactly as labml's sampler draws it.
         seed: default Philox seed; None draws one from torch's global generator per call.
-        paint_blend: "seed" noises the original to the step's own alpha as labml does;
-            "prev" to alpha_prev, the level of the new x (the clean original at the end).
+        paint_blend: "alpha" noises the original to the step's own alpha, as labml does;
+            "alpha_prev" to alpha_prev, the level of the new x (the clean original at the end).
     """
 
     def __init__(
@@ -57,9 +55,9 @@ class DDIMSampler:
         backend: str = "auto",
         noise_source: str = "philox",
         seed: Optional[int] = None,
-        paint_blend: str = "seed",
+        paint_blend: str = "alpha",
     ):
-        _check_choice("backend", backend, BACKENDS)
+        check_backend(backend)
         _check_choice("noise_source", noise_source, NOISE_SOURCES)
         _check_choice("paint_blend", paint_blend, PAINT_BLENDS)
         if seed is not None:
@@ -125,26 +123,12 @@ class DDIMSampler:
         else:
             device = torch.device(device) if device is not None else (model_device(self.model) or torch.device("cpu"))
             dtype = dtype or torch.float32
-        self._check_run(shape[0], device, dtype, temperature, uncond_scale, uncond_cond, cond, sample_offset)
-        step_fn = self._step_fn(device)
-        seed = self._call_seed(seed)
-
-        # A strided x_last is copied once; it is never written to.
-        x = x_last.contiguous() if x_last is not None else self._initial_noise(shape, device, dtype, seed, sample_offset)
-        time_steps = np.flip(self.time_steps)[skip_steps:]
-        step_noise = self._predrawn_noise(step_fn, shape, device, seed, sample_offset, repeat_noise,
-                                          [len(time_steps) - i - 1 for i in range(len(time_steps))])
-        for i, step in enumerate(time_steps):
-            index = len(time_steps) - i - 1
-            ts = x.new_full((shape[0],), int(step), dtype=torch.long)
-            model_out, guidance = self._model_out(x, cond, ts, uncond_scale, uncond_cond)
-            x, pred_x0, _ = self._step(step_fn, x, model_out, guidance, index, temperature=temperature,
-                                       repeat_noise=repeat_noise, seed=seed, sample_offset=sample_offset,
-                                       noise=None if step_noise is None else step_noise[i].view(shape),
-                                       want_x0=callback is not None)
-            if callback is not None:
-                callback({"index": index, "t": int(step), "x": x, "pred_x0": pred_x0})
-        return x
+        temperature = check_float("temperature", temperature, low=0.0)
+        plan = self._plan(range(self.coefs.n_steps - 1 - skip_steps, -1, -1), shape, device, dtype, cond,
+                          uncond_scale, uncond_cond, seed=seed, sample_offset=sample_offset,
+                          repeat_noise=repeat_noise, temperature=temperature)
+        x = x_last.contiguous() if x_last is not None else plan.noise.initial(shape, device, dtype)
+        return self._denoise(x, plan, callback)
 
     @torch.no_grad()
     def paint(
@@ -176,38 +160,20 @@ class DDIMSampler:
         Returns:
             x: (B, *s).
         """
-        check_tensor("x", x)
-        if x.dim() < 1:
-            raise ValueError("x must have a batch dimension")
-        x = x.contiguous()
+        x = _check_batched("x", x)
         t_start = check_int("t_start", t_start, 1, self.coefs.n_steps)
         if (orig is None) != (mask is None):
             raise ValueError("paint needs orig and mask together (got only one of them)")
-        self._check_run(x.shape[0], x.device, x.dtype, 1.0, uncond_scale, uncond_cond, cond, sample_offset)
         paint = None
         if orig is not None:
-            from .kernels import mask_layout  # noqa: PLC0415 - pure host code, no GPU needed
-
-            orig = broadcast_batch("orig", orig, x)
-            if orig_noise is not None:
-                orig_noise = broadcast_batch("orig_noise", orig_noise, x)
-            paint = (_check_mask(mask, x, mask_layout), orig, orig_noise)
+            check_tensor("mask", mask, device=x.device, dtypes=FLOAT_DTYPES + (torch.bool,))
+            paint = {"mask": mask_layout(mask, tuple(x.shape)), "orig": broadcast_batch("orig", orig, x),
+                     "orig_noise": None if orig_noise is None else broadcast_batch("orig_noise", orig_noise, x)}
         elif orig_noise is not None:
             raise ValueError("orig_noise given without orig and mask")
-        step_fn = self._step_fn(x.device)
-        seed = self._call_seed(seed)
-
-        time_steps = np.flip(self.time_steps[:t_start])
-        for i, step in enumerate(time_steps):
-            index = len(time_steps) - i - 1
-            ts = x.new_full((x.shape[0],), int(step), dtype=torch.long)
-            model_out, guidance = self._model_out(x, cond, ts, uncond_scale, uncond_cond)
-            x, pred_x0, _ = self._step(step_fn, x, model_out, guidance, index, temperature=1.0, repeat_noise=False,
-                                       seed=seed, sample_offset=sample_offset, want_x0=callback is not None,
-                                       paint=paint)
-            if callback is not None:
-                callback({"index": index, "t": int(step), "x": x, "pred_x0": pred_x0})
-        return x
+        plan = self._plan(range(t_start - 1, -1, -1), x.shape, x.device, x.dtype, cond, uncond_scale, uncond_cond,
+                          seed=seed, sample_offset=sample_offset, paint=paint)
+        return self._denoise(x.contiguous(), plan, callback)
 
     @torch.no_grad()
     def invert(
@@ -233,21 +199,10 @@ class DDIMSampler:
         Returns:
             x_T: (B, *s) latent at time_steps[-1].
         """
-        check_tensor("x0", x0)
-        if x0.dim() < 1:
-            raise ValueError("x0 must have a batch dimension")
-        self._check_run(x0.shape[0], x0.device, x0.dtype, 1.0, uncond_scale, uncond_cond, cond, 0)
-        step_fn = self._step_fn(x0.device)
-        c = self.coefs
-        x = x0.contiguous()
-        for index, step in enumerate(self.time_steps):
-            ts = x.new_full((x.shape[0],), int(step), dtype=torch.long)
-            model_out, guidance = self._model_out(x, cond, ts, uncond_scale, uncond_cond)
-            x = step_fn(x, model_out, torch.empty_like(x), x_coef=float(c.inv_x_coef[index]),
-                        eps_coef=float(c.inv_eps_coef[index]), guidance=guidance)
-            if callback is not None:
-                callback({"index": index, "t": int(step), "x": x})
-        return x
+        x0 = _check_batched("x0", x0)
+        plan = self._plan(range(self.coefs.n_steps), x0.shape, x0.device, x0.dtype, cond, uncond_scale,
+                          uncond_cond, invert=True)
+        return self._denoise(x0.contiguous(), plan, callback)
 
     @torch.no_grad()
     def p_sample(self, x, c, t, step, index, *, repeat_noise=False, temperature=1.0, uncond_scale=1.0,
@@ -262,23 +217,20 @@ class DDIMSampler:
             (x_prev, pred_x0, e_t), each (B, *s); e_t is the guided eps.
         """
         x, index, noise = self._check_step_args(x, index, noise)
-        self._check_run(x.shape[0], x.device, x.dtype, temperature, uncond_scale, uncond_cond, c, sample_offset)
-        step_fn = self._step_fn(x.device)
-        model_out, guidance = self._model_out(x, c, t, uncond_scale, uncond_cond)
-        return self._step(step_fn, x, model_out, guidance, index, temperature=temperature, repeat_noise=repeat_noise,
-                          noise=noise, seed=self._call_seed(seed), sample_offset=sample_offset,
-                          want_x0=True, want_eps=True)
+        plan = self._plan([index], x.shape, x.device, x.dtype, c, uncond_scale, uncond_cond, seed=seed,
+                          sample_offset=sample_offset, repeat_noise=repeat_noise,
+                          temperature=check_float("temperature", temperature, low=0.0), noise=noise)
+        return self._step(x, plan.guide.model_out(x, t), plan, plan.steps[0].args, want_eps=True)
 
     @torch.no_grad()
     def get_x_prev_and_pred_x0(self, e_t, index, x, *, temperature=1.0, repeat_noise=False, noise=None,
                                seed=None, sample_offset=0):
         """The update alone: (x_prev, pred_x0) from eps e_t (B, *s) at DDIM index `index`."""
         x, index, noise = self._check_step_args(x, index, noise)
-        self._check_run(x.shape[0], x.device, x.dtype, temperature, 1.0, None, None, sample_offset)
-        e_t = self._check_model_out(e_t, x, 1)
-        x_prev, pred_x0, _ = self._step(self._step_fn(x.device), x, e_t, None, index, temperature=temperature,
-                                        repeat_noise=repeat_noise, noise=noise, seed=self._call_seed(seed),
-                                        sample_offset=sample_offset, want_x0=True)
+        plan = self._plan([index], x.shape, x.device, x.dtype, None, 1.0, None, seed=seed,
+                          sample_offset=sample_offset, repeat_noise=repeat_noise,
+                          temperature=check_float("temperature", temperature, low=0.0), noise=noise)
+        x_prev, pred_x0, _ = self._step(x, check_model_out(e_t, x, 1), plan, plan.steps[0].args)
         return x_prev, pred_x0
 
     @torch.no_grad()
@@ -288,14 +240,11 @@ class DDIMSampler:
         Returns:
             (B, *s) in x0's dtype.
         """
-        check_tensor("x0", x0)
+        x0 = _check_batched("x0", x0)
         index = check_int("index", index, 0, self.coefs.n_steps - 1)
         if noise is None:
-            if self.noise_source == "torch":
-                noise = torch.randn_like(x0)
-            else:
-                noise = keyed_normal_torch(x0.shape[0], x0[0].numel(), self._call_seed(seed), index, "orig",
-                                           sample_offset, device=x0.device).view(x0.shape)
+            check_int("sample_offset", sample_offset, 0, 2**32 - x0.shape[0])
+            noise = make_noise_policy(self.noise_source, self._call_seed(seed), sample_offset, False).orig(x0, index)
         else:
             noise = broadcast_batch("noise", noise, x0)
         sqrt_a, sqrt_one_minus_a = self.coefs.q_sample_coefs(index)
@@ -303,126 +252,82 @@ class DDIMSampler:
 
     def get_eps(self, x, t, c, *, uncond_scale=1.0, uncond_cond=None):
         """The model's eps for x (B, *s), guided when uncond_scale != 1 (labml's get_eps)."""
-        model_out, guidance = self._model_out(x, c, t, uncond_scale, uncond_cond)
-        if guidance is None:
-            return model_out
-        uncond, conditional = model_out.chunk(2)
-        return uncond + (conditional - uncond) * guidance
+        return Guide.checked(self.model, c, uncond_scale, uncond_cond, x.shape[0]).eps(x, t)
 
     # ------------------------------------------------------------------ internals
-    def _model_out(self, x, cond, t, uncond_scale, uncond_cond):
-        """One model call; batch-doubled [uncond; cond] under guidance (not combined here)."""
-        if uncond_cond is None or uncond_scale == 1.0:
-            return self._check_model_out(self.model(x, t, cond), x, 1), None
-        x_in = torch.cat([x, x])
-        t_in = torch.cat([t, t])
-        c_in = torch.cat([uncond_cond, cond])
-        return self._check_model_out(self.model(x_in, t_in, c_in), x, 2), float(uncond_scale)
+    def _plan(self, indices, shape, device, dtype, cond, uncond_scale, uncond_cond, *, seed=None, sample_offset=0,
+              repeat_noise=False, temperature=1.0, noise=None, paint=None, invert=False) -> Plan:
+        """Check a call's arguments and build its per-step records, before any model call.
+
+        Args:
+            indices: DDIM indices in the order they run.
+            shape, device, dtype: of x (B, *s).
+            noise: explicit (1 or B, *s) step noise of a single-step call.
+            paint: dict of mask (MaskLayout), orig, orig_noise for paint.
+            invert: inversion steps (alpha_prev up to alpha, no noise).
+        """
+        batch = shape[0]
+        check_int("sample_offset", sample_offset, 0, 2**32 - batch)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype {dtype} is not supported; expected one of {', '.join(map(str, FLOAT_DTYPES))}")
+        step_fn = step_function(self.backend, device, dtype)
+        guide = Guide.checked(self.model, cond, uncond_scale, uncond_cond, batch)
+        policy = make_noise_policy(self.noise_source, self._call_seed(seed), sample_offset, bool(repeat_noise))
+        c, paint = self.coefs, paint or {}
+        records = []
+        for i in indices:
+            if invert:
+                args = StepArgs(float(c.inv_x_coef[i]), float(c.inv_eps_coef[i]), guide.scale)
+            else:
+                args = StepArgs(float(c.x_coef[i]), float(c.eps_coef[i]), guide.scale,
+                                noise_coef=float(c.noise_scale[i]) * temperature, noise=noise, step_key=i,
+                                x0_coefs=(float(c.x0_x_coef[i]), float(c.x0_eps_coef[i])),
+                                **policy.step_fields(), **paint, **self._paint_coefs(i, paint))
+            t = int(c.time_steps[i])
+            records.append(StepPlan(i, t, torch.full((batch,), t, dtype=torch.long, device=device), args))
+        if not invert and noise is None:
+            drawn = policy.predraw([r.args for r in records], shape, device, step_fn)
+            if drawn is not None:
+                records = [r._replace(args=replace(r.args, noise=n)) for r, n in zip(records, drawn)]
+        return Plan(step_fn, guide, policy, tuple(records), has_x0=not invert)
+
+    def _paint_coefs(self, index: int, paint: dict) -> dict:
+        if not paint:
+            return {}
+        orig_coef, orig_noise_coef = self.coefs.q_sample_coefs(index, self.paint_blend)
+        return {"orig_coef": orig_coef, "orig_noise_coef": orig_noise_coef}
+
+    def _denoise(self, x: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
+        """The denoising loop of sample, paint and invert: model call, one fused step, callback."""
+        want_x0 = callback is not None and plan.has_x0
+        for step in plan.steps:
+            model_out = plan.guide.model_out(x, step.t_batch)
+            x, pred_x0, _ = self._step(x, model_out, plan, step.args, want_x0=want_x0)
+            if callback is not None:
+                info = {"index": step.index, "t": step.t, "x": x}
+                if plan.has_x0:
+                    info["pred_x0"] = pred_x0
+                callback(info)
+        return x
 
     @staticmethod
-    def _check_model_out(out, x, factor):
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model returned {type(out).__name__}, expected a tensor of eps")
-        want = (factor * x.shape[0],) + tuple(x.shape[1:])
-        if tuple(out.shape) != want:
-            raise ValueError(f"the model returned eps of shape {tuple(out.shape)}, expected {want}")
-        if out.device != x.device or out.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"the model returned a {out.dtype} tensor on {out.device}; expected a float tensor on {x.device}")
-        # A strided model output (e.g. a transposed view) is copied once per step here.
-        return out.contiguous()
-
-    def _step(self, step_fn, x, model_out, guidance, index, *, temperature, repeat_noise, seed, sample_offset,
-              noise=None, want_x0=False, want_eps=False, paint=None):
-        """Run the fused update at DDIM index `index`; returns (x_prev, pred_x0 | None, eps | None)."""
-        c = self.coefs
-        noise_scale = float(c.noise_scale[index])
-        if noise is None and self.noise_source == "torch" and noise_scale != 0.0:
-            noise = torch.randn((1, *x.shape[1:]) if repeat_noise else x.shape, device=x.device)
+    def _step(x, model_out, plan: Plan, args: StepArgs, *, want_x0=True, want_eps=False):
+        """One fused update; returns (x_prev, pred_x0 | None, eps | None)."""
         out = torch.empty_like(x)
         x0_out = torch.empty_like(x) if want_x0 else None
         eps_out = torch.empty_like(x) if want_eps else None
-        paint_args = {}
-        if paint is not None:
-            layout, orig, orig_noise = paint
-            level = "alpha" if self.paint_blend == "seed" else "alpha_prev"
-            orig_coef, orig_noise_coef = c.q_sample_coefs(index, level)
-            if orig_noise is None and self.noise_source == "torch":
-                orig_noise = torch.randn_like(orig)
-            paint_args = dict(mask=layout, orig=orig, orig_coef=orig_coef, orig_noise_coef=orig_noise_coef,
-                              orig_noise=orig_noise)
-        step_fn(
-            x, model_out, out, x_coef=float(c.x_coef[index]), eps_coef=float(c.eps_coef[index]), guidance=guidance,
-            noise_coef=noise_scale * temperature, noise=noise, seed=seed, step_key=index,
-            sample_offset=sample_offset, repeat_noise=repeat_noise,
-            x0_coefs=(float(c.x0_x_coef[index]), float(c.x0_eps_coef[index])), x0_out=x0_out, eps_out=eps_out,
-            **paint_args,
-        )
+        plan.step_fn(x, model_out, out, plan.noise.fill(args, x), x0_out, eps_out)
         return out, x0_out, eps_out
 
-    def _predrawn_noise(self, step_fn, shape, device, seed, sample_offset, repeat, indices):
-        """(K, B, N) keyed noise of every step of a torch-path loop, drawn in one call; or None.
-
-        Per step, the keyed stream costs about 130 small integer-tensor ops, which dominates
-        the step for small latents; drawn for all steps at once it costs that once. Only
-        for loops whose noise is small (_PREDRAW_LIMIT elements); the values are the same.
-        """
-        numel = int(np.prod(shape[1:]))
-        if step_fn is not torch_ddim_step or self.noise_source != "philox":
-            return None
-        if len(indices) * shape[0] * numel > _PREDRAW_LIMIT or not np.any(self.coefs.noise_scale[indices]):
-            return None
-        return keyed_normal_torch(shape[0], numel, seed, indices, "step", sample_offset, repeat=repeat, device=device)
-
-    def _initial_noise(self, shape, device, dtype, seed, sample_offset):
-        if self.noise_source == "torch":
-            return torch.randn(shape, device=device).to(dtype)
-        if device.type == "cuda":
-            from .kernels import keyed_normal  # noqa: PLC0415
-
-            return keyed_normal(shape, seed, 0, "initial", sample_offset, device=device, dtype=dtype)
-        n = int(np.prod(shape[1:]))
-        return keyed_normal_torch(shape[0], n, seed, 0, "initial", sample_offset, device=device).view(shape).to(dtype)
-
-    def _step_fn(self, device: torch.device):
-        use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
-        if not use_triton:
-            return torch_ddim_step
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {device}), or TRITON_INTERPRET=1 set before "
-                "importing ddim_fused; use backend='torch' on CPU"
-            )
-        from .kernels import launch_ddim_step  # noqa: PLC0415 - imports triton only when used
-
-        return launch_ddim_step
-
-    def _check_run(self, batch, device, dtype, temperature, uncond_scale, uncond_cond, cond, sample_offset):
-        check_float("temperature", temperature, low=0.0)
-        check_float("uncond_scale", uncond_scale)
-        check_int("sample_offset", sample_offset, 0, 2**32 - batch)
-        uses_triton = self.backend == "triton" or (self.backend == "auto" and torch.device(device).type == "cuda")
-        allowed = _KERNEL_DTYPES if uses_triton else FLOAT_DTYPES
-        if dtype not in allowed:
-            raise TypeError(f"dtype {dtype} is not supported by the {'triton' if uses_triton else 'torch'} backend; "
-                            f"expected one of {', '.join(str(d) for d in allowed)}")
-        if uncond_scale != 1.0 and uncond_cond is None:
-            raise ValueError(f"uncond_scale={uncond_scale} needs uncond_cond (the unconditional conditioning)")
-        if uncond_cond is not None and uncond_scale != 1.0:
-            for name, c in (("cond", cond), ("uncond_cond", uncond_cond)):
-                if not isinstance(c, torch.Tensor) or c.dim() < 1 or c.shape[0] != batch:
-                    got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
-                    raise ValueError(f"guidance needs {name} as a tensor with batch {batch} first, got {got}")
-            if cond.shape[1:] != uncond_cond.shape[1:]:
-                raise ValueError(f"cond {tuple(cond.shape)} and uncond_cond {tuple(uncond_cond.shape)} must match")
-
     def _check_step_args(self, x, index, noise):
-        check_tensor("x", x)
+        x = _check_batched("x", x)
         index = check_int("index", index, 0, self.coefs.n_steps - 1)
         if noise is not None:
             noise = broadcast_batch("noise", noise, x)
         return x.contiguous(), index, noise
 
     def _call_seed(self, seed):
+        """The Philox seed of a call: the call's, the sampler's, or one drawn from torch's generator."""
         if self.noise_source == "torch":
             return None
         if seed is not None:
@@ -437,6 +342,8 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _check_mask(mask, x, mask_layout):
-    check_tensor("mask", mask, device=x.device, dtypes=FLOAT_DTYPES + (torch.bool,))
-    return mask_layout(mask.contiguous(), tuple(x.shape))
+def _check_batched(name: str, x) -> torch.Tensor:
+    check_tensor(name, x)
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension")
+    return x

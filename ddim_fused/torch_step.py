@@ -1,4 +1,4 @@
-"""The DDIM step with torch ops: the CPU path, with the kernel's arguments and semantics.
+"""The DDIM step with torch ops: the CPU path, with the kernel's contract and semantics.
 
 Same host coefficients and the same noise stream as kernels/ddim_step.py; the update
 runs as a few fused multiply-adds into one accumulator (fp32 for fp16/bf16 inputs,
@@ -9,52 +9,59 @@ from __future__ import annotations
 import torch
 
 from .philox import keyed_normal_torch
+from .step_args import StepArgs
 
 
-def torch_ddim_step(
-    x, model_out, out, *,
-    x_coef, eps_coef, guidance=None,
-    noise_coef=0.0, noise=None, seed=None, step_key=0, sample_offset=0, repeat_noise=False,
-    x0_coefs=None, x0_out=None, eps_out=None,
-    mask=None, orig=None, orig_coef=0.0, orig_noise_coef=0.0, orig_noise=None,
-):
-    """x_prev into `out`, exactly as `ddim_fused.kernels.launch_ddim_step` defines it.
+def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, step: StepArgs,
+                    x0_out: torch.Tensor | None = None, eps_out: torch.Tensor | None = None) -> torch.Tensor:
+    """x_prev into `out`, exactly as `ddim_fused.step_args` defines the step.
 
-    Args: as `ddim_fused.kernels.ddim_step`; `mask` is a MaskLayout (or None).
+    Args:
+        x: (B, *s); model_out: (B, *s), or (2B, *s) [uncond; cond] under guidance.
+        out: (B, *s) buffer for x_prev (may be x itself).
+        step: the step's coefficients and options.
+        x0_out, eps_out: optional (B, *s) buffers for pred_x0 and the guided eps.
 
     Returns:
         out: (B, *s).
     """
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     B = x.shape[0]
-    if guidance is not None:
+    if step.guidance is not None:
         eps_u = model_out[:B].to(compute)
-        eps = torch.lerp(eps_u, model_out[B:].to(compute), guidance) if B else eps_u
+        eps = torch.lerp(eps_u, model_out[B:].to(compute), step.guidance) if B else eps_u
     else:
         eps = model_out.to(compute)
     xc = x.to(compute)
     # Results go straight into fp32 (fp64) outputs; fp16/bf16 outputs get one rounding copy.
     if x0_out is not None:
+        x0_x, x0_eps = step.x0_coefs
         if x0_out.dtype == compute:
-            torch.mul(xc, x0_coefs[0], out=x0_out).add_(eps, alpha=x0_coefs[1])
+            torch.mul(xc, x0_x, out=x0_out).add_(eps, alpha=x0_eps)
         else:
-            x0_out.copy_(torch.add(xc * x0_coefs[0], eps, alpha=x0_coefs[1]))
+            x0_out.copy_(torch.add(xc * x0_x, eps, alpha=x0_eps))
     if eps_out is not None:
         eps_out.copy_(eps)
     direct = out.dtype == compute and out.data_ptr() != x.data_ptr()
-    acc = torch.mul(xc, x_coef, out=out) if direct else torch.mul(xc, x_coef)
-    acc.add_(eps, alpha=eps_coef)
-    if noise_coef != 0.0:
+    acc = torch.mul(xc, step.x_coef, out=out) if direct else torch.mul(xc, step.x_coef)
+    acc.add_(eps, alpha=step.eps_coef)
+    if step.noise_coef != 0.0:
+        noise = step.noise
         if noise is None:
-            noise = keyed_normal_torch(B, x[0].numel(), seed, step_key, "step", sample_offset,
-                                       repeat=repeat_noise, device=x.device).view(x.shape)
-        acc.add_(noise.to(compute), alpha=noise_coef)
-    if mask is not None:
-        orig_t = orig.to(compute) * orig_coef
-        if orig_noise_coef != 0.0:
-            if orig_noise is None:
-                orig_noise = keyed_normal_torch(B, x[0].numel(), seed, step_key, "orig", sample_offset,
-                                                device=x.device).view(x.shape)
-            orig_t = torch.add(orig_t, orig_noise.to(compute), alpha=orig_noise_coef)
-        acc.lerp_(orig_t, mask.mask.to(compute))  # orig_t * m + acc * (1 - m), exact at m = 0 and 1
+            noise = _keyed(x, step, "step", step.repeat_noise)
+        acc.add_(noise.to(compute), alpha=step.noise_coef)
+    if step.mask is not None:
+        orig_t = step.orig.to(compute) * step.orig_coef
+        if step.orig_noise_coef != 0.0:
+            orig_noise = step.orig_noise if step.orig_noise is not None else _keyed(x, step, "orig", False)
+            orig_t = torch.add(orig_t, orig_noise.to(compute), alpha=step.orig_noise_coef)
+        # orig_t * m + acc * (1 - m), exact at m = 0 and 1.
+        acc.lerp_(orig_t, step.mask.mask.to(compute))
     return out if direct else out.copy_(acc)
+
+
+def _keyed(x: torch.Tensor, step: StepArgs, stream: str, repeat: bool) -> torch.Tensor:
+    numel = x.numel() // x.shape[0] if x.shape[0] else 0
+    return keyed_normal_torch(x.shape[0], numel, step.seed, step.step_key, stream, step.sample_offset,
+                              repeat=repeat, device=x.device).view(x.shape)
+

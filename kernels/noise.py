@@ -11,8 +11,10 @@ import triton.language as tl
 
 from .cast import cast_for_store
 
-# Independent streams under one seed: the step noise, paint's orig noise, the initial latent.
-NOISE_STREAMS = {"step": 0, "orig": 1, "initial": 2}
+# Stream ids of ddim_fused.philox.NOISE_STREAMS that the step kernel draws itself
+# (a test checks they agree; kernels/ imports nothing from the host package).
+STREAM_STEP = tl.constexpr(0)
+STREAM_ORIG = tl.constexpr(1)
 
 _TWO_PI = tl.constexpr(6.283185307179586)
 _INV_2_23 = tl.constexpr(1.0 / 8388608.0)
@@ -66,7 +68,7 @@ def keyed_normal(
     shape,
     seed: int,
     step_key: int = 0,
-    stream: str = "step",
+    stream: int = 0,
     sample_offset: int = 0,
     *,
     device: torch.device | str = "cuda",
@@ -79,7 +81,7 @@ def keyed_normal(
         shape: (B, *sample_shape).
         seed: int in [0, 2**63).
         step_key: DDIM step index in [0, 2**32).
-        stream: one of NOISE_STREAMS.
+        stream: a stream id, one of ddim_fused.philox.NOISE_STREAMS' values.
         sample_offset: global index of the first sample.
         device, dtype: of the result (fp32, fp16 or bf16).
 
@@ -94,5 +96,5 @@ def keyed_normal(
     if n == 0:
         return out
     grid = (triton.cdiv(n, block), shape[0])
-    _keyed_normal_kernel[grid](out, n, seed, step_key, NOISE_STREAMS[stream], sample_offset, BLOCK=block)
+    _keyed_normal_kernel[grid](out, n, seed, step_key, stream, sample_offset, BLOCK=block)
     return out

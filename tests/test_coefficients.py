@@ -11,7 +11,7 @@ STEPS = ddim_timesteps(1000, 20, "uniform")
 
 
 def seed_update(x, eps, noise, a, a_prev, eta, temperature=1.0):
-    """The seed's update, term by term (float64)."""
+    """labml's update, term by term (float64)."""
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
     pred_x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
     dir_xt = math.sqrt(1 - a_prev - sigma**2) * eps

@@ -8,7 +8,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import DDIMInverseScheduler  # noqa: E402
 
-import ddim_fused.diffusers as fused_module  # noqa: E402
+import ddim_fused.backend as backend_module  # noqa: E402
 from ddim_fused.diffusers import FusedDDIMInverseScheduler  # noqa: E402
 from tests.helpers import FP32_RTOL, assert_close  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_inversion_with_triton_kernel(monkeypatch):
     def no_torch_path(*args, **kwargs):
         raise AssertionError("backend='triton' fell back to the torch path")
 
-    monkeypatch.setattr(fused_module, "torch_ddim_step", no_torch_path)
+    monkeypatch.setattr(backend_module, "torch_ddim_step", no_torch_path)
     paired_inversion(dict(), steps=3, shape=(1, 3, 8, 8), backend="triton")
 
 

@@ -294,12 +294,12 @@ KERNEL_CASES = {
 
 @pytest.mark.parametrize("case", list(KERNEL_CASES.values()), ids=list(KERNEL_CASES))
 def test_triton_kernel_matches_diffusers(case, monkeypatch):
-    import ddim_fused.diffusers as fused_module
+    import ddim_fused.backend as backend_module
 
     def no_torch_path(*args, **kwargs):
         raise AssertionError("backend='triton' fell back to the torch path")
 
-    monkeypatch.setattr(fused_module, "torch_ddim_step", no_torch_path)
+    monkeypatch.setattr(backend_module, "torch_ddim_step", no_torch_path)
     config, step_args = case
     shape = (2, 3, 8, 8) if step_args.get("noise") == "variance_noise_b1" else (1, 3, 8, 8)
     paired_errors(config, steps=3, shape=shape, fused_backend="triton", **step_args)

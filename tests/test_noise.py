@@ -4,8 +4,13 @@ import math
 import pytest
 import torch
 
-from ddim_fused.kernels import keyed_normal
-from ddim_fused.philox import keyed_normal_torch, philox4x32
+from ddim_fused.backend import kernels
+from ddim_fused.philox import NOISE_STREAMS, keyed_normal_torch, philox4x32
+
+
+def keyed_normal(shape, seed=0, step_key=0, stream="step", sample_offset=0, *, device):
+    """The noise kernel, with the host's stream names."""
+    return kernels().keyed_normal(shape, seed, step_key, NOISE_STREAMS[stream], sample_offset, device=device)
 
 
 def test_philox_matches_the_published_known_answer():
@@ -66,10 +71,10 @@ def test_torch_stream_reproduces_the_kernel(device, numel):
 
 
 def test_stream_ids_agree_between_kernel_and_host():
-    from ddim_fused import philox
-    from ddim_fused.kernels import NOISE_STREAMS
+    from ddim_fused.kernels import noise
 
-    assert philox.NOISE_STREAMS == NOISE_STREAMS
+    assert (NOISE_STREAMS["step"], NOISE_STREAMS["orig"]) == (noise.STREAM_STEP.value, noise.STREAM_ORIG.value)
+    assert len(set(NOISE_STREAMS.values())) == len(NOISE_STREAMS)
 
 
 def test_several_steps_in_one_call_equal_separate_calls():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddim_fused import DDIMSampler
-from ddim_fused.kernels import ddim_step
+from ddim_fused.ops import ddim_step
 from tests.helpers import ToyModel
 
 SHAPE = (2, 3, 4, 5)
@@ -163,7 +163,7 @@ def test_kernel_launcher_validation(kwargs, err, match):
     args = dict(x=torch.zeros(SHAPE), model_out=torch.zeros(4, 3, 4, 5), guidance=2.0, x_coef=1.0, eps_coef=0.5)
     args.update(kwargs)
     with pytest.raises(err, match=match):
-        ddim_step(args.pop("x"), args.pop("model_out"), **args)
+        ddim_step(args.pop("x"), args.pop("model_out"), backend="triton", **args)
 
 
 def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path):

@@ -78,10 +78,10 @@ def test_p_sample_returns_what_the_reference_returns(backend, cfg, eta):
 
 
 PAINT_CASES = {
-    "seed-blend-B1HW-given-noise": dict(blend="seed", mask=(2, 1, 7, 9), orig_noise=True),
-    "seed-blend-11HW-drawn-noise-eta0.4": dict(blend="seed", mask=(1, 1, 7, 9), eta=0.4),
-    "prev-blend-B1HW-cfg2": dict(blend="prev", mask=(2, 1, 7, 9), cfg=2.0),
-    "prev-blend-BCHW-tstart3": dict(blend="prev", mask=(2, 3, 7, 9), t_start=3, orig_noise=True),
+    "alpha-blend-B1HW-given-noise": dict(blend="alpha", mask=(2, 1, 7, 9), orig_noise=True),
+    "alpha-blend-11HW-drawn-noise-eta0.4": dict(blend="alpha", mask=(1, 1, 7, 9), eta=0.4),
+    "alpha_prev-blend-B1HW-cfg2": dict(blend="alpha_prev", mask=(2, 1, 7, 9), cfg=2.0),
+    "alpha_prev-blend-BCHW-tstart3": dict(blend="alpha_prev", mask=(2, 3, 7, 9), t_start=3, orig_noise=True),
 }
 
 
@@ -104,7 +104,7 @@ def test_paint_loop_matches_reference(case, backend):
 
 
 def test_prev_blend_returns_the_clean_original_where_masked():
-    _, fused = make_pair("torch", 5, "uniform", 0.5, paint_blend="prev")
+    _, fused = make_pair("torch", 5, "uniform", 0.5, paint_blend="alpha_prev")
     x, orig = torch.randn(SHAPE), torch.randn(SHAPE)
     mask = torch.zeros(1, 1, 7, 9)
     mask[..., :3, :] = 1

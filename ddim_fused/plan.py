@@ -1,0 +1,174 @@
+"""A sampler call's plan: its per-step records, its noise policy and its guided model call.
+
+`DDIMSampler` builds one `Plan` per call (sample, paint, invert, or a single step), so
+the denoising loop does only a table lookup, a model call and one fused launch per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .backend import keyed_normal
+from .philox import keyed_normal_torch
+from .step_args import StepArgs
+from .torch_step import torch_ddim_step
+from .validation import FLOAT_DTYPES, check_float
+
+NOISE_SOURCES = ("philox", "torch")
+# Elements of keyed noise (16 MB in fp32) that a torch-path loop draws for all its steps at once.
+_PREDRAW_LIMIT = 1 << 22
+
+
+class Guide(NamedTuple):
+    """The model call of one sampler call: conditioning and classifier-free guidance.
+
+    With guidance the model runs once on the batch-doubled [uncond; cond] input and the
+    kernel combines the halves: eps = eps_u + scale * (eps_c - eps_u).
+    """
+
+    model: Callable
+    cond: object
+    uncond_cond: Optional[torch.Tensor] = None
+    scale: Optional[float] = None  # None: no guidance (uncond_scale == 1)
+
+    @classmethod
+    def checked(cls, model, cond, uncond_scale, uncond_cond, batch: int) -> "Guide":
+        """A Guide for `batch` samples, or ValueError/TypeError naming the bad argument."""
+        uncond_scale = check_float("uncond_scale", uncond_scale)
+        if uncond_scale == 1.0:
+            return cls(model, cond)
+        if uncond_cond is None:
+            raise ValueError(f"uncond_scale={uncond_scale} needs uncond_cond (the unconditional conditioning)")
+        for name, c in (("cond", cond), ("uncond_cond", uncond_cond)):
+            if not isinstance(c, torch.Tensor) or c.dim() < 1 or c.shape[0] != batch:
+                got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+                raise ValueError(f"guidance needs {name} as a tensor with batch {batch} first, got {got}")
+        if cond.shape[1:] != uncond_cond.shape[1:]:
+            raise ValueError(f"cond {tuple(cond.shape)} and uncond_cond {tuple(uncond_cond.shape)} must match")
+        return cls(model, torch.cat([uncond_cond, cond]), uncond_cond, uncond_scale)
+
+    def model_out(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's output for x (B, *s) at time steps t (B,): (B, *s), or (2B, *s) guided."""
+        if self.scale is None:
+            return check_model_out(self.model(x, t, self.cond), x, 1)
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), self.cond)
+        return check_model_out(out, x, 2)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The guided eps (B, *s), combined with torch ops."""
+        out = self.model_out(x, t)
+        if self.scale is None:
+            return out
+        uncond, conditional = out.chunk(2)
+        return uncond + (conditional - uncond) * self.scale
+
+
+def check_model_out(out, x: torch.Tensor, factor: int) -> torch.Tensor:
+    """The model output as a contiguous (factor * B, *s) float tensor on x's device."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model returned {type(out).__name__}, expected a tensor of eps")
+    want = (factor * x.shape[0],) + tuple(x.shape[1:])
+    if tuple(out.shape) != want:
+        raise ValueError(f"the model returned eps of shape {tuple(out.shape)}, expected {want}")
+    if out.device != x.device or out.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"the model returned a {out.dtype} tensor on {out.device}; expected a float tensor on {x.device}")
+    # A strided model output (e.g. a transposed view) is copied once per step here.
+    return out.contiguous()
+
+
+@dataclass(frozen=True)
+class KeyedNoise:
+    """Noise keyed by (seed, global sample index, step, stream): independent of batching."""
+
+    seed: int
+    sample_offset: int = 0
+    repeat: bool = False
+
+    def step_fields(self) -> dict:
+        """StepArgs fields that let a step draw its own keyed noise."""
+        return {"seed": self.seed, "sample_offset": self.sample_offset, "repeat_noise": self.repeat}
+
+    def initial(self, shape, device, dtype) -> torch.Tensor:
+        return keyed_normal(shape, self.seed, 0, "initial", self.sample_offset, device=device, dtype=dtype)
+
+    def orig(self, x0: torch.Tensor, index: int) -> torch.Tensor:
+        numel = x0.numel() // x0.shape[0]
+        noise = keyed_normal_torch(x0.shape[0], numel, self.seed, index, "orig", self.sample_offset, device=x0.device)
+        return noise.view(x0.shape)
+
+    def predraw(self, steps: Sequence[StepArgs], shape, device, step_fn) -> Optional[list]:
+        """Every step's noise (B, *s) drawn in one call for a small torch-path loop, else None.
+
+        Per step, the keyed stream costs about 130 small integer-tensor ops, which dominates
+        the step for small latents; drawn for all steps at once it costs that once. The
+        values are the same as the step would draw.
+        """
+        noisy = [s.step_key for s in steps if s.noise_coef != 0.0]
+        numel = int(np.prod(shape[1:]))
+        if step_fn is not torch_ddim_step or not noisy or len(noisy) * shape[0] * numel > _PREDRAW_LIMIT:
+            return None
+        drawn = keyed_normal_torch(shape[0], numel, self.seed, noisy, "step", self.sample_offset,
+                                   repeat=self.repeat, device=device)
+        by_key = dict(zip(noisy, drawn))
+        return [by_key[s.step_key].view(shape) if s.noise_coef != 0.0 else None for s in steps]
+
+    def fill(self, step: StepArgs, x: torch.Tensor) -> StepArgs:
+        return step  # the step draws what it needs from its keys
+
+
+@dataclass(frozen=True)
+class TorchNoise:
+    """labml's noise: torch.randn from torch's global generator, drawn as labml draws it."""
+
+    repeat: bool = False
+
+    def step_fields(self) -> dict:
+        return {"repeat_noise": self.repeat}
+
+    def initial(self, shape, device, dtype) -> torch.Tensor:
+        return torch.randn(shape, device=device).to(dtype)
+
+    def orig(self, x0: torch.Tensor, index: int) -> torch.Tensor:
+        return torch.randn_like(x0)
+
+    def predraw(self, steps, shape, device, step_fn) -> None:
+        return None
+
+    def fill(self, step: StepArgs, x: torch.Tensor) -> StepArgs:
+        """The step with this step's torch.randn noise (step noise first, then paint's)."""
+        noise, orig_noise = step.noise, step.orig_noise
+        if noise is None and step.noise_coef != 0.0:
+            noise = torch.randn((1, *x.shape[1:]) if self.repeat else x.shape, device=x.device)
+        if step.mask is not None and orig_noise is None:
+            orig_noise = torch.randn_like(step.orig)
+        if noise is step.noise and orig_noise is step.orig_noise:
+            return step
+        return replace(step, noise=noise, orig_noise=orig_noise)
+
+
+def make_noise_policy(source: str, seed: Optional[int], sample_offset: int, repeat: bool):
+    """KeyedNoise for source "philox" (seed required), TorchNoise for "torch"."""
+    return TorchNoise(repeat) if source == "torch" else KeyedNoise(seed, sample_offset, repeat)
+
+
+class StepPlan(NamedTuple):
+    """One step of a plan: DDIM index, training time step (int and (B,) tensor), arguments."""
+
+    index: int
+    t: int
+    t_batch: torch.Tensor
+    args: StepArgs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a sampler call decides once: step function, model call, noise, steps."""
+
+    step_fn: Callable
+    guide: Guide
+    noise: object  # KeyedNoise | TorchNoise
+    steps: tuple[StepPlan, ...]
+    has_x0: bool  # whether the steps define pred_x0 (not for inversion)
