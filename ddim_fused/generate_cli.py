@@ -2,28 +2,38 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from . import generate as gen
-from .cli import UserError, _add_sampler_options, _check_runtime, _classes
+from .cli_options import (
+    UserError,
+    add_sampler_options,
+    build_sampler,
+    check_positive,
+    check_runtime,
+    load_model,
+    parse_classes,
+    write_png,
+)
+from .digits.pretrained import MODEL_FILE
 
 PREVIEW = "preview.png"
 
 
 def add_parser(sub) -> None:
+    """Add the `generate` subcommand to the ddim-fused subparsers `sub`."""
     p = sub.add_parser(
         "generate", help="bulk generation into resumable shards (torchrun for several processes)",
         description="Generate --num digits into DIR as .npz shards plus manifest.json and a preview grid. "
                     "Rerunning the same command resumes: complete shards are kept, missing or corrupt ones "
                     "are redone. Sample i depends only on (--seed, i), never on batch size, shard size, "
-                    "process count or resume point. Under `torchrun --nproc-per-node P -m ddim_fused generate "
+                    "process count or resume point. Under `torchrun --nproc-per-node P -m ddim_fused -- generate "
                     "...` the shards are split across the P processes.",
     )
-    _add_sampler_options(p, num=1000)
+    add_sampler_options(p, num=1000)
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
                    help="class(es); sample i gets classes[i %% len(classes)] (default 0..9)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
@@ -31,35 +41,32 @@ def add_parser(sub) -> None:
 
 
 def _weights_sha256(path) -> str:
-    from .digits.pretrained import MODEL_FILE  # noqa: PLC0415
-
     with open(path or MODEL_FILE, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
 def cmd_generate(args) -> None:
-    for name in ("num", "batch_size", "shard_size", "steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    device = _check_runtime(args)["device"]
+    """Run `ddim-fused generate` from parsed arguments (see add_parser)."""
+    check_positive(args, "num", "batch_size", "shard_size")
+    env = check_runtime(args)
+    classes = tuple(parse_classes(args.classes) if args.classes else range(10))
+    # The sampler checks steps, eta, discretize, seed and backend: build the one the run
+    # builds, before any file is written. The model goes on the CPU here because under
+    # torchrun each process later puts it on its own device; this must not touch CUDA.
+    cpu_model = load_model(args.weights, torch.device("cpu"), env["dtype"])
+    build_sampler(cpu_model, args)
     try:
         config = gen.GenerateConfig(
             num=args.num, shard_size=args.shard_size, batch_size=args.batch_size, steps=args.steps, eta=args.eta,
-            discretize=args.discretize, guidance=args.guidance,
-            classes=tuple(_classes(args.classes) if args.classes else range(10)), seed=args.seed,
-            dtype=args.dtype, device=device.type, backend=args.backend,
+            discretize=args.discretize, guidance=args.guidance, classes=classes, seed=args.seed,
+            dtype=args.dtype, device=env["device"].type, backend=args.backend,
         )
-        from .sampler import DDIMSampler  # noqa: PLC0415 - validates steps/eta/discretize up front
-
-        DDIMSampler(lambda x, t, c: x, args.steps, args.discretize, args.eta, alpha_bar="linear")
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise UserError(str(exc)) from None
     info = {"name": "digits", "weights_sha256": _weights_sha256(args.weights)}
 
-    def make_model(dev):
-        from .digits import load_digits_model  # noqa: PLC0415
-
-        return load_digits_model(device=dev, dtype=getattr(torch, args.dtype), path=args.weights)
+    def make_model(device: torch.device):
+        return cpu_model if device.type == "cpu" else load_model(args.weights, device, env["dtype"])
 
     out = Path(args.out)
     try:
@@ -72,16 +79,13 @@ def cmd_generate(args) -> None:
         raise SystemExit(1) from None
     if summary["rank"] != 0:
         return
-    _write_preview(out, config)
+    _write_preview(out)
     print(f"generated {summary['samples_written']} samples in {summary['seconds']:.1f} s "
           f"({summary['samples_per_s']:.1f} samples/s, {summary['world_size']} process(es)); "
           f"{summary['shards_skipped']} complete shard(s) kept; {config.num} samples in {out}")
 
 
-def _write_preview(out: Path, config: gen.GenerateConfig) -> None:
-    from .digits.images import save_grid  # noqa: PLC0415
-
+def _write_preview(out: Path) -> None:
+    """preview.png: the run's first 100 samples, 10 per row."""
     first = gen.read_shard(out / gen.shard_name(0))["samples"][:100]
-    tmp = out / f".{PREVIEW}{gen.TMP_MARK}.{os.getpid()}.png"
-    save_grid(torch.from_numpy(first), tmp, ncols=min(len(first), 10))
-    os.replace(tmp, out / PREVIEW)
+    write_png(torch.from_numpy(first), out / PREVIEW, ncols=min(len(first), 10), tmp_mark=gen.TMP_MARK)

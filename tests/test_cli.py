@@ -1,4 +1,5 @@
 """End-to-end tests of the ddim-fused command line on tiny settings."""
+import re
 import subprocess
 import sys
 
@@ -68,7 +69,7 @@ def test_sample_same_seed_same_image_across_batch_sizes(tmp_path, capsys):
     assert np.abs(pa - pb).max() <= 2
 
 
-@pytest.mark.parametrize("blend", ["seed", "prev"])
+@pytest.mark.parametrize("blend", ["alpha", "alpha_prev"])
 def test_paint_writes_before_mask_after(tmp_path, capsys, blend):
     out = tmp_path / "p.png"
     text = run(["paint", "--num", "4", "--steps", "5", "--blend", blend, "--region", "top", "--out", str(out)],
@@ -77,7 +78,7 @@ def test_paint_writes_before_mask_after(tmp_path, capsys, blend):
     assert size == grid_size(4, 3)
     assert "rows: before, mask, after" in text
     before, masked, after = tiles(pixels, 3, 4)
-    # The kept bottom half ends re-noised to alpha_bar[1] (seed) or alpha_bar[0] (prev): noise std
+    # The kept bottom half ends re-noised to alpha_bar[1] (alpha) or alpha_bar[0] (alpha_prev): noise std
     # <= 0.02, about 2.5 grey levels, so 16 levels is a > 6-sigma bound on any pixel.
     assert np.abs(after[..., 4:, :] - before[..., 4:, :]).max() <= 16
     assert (masked[..., :4, :] == 128).all() and (masked[..., 4:, :] == before[..., 4:, :]).all()
@@ -107,22 +108,28 @@ def test_invert_prints_errors_per_step_count(tmp_path, capsys):
     assert all(np.isfinite(float(r[1])) for r in rows)
 
 
+# Sampler arguments are checked by DDIMSampler; the CLI only renames them to flags, so these
+# cases look for the flag and the bad value rather than the sampler's exact wording.
 @pytest.mark.parametrize("argv, message", [
-    (["sample", "--class", "11"], "unknown class '11'"),
-    (["sample", "--class", "seven"], "unknown class 'seven'"),
-    (["sample", "--steps", "0"], "--steps must be in 1..1000"),
-    (["sample", "--steps", "1001"], "--steps must be in 1..1000"),
-    (["sample", "--num", "0"], "--num must be >= 1"),
-    (["sample", "--out", "/nonexistent-dir/x.png"], "does not exist"),
-    (["sample", "--out", "x.jpg"], "must name a .png file"),
-    (["sample", "--dtype", "float8"], "argument --dtype: invalid choice"),
-    (["sample", "--device", "nonsense"], "is not a torch device"),
-    (["sample", "--eta", "-1"], "argument --eta"),
-    (["paint", "--steps", "10", "--t-start", "11"], "--t-start must be in 1..10"),
-    (["paint", "--input", "/nonexistent.npy"], "cannot read --input"),
-    (["invert", "--invert-steps", "0"], "--invert-steps must be in 1..1000"),
-    (["interpolate", "--frames", "1"], "--frames must be >= 2"),
-    (["train-digits", "--epochs", "0"], "--epochs must be >= 1"),
+    (["sample", "--class", "11"], ("unknown class '11'",)),
+    (["sample", "--class", "seven"], ("unknown class 'seven'",)),
+    (["sample", "--steps", "0"], ("--steps", "0")),
+    (["sample", "--steps", "1001"], ("--steps", "1001")),
+    (["sample", "--seed", "-1"], ("--seed", "-1")),
+    (["sample", "--num", "0"], ("--num must be >= 1",)),
+    (["sample", "--out", "/nonexistent-dir/x.png"], ("does not exist",)),
+    (["sample", "--out", "x.jpg"], ("must name a .png file",)),
+    (["sample", "--dtype", "float8"], ("argument --dtype: invalid choice",)),
+    (["sample", "--device", "nonsense"], ("is not a torch device",)),
+    (["sample", "--eta", "-1"], ("--eta", "-1")),
+    (["sample", "--eta", "x"], ("argument --eta",)),
+    (["sample", "--guidance", "nan"], ("argument --guidance", "finite")),
+    (["paint", "--steps", "10", "--t-start", "11"], ("--t-start", "11")),
+    (["paint", "--blend", "seed"], ("argument --blend: invalid choice",)),
+    (["paint", "--input", "/nonexistent.npy"], ("cannot read --input",)),
+    (["invert", "--invert-steps", "4", "2000"], ("--invert-steps", "2000")),
+    (["interpolate", "--frames", "1"], ("--frames must be >= 2",)),
+    (["train-digits", "--epochs", "0"], ("--epochs must be >= 1",)),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else None)
 def test_bad_arguments_exit_with_one_line(tmp_path, capsys, argv, message):
     argv = argv if "--out" in argv else argv + ["--out", str(tmp_path / "x.png")]
@@ -130,9 +137,57 @@ def test_bad_arguments_exit_with_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         main(argv + extra)
     assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "ddim-fused: error: " in err and message in err
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("ddim-fused: error: ")
+    assert all(part in line for part in message), line
+    assert not re.search(r"\b(n_steps|ddim_\w+|uncond_scale|t_start|paint_blend)\b", line), line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_and_generate_report_a_bad_step_count_alike(tmp_path, capsys):
+    errors = []
+    for argv in (["sample", "--out", str(tmp_path / "x.png")], ["generate", "--out", str(tmp_path / "run")]):
+        with pytest.raises(SystemExit) as info:
+            main(argv + ["--steps", "5000", "--no-progress"])
+        assert info.value.code == 2
+        errors.append(capsys.readouterr().err.strip())
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("ddim-fused: error: --steps") and "5000" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_is_not_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--quick"])
+    assert info.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_unwritable_out_file_is_a_runtime_error(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.png"
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ddim_fused.cli_options.os.replace", refuse)
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--num", "2", "--steps", "2", "--threads", "1", "--no-progress", "--out", str(out)])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "ddim-fused: error: [Errno 28] No space left on device"
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_foreign_weights_file_is_one_line(tmp_path, capsys):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not a torch file")
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--weights", str(weights), "--out", str(tmp_path / "x.png")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith(f"ddim-fused: error: --weights {str(weights)!r} is not a digits model weights file")
 
 
 def test_bad_npy_shape(tmp_path, capsys):

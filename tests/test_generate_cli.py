@@ -87,7 +87,8 @@ def test_corrupt_shard_is_regenerated_with_a_warning(tmp_path):
         (["--num", "0"], "--num must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--shard-size", "-2"], "--shard-size must be >= 1"),
-        (["--steps", "5000"], "exceeds"),
+        (["--steps", "5000"], "--steps"),
+        (["--eta", "-0.5"], "--eta"),
         (["--class", "12"], "unknown class"),
     ],
 )

@@ -1,0 +1,274 @@
+"""What the ddim-fused subcommands share: options, checks, the model and sampler, PNG output.
+
+`cli` (sample, paint, interpolate, invert, train-digits) and `generate_cli` (generate) both
+import this module and nothing from each other. Sampler arguments are checked by
+DDIMSampler itself; this module only renames the arguments in its messages to the flags
+the user typed (SAMPLER_FLAGS).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import pickle
+import re
+import secrets
+from pathlib import Path
+
+import torch
+
+from .digits import DigitsModel, load_digits_model
+from .digits.images import grid_image
+from .digits.pretrained import MODEL_FILE
+from .sampler import DDIMSampler
+from .schedules import DISCRETIZATIONS
+from .validation import check_int
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+# The sampler's (and its helpers') argument names -> the flag that sets each one.
+# `discretize` and `eta` are the names ddim_timesteps and ddim_coefficients use.
+SAMPLER_FLAGS = {
+    "n_steps": "--steps",
+    "ddim_discretize": "--discretize",
+    "discretize": "--discretize",
+    "ddim_eta": "--eta",
+    "eta": "--eta",
+    "seed": "--seed",
+    "backend": "--backend",
+    "paint_blend": "--blend",
+    "uncond_scale": "--guidance",
+    "t_start": "--t-start",
+}
+
+
+class UserError(Exception):
+    """A bad argument: reported as one line `ddim-fused: error: ...`, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- options
+def _eta(text: str):
+    """--eta as a float or 'sigma_hat'; its range is the sampler's to check."""
+    if text == "sigma_hat":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float or 'sigma_hat', got {text!r}") from None
+
+
+def _finite_float(text: str) -> float:
+    """A float that is not nan or inf (the sampler would only notice it in the middle of a run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def add_sampler_options(p: argparse.ArgumentParser, *, num: int = 10, guidance: float = 3.0,
+                        eta: bool = True) -> None:
+    """Add the options every sampling subcommand takes (steps, eta, guidance, seed, device, ...).
+
+    Args:
+        p: the subcommand's parser.
+        num: default of --num.
+        guidance: default of --guidance.
+        eta: whether the command takes --eta (commands that need eta 0 do not).
+    """
+    p.add_argument("--steps", type=int, default=50,
+                   help="number of DDIM steps S, at most the model's training steps T (1000 for the shipped "
+                        "model) (default 50)")
+    if eta:
+        p.add_argument("--eta", type=_eta, default=0.0,
+                       help="DDIM eta: 0 deterministic, 1 DDPM-like noise, or 'sigma_hat' (default 0)")
+    p.add_argument("--discretize", choices=DISCRETIZATIONS, default="uniform",
+                   help="how the S time steps are spread over the model's T training steps (default uniform)")
+    p.add_argument("--guidance", type=_finite_float, default=guidance,
+                   help="classifier-free guidance scale: 1 = plain conditional model, >1 sharpens the "
+                        f"class, 0 = unconditional (default {guidance})")
+    p.add_argument("--seed", type=int, default=0, help="Philox noise seed: same seed, same digits (default 0)")
+    p.add_argument("--num", type=int, default=num, help=f"number of digits (default {num})")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="digits per model batch; results do not depend on it (default 100)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="precision of the latent and the model (default float32)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="per-step update: auto (Triton kernel on CUDA, torch ops on CPU), torch, or triton "
+                        "(on CPU it runs in Triton's slow interpreter) (default auto)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="digits model weights file (default: the one shipped in the package)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 keeps torch's default (one per core) (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+# ---------------------------------------------------------------------------- checks
+def parse_classes(values) -> list[int]:
+    """--class values ('3', '3 5', '3,5') as a list of ints in [0, 10).
+
+    Args:
+        values: the strings argparse collected for the option.
+
+    Returns:
+        the classes in order, at least one.
+    """
+    out = []
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if not part.lstrip("-").isdigit() or not 0 <= int(part) <= 9:
+                raise UserError(f"unknown class {part!r}: the digits model knows classes 0 to 9")
+            out.append(int(part))
+    if not out:
+        raise UserError("--class needs at least one class in 0..9")
+    return out
+
+
+def check_positive(args, *names: str) -> None:
+    """Each named option (attribute name, e.g. "batch_size") is >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def check_runtime(args) -> dict:
+    """Check threads, device, dtype, backend and weights, and apply --threads.
+
+    Returns:
+        {"device": torch.device, "dtype": torch.dtype}.
+    """
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = parse_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.backend == "triton":
+        if device.type == "cpu":
+            # Must be set before ddim_fused.kernels imports triton (the sampler imports it on first use).
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        if dtype == torch.float64:
+            # The sampler checks the dtype per call, i.e. in the middle of a run; this fails before it.
+            raise UserError("--backend triton supports float32, float16 and bfloat16, not float64")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights!r} is not a file")
+    return {"device": device, "dtype": dtype}
+
+
+def parse_device(text: str) -> torch.device:
+    """--device text as a torch.device that exists here; 'auto' is cuda if available, else cpu."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text!r} is not a torch device (try cpu, cuda or cuda:0)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {text!r} asks for CUDA, which is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {text!r}: only cpu and cuda are supported")
+    return device
+
+
+# ---------------------------------------------------------------------------- model and sampler
+def load_model(weights, device, dtype) -> DigitsModel:
+    """The digits model from --weights (None: the shipped file) on device in dtype."""
+    what = f"--weights {str(weights)!r}" if weights else f"the shipped weights {str(MODEL_FILE)!r}"
+    try:
+        return load_digits_model(device=device, dtype=dtype, path=weights)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found (run ddim-fused train-digits)") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what}: {exc.strerror or exc}") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+        # What torch.load and load_state_dict raise for a foreign or damaged file; their
+        # messages run over many lines about torch internals, so only the kind is shown.
+        raise UserError(f"{what} is not a digits model weights file ({type(exc).__name__})") from None
+
+
+def flag_names(message: str, flags: dict[str, str]) -> str:
+    """message with each argument name in `flags` replaced by its flag.
+
+    Names inside quotes are values (e.g. a choice 'seed'), and attributes (model.n_steps)
+    are not the sampler's arguments: both are kept.
+    """
+    names = "|".join(map(re.escape, sorted(flags, key=len, reverse=True)))
+    pattern = r"(?<![\w'\".-])(" + names + r")(?![\w'\"-])"
+    return re.sub(pattern, lambda m: flags[m.group(1)], message)
+
+
+@contextlib.contextmanager
+def sampler_errors(**renames: str):
+    """Turn a sampler ValueError/TypeError raised inside into a UserError that names flags.
+
+    Args:
+        renames: argument name -> flag, overriding SAMPLER_FLAGS (e.g. n_steps="--invert-steps").
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise UserError(flag_names(str(exc), {**SAMPLER_FLAGS, **renames})) from None
+
+
+def build_sampler(model, args, n_steps: int | None = None, *, steps_flag: str = "--steps",
+                  **options) -> DDIMSampler:
+    """The DDIMSampler a command runs, built from the shared options; it checks them itself.
+
+    Args:
+        model: eps-model with alpha_bar (the digits model).
+        args: parsed options: discretize, backend, seed and, if the command has it, eta.
+        n_steps: S (default --steps).
+        steps_flag: the flag that set n_steps, named in errors about it.
+        options: further DDIMSampler keyword arguments (e.g. paint_blend).
+
+    Returns:
+        the sampler; bad arguments raise UserError naming the flag.
+    """
+    n_steps = args.steps if n_steps is None else n_steps
+    with sampler_errors(n_steps=steps_flag):
+        return DDIMSampler(model, n_steps, args.discretize, getattr(args, "eta", 0.0), backend=args.backend,
+                           seed=args.seed, **options)
+
+
+def check_t_start(sampler: DDIMSampler, t_start: int) -> int:
+    """--t-start checked as DDIMSampler.paint checks it, but before the command starts work."""
+    with sampler_errors():
+        return check_int("t_start", t_start, 1, len(sampler.time_steps))
+
+
+# ---------------------------------------------------------------------------- output
+def write_png(x: torch.Tensor, path, ncols: int, tmp_mark: str = ".tmp") -> tuple[int, int]:
+    """Write digits as an upscaled PNG grid through a new temporary file renamed over `path`.
+
+    A reader never sees a half-written image: an existing file at `path` is replaced whole
+    by the rename, never truncated and rewritten.
+
+    Args:
+        x: (N, 1, 8, 8) digits in [-1, 1].
+        path: the PNG file.
+        ncols: digits per row.
+        tmp_mark: text in the temporary file's name (generate's resume removes leftovers by it).
+
+    Returns:
+        the image's (width, height).
+    """
+    path = Path(path)
+    image = grid_image(x, ncols)
+    tmp = path.with_name(f".{path.name}{tmp_mark}.{os.getpid()}.{secrets.token_hex(4)}")
+    f = open(tmp, "xb")  # exclusive: fails rather than write through a file or link already there
+    try:
+        with f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return image.size
