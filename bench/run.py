@@ -10,6 +10,19 @@ from pathlib import Path
 
 import torch
 
+# None of these imports ddim_fused.kernels. Its @triton.jit decorators read
+# TRITON_INTERPRET when that module is imported, which happens only when a Triton step is
+# first built (bench.providers imports the kernels lazily): after main() has decided the
+# variable. bench/test_run.py checks that importing this module leaves the kernels alone.
+from . import report
+from .loop import run_loops
+from .matrix import plan
+from .parity import run_parity, summarize
+from .plot import plot
+from .providers import Providers, availability
+from .step import run_steps
+from .timing import cache_bytes, copy_bandwidth, environment, tune_malloc
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -43,32 +56,24 @@ def main(argv=None) -> int:
     """
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    malloc_tuned = False
     if device.type != "cuda":
-        # The kernel can only be parity-checked on CPU through the interpreter; it must be
-        # chosen before triton is imported.
+        # On a CPU the kernel can only be parity-checked through the interpreter; set
+        # before ddim_fused.kernels is first imported (see the note at the imports).
         os.environ.setdefault("TRITON_INTERPRET", "1")
         torch.set_num_threads(args.threads)
         if not args.no_malloc_tuning:
-            from .timing import MALLOC_TUNED, tune_malloc  # noqa: PLC0415
-
-            MALLOC_TUNED[0] = tune_malloc()
-    return _run(args, device)
+            malloc_tuned = tune_malloc()
+    return _run(args, device, malloc_tuned)
 
 
-def _run(args, device) -> int:
-    from . import report  # noqa: PLC0415 - imported after TRITON_INTERPRET is decided
-    from .matrix import plan
-    from .parity import run_parity, summarize
-    from .providers import availability
-    from .step import run_steps
-    from .timing import cache_bytes, copy_bandwidth, environment
-
+def _run(args, device, malloc_tuned: bool) -> int:
     started = time.perf_counter()
     matrix = plan(device.type, args.quick)
     if args.budget is not None:
         matrix.budget_s = args.budget
     requested = args.providers.split(",") if args.providers else list(matrix.providers)
-    env = environment(device)
+    env = environment(device, malloc_tuned)
     out_dir = args.out_dir or DEFAULT_OUT / _default_name(device, env, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"device: {env['device_name']}  torch {env['torch']}  triton {env['triton']}  "
@@ -77,16 +82,22 @@ def _run(args, device) -> int:
     skipped, timed = {}, []
     for name in requested:
         ok, reason = availability(name, device)
-        (timed.append(name) if ok else skipped.__setitem__(name, reason))
+        if ok:
+            timed.append(name)
+        else:
+            skipped[name] = reason
     for name, reason in skipped.items():
         print(f"provider {name}: not timed: {reason}")
     # Triton is parity-checked even where it is not timed (CPU interpreter, tiny input).
     parity_names = list(timed) + (["triton"] if "triton" in skipped and os.environ.get("TRITON_INTERPRET") == "1" else [])
     compile_pairs = [(c, d) for c, d in matrix.pairs() if c in matrix.compile_cases]
+    # One Providers for the whole run: the parity gate and the timings share its samplers
+    # and compiled functions.
+    providers = Providers(device)
     checks = []
     for case_name, dtype_id in matrix.pairs():
         names = [n for n in parity_names if n != "compile" or (case_name, dtype_id) in compile_pairs]
-        checks += run_parity(_providers(device), names, device, [(case_name, dtype_id)])
+        checks += run_parity(providers, names, device, [(case_name, dtype_id)])
     gate = summarize(checks)
     print(gate)
     parity_ok = all(c.ok for c in checks)
@@ -98,7 +109,7 @@ def _run(args, device) -> int:
 
     rows_path = out_dir / "rows.jsonl"
     rows_path.write_text("")
-    step_rows, compile_s = run_steps(matrix, timed, device, copy["gbs"], cache, rows_path, parity_ok)
+    step_rows, compile_s = run_steps(providers, matrix, timed, device, copy["gbs"], cache, rows_path, parity_ok)
     loop_rows = [] if args.skip_loops else _loops(device, args.quick, rows_path)
     parity_ok = parity_ok and all(r.get("parity_ok", True) for r in step_rows)
     if not parity_ok:
@@ -125,27 +136,12 @@ def _run(args, device) -> int:
     report.write(result, out_dir)
     rows_path.unlink()  # its rows are in results.json; it only matters for a run cut short
     if not args.no_plot:
-        from .plot import plot  # noqa: PLC0415
-
         print(f"plot: {plot(out_dir / 'results.json', out_dir / 'results.png')}")
     print(f"results in {out_dir} ({result['wall_s']:.0f} s)")
     return 0 if parity_ok else 1
 
 
-_PROVIDERS = {}
-
-
-def _providers(device):
-    from .providers import Providers  # noqa: PLC0415
-
-    if device not in _PROVIDERS:
-        _PROVIDERS[device] = Providers(device)
-    return _PROVIDERS[device]
-
-
 def _loops(device, quick, rows_path):
-    from .loop import run_loops  # noqa: PLC0415
-
     print("whole loop, 50 steps:")
     rows = run_loops(device, quick, budget_s=0.1 if quick else 0.5)
     with rows_path.open("a") as f:

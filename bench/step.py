@@ -7,22 +7,31 @@ import torch
 
 from .cases import CASES, DTYPES, make_inputs, min_bytes, n_elements, shape_id
 from .parity import check_output, exact_step
-from .providers import BASELINES, FUSED, first_call_seconds, x_prev_of
+from .providers import BASELINES, FUSED, Providers, first_call_seconds, x_prev_of
 from .timing import time_interleaved, time_kernel
 
 CACHE_FACTOR = 2  # GB/s counts as memory bandwidth only for traffic >= CACHE_FACTOR x the last-level cache
 
 
-def run_steps(matrix, timed, device, copy_gbs, cache, rows_path, parity_ok, log=print):
+def run_steps(providers: Providers, matrix, timed, device, copy_gbs, cache, rows_path, parity_ok, log=print):
     """Run the plan; returns (rows, {(case, dtype): compile seconds}).
 
-    Rows are appended to rows_path (JSON lines) as they come, so a run cut short keeps
-    what it measured. For the first size of each (case, dtype) every provider's output
-    is compared with the float64 reference again (the full-size parity check).
-    """
-    from .run import _providers  # noqa: PLC0415 - one Providers per run (shares compiled fns)
+    Args:
+        providers: the run's one Providers (it keeps the compiled functions that the
+            parity gate already built, so nothing compiles twice).
+        matrix: the plan (bench.matrix.Matrix); its groups hold (B, C, H, W) shapes.
+        timed: names of the providers to time.
+        device: where to run.
+        copy_gbs: the copy bandwidth (GB/s) that pct_copy is relative to.
+        cache: last-level cache size in bytes (0 if unknown).
+        rows_path: JSON-lines file that each row is appended to as it comes, so a run cut
+            short keeps what it measured.
+        parity_ok: whether the parity gate passed (speedups are None otherwise).
+        log: progress printer.
 
-    providers = _providers(device)
+    For the first size of each (case, dtype) every provider's output is compared with the
+    float64 reference again (the full-size parity check).
+    """
     rows = []
     for case_name, dtype_id, shapes in matrix.groups:
         case, dtype = CASES[case_name], DTYPES[dtype_id]

@@ -6,8 +6,9 @@ Plain tests (no benchmark fixture): run with `pytest bench/test_parity_gate.py`;
 import torch
 
 from bench.cases import CASES, make_inputs
-from bench.parity import check_output, exact_step, noise_checks, rel_rms
+from bench.parity import check_output, exact_step, noise_checks
 from bench.providers import Providers, x_prev_of
+from ddim_fused.metrics import relative_rms_error
 
 
 def test_gate_accepts_torch_and_rejects_a_perturbed_output(device):
@@ -22,7 +23,22 @@ def test_gate_accepts_torch_and_rejects_a_perturbed_output(device):
     assert not check_output("torch", case, "fp32", bad, exact, None).ok
     nan = good.clone()
     nan.view(-1)[0] = float("nan")
-    assert rel_rms(nan, exact) == float("inf")
+    assert not check_output("torch", case, "fp32", nan, exact, None).ok
+
+
+def test_low_precision_bound_ignores_an_eager_result_with_inf(device):
+    # "At most twice eager's error" must not become "anything" when eager overflowed.
+    providers = Providers(device)
+    case = CASES["eta0"]
+    inputs = make_inputs(case, (2, 3, 17, 23), torch.float16, device)
+    exact = exact_step(providers, case, inputs)
+    eager = x_prev_of(providers.make("eager", case, inputs, "fp16")())
+    overflowed = eager.clone()
+    overflowed.view(-1)[0] = float("inf")
+    assert relative_rms_error(overflowed, exact) == float("inf")
+    wrong = (exact * 1.1).half()
+    assert not check_output("torch", case, "fp16", wrong, exact, eager).ok
+    assert not check_output("torch", case, "fp16", wrong, exact, overflowed).ok
 
 
 def test_noise_check_rejects_missing_noise(device):

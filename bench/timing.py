@@ -7,6 +7,7 @@ each call and synchronizes.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import math
 import os
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 
 QUANTILES = (0.2, 0.5, 0.8)
-MALLOC_TUNED = [False]  # set by the runner when tune_malloc() succeeded
 MIN_SAMPLE_S = 1e-3
 
 
@@ -39,8 +39,6 @@ def tune_malloc() -> bool:
         True if both settings were applied.
     """
     try:
-        import ctypes  # noqa: PLC0415
-
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, 2**25))
     except (OSError, AttributeError):
@@ -188,8 +186,13 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})"
 
 
-def environment(device: torch.device) -> dict:
-    """Tag of a run: device, versions, commit and date."""
+def environment(device: torch.device, malloc_tuned: bool = False) -> dict:
+    """Tag of a run: device, versions, commit and date.
+
+    Args:
+        device: the device the run times.
+        malloc_tuned: what tune_malloc() returned for this run (False if not called).
+    """
     try:
         import triton  # noqa: PLC0415
 
@@ -217,7 +220,7 @@ def environment(device: torch.device) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "torch_threads": torch.get_num_threads(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "malloc_tuned": MALLOC_TUNED[0],
+        "malloc_tuned": malloc_tuned,
     }
 
 

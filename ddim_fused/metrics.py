@@ -1,8 +1,63 @@
-"""Sample-quality metrics on flattened samples."""
+"""Error and sample-quality metrics: relative RMS error, Frechet distance."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
+
+
+def relative_rms_error(actual, expected) -> float:
+    """Relative RMS error ||actual - expected||_2 / ||expected||_2 (the tests' and benchmarks' metric).
+
+    Equal to sqrt(mean((actual - expected)^2)) / sqrt(mean(expected^2)). Both inputs are
+    converted to float64 on the CPU first, and both are divided by their common largest
+    magnitude before squaring, so neither fp16-sized nor 1e-200-sized values underflow or
+    overflow in the squares.
+
+    Args:
+        actual: tensor or numpy array of any shape (real dtype, any device).
+        expected: the exact result, the same shape as actual (no broadcasting).
+
+    Returns:
+        The error as a float >= 0, with these edge cases:
+        - NaN or +-Inf anywhere in either input: math.inf, so that every `error <= bound`
+          check fails. (A caller that asserts `error > bound` must check finiteness itself.)
+        - expected all zeros: 0.0 if actual is all zeros too, else math.inf.
+        - empty inputs: 0.0 (no element differs).
+
+    Raises:
+        TypeError: an input is not a tensor or numpy array of real numbers.
+        ValueError: the shapes differ.
+    """
+    a = _as_float64("actual", actual)
+    e = _as_float64("expected", expected)
+    if a.shape != e.shape:
+        raise ValueError(f"actual has shape {tuple(a.shape)} and expected {tuple(e.shape)}; they must match")
+    if a.numel() == 0:
+        return 0.0
+    if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        return math.inf
+    scale = max(a.abs().max().item(), e.abs().max().item())
+    if scale == 0.0:
+        return 0.0
+    diff_norm = torch.linalg.vector_norm(a / scale - e / scale).item()
+    ref_norm = torch.linalg.vector_norm(e / scale).item()
+    if ref_norm == 0.0:
+        return 0.0 if diff_norm == 0.0 else math.inf
+    return diff_norm / ref_norm
+
+
+def _as_float64(name: str, values) -> torch.Tensor:
+    if isinstance(values, np.ndarray):
+        if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+            raise TypeError(f"{name} must hold real numbers, got dtype {values.dtype}")
+        return torch.from_numpy(values.astype(np.float64))
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(values).__name__}")
+    if values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got dtype {values.dtype}")
+    return values.detach().to(device="cpu", dtype=torch.float64)
 
 
 def frechet_distance(samples_a, samples_b) -> float:

@@ -1,8 +1,11 @@
 """Shared test utilities: one comparison helper, toy models, dtype tolerances."""
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ddim_fused.metrics import relative_rms_error
 from ddim_fused.schedules import make_alpha_bar
 
 # Relative RMS tolerance of fp32 results against the reference.
@@ -12,8 +15,9 @@ FP32_RTOL = 1e-5
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = FP32_RTOL, atol: float = 0.0, name: str = "") -> None:
     """Fail with max abs error, relative RMS error, mismatch count and first bad indices.
 
-    Passes when no value is NaN/Inf where expected is finite, the relative RMS error is
-    <= rtol, and every element is within atol + rtol * max|expected|.
+    actual and expected are tensors of one shape (any). Passes when no value is NaN/Inf
+    where expected is finite, relative_rms_error(actual, expected) <= rtol, and every
+    element is within atol + rtol * max|expected|.
     """
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
@@ -21,7 +25,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = FP3
     assert not bad_finite.any(), f"{name}: {int(bad_finite.sum())} NaN/Inf values, first at {_first(bad_finite)}"
     err = (a - e).abs()
     scale = e.abs().max().item() or 1.0
-    rel_rms = ((a - e).pow(2).mean().sqrt() / (e.pow(2).mean().sqrt() + 1e-30)).item()
+    rel_rms = relative_rms_error(a, e)
     bad = err > atol + rtol * scale
     msg = (f"{name}: max abs err {err.max().item():.3e}, rel RMS err {rel_rms:.3e} (rtol {rtol:.1e}), "
            f"{int(bad.sum())}/{a.numel()} beyond atol {atol:.1e} + rtol * {scale:.3e}, first at {_first(bad)}")
@@ -29,9 +33,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = FP3
 
 
 def error_vs(actual: torch.Tensor, exact: torch.Tensor) -> float:
-    """Relative RMS error of actual against a float64 exact result."""
-    a, e = actual.detach().double().cpu(), exact.detach().double().cpu()
-    return ((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt()).item()
+    """relative_rms_error of actual (any shape) against exact (same shape), both finite.
+
+    Non-finite values fail here, not in the caller's comparison: relative_rms_error gives
+    inf for them, which would satisfy a check such as `error_vs(x, x0) > 0.5`.
+    """
+    err = relative_rms_error(actual, exact)
+    assert math.isfinite(err), "relative RMS error is not finite: NaN/Inf in either input, or exact is all 0"
+    return err
 
 
 def _first(mask: torch.Tensor, k: int = 3):

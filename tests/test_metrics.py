@@ -1,9 +1,76 @@
-"""frechet_distance against closed forms, symmetry, identical sets, and bad input."""
+"""relative_rms_error and frechet_distance: closed forms, edge cases, and bad input."""
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from ddim_fused.metrics import frechet_distance
+from ddim_fused.metrics import frechet_distance, relative_rms_error
+
+
+def test_relative_rms_error_closed_forms():
+    # Orthogonal perturbation: ||(0, 4)|| / ||(3, 0)|| = 4 / 3.
+    assert relative_rms_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0])) == pytest.approx(4 / 3, rel=1e-15)
+    # A uniform relative offset c gives exactly |c|, whatever the shape.
+    expected = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert relative_rms_error(expected * 0.97, expected) == pytest.approx(0.03, rel=1e-12)
+    assert relative_rms_error(expected, expected) == 0.0
+
+
+def test_relative_rms_error_is_float64_and_scale_safe():
+    # A 1e-12 relative error survives only float64 arithmetic (fp32 rounds at ~6e-8).
+    expected = np.random.default_rng(1).standard_normal(1000)
+    actual = expected * (1 + 1e-12)
+    assert relative_rms_error(actual, expected) == pytest.approx(1e-12, rel=1e-3)
+    # fp32/fp16 inputs are widened first: the same values in float64 give the same error.
+    a32, e32 = torch.from_numpy(actual).float(), torch.from_numpy(expected * 1.001).float()
+    assert relative_rms_error(a32, e32) == relative_rms_error(a32.double(), e32.double())
+    assert relative_rms_error(a32.half(), e32.half()) == relative_rms_error(a32.half().double(), e32.half().double())
+    # Squares of 1e-200 underflow and of 1e200 overflow in float64; the result must not.
+    for scale in (1e-200, 1e200):
+        assert relative_rms_error(actual * 0.5 * scale, expected * scale) == pytest.approx(
+            relative_rms_error(actual * 0.5, expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_relative_rms_error_is_inf_for_non_finite_values_in_either_input(bad):
+    x = torch.ones(2, 3)
+    y = x.clone()
+    y[1, 2] = bad
+    assert relative_rms_error(y, x) == math.inf
+    assert relative_rms_error(x, y) == math.inf
+    assert relative_rms_error(y, y.clone()) == math.inf
+
+
+def test_relative_rms_error_zero_and_empty_expected():
+    zeros = torch.zeros(4)
+    assert relative_rms_error(zeros, zeros) == 0.0
+    assert relative_rms_error(torch.tensor([0.0, 0.0, 1e-30, 0.0]), zeros) == math.inf
+    assert relative_rms_error(torch.empty(0, 3), torch.empty(0, 3)) == 0.0
+
+
+def test_relative_rms_error_leaves_its_inputs_alone():
+    actual, expected = torch.randn(3, 4), torch.randn(3, 4)
+    a0, e0 = actual.clone(), expected.clone()
+    relative_rms_error(actual, expected)
+    assert torch.equal(actual, a0) and torch.equal(expected, e0)
+
+
+@pytest.mark.parametrize(
+    "actual,expected,err,match",
+    [
+        (torch.zeros(2, 3), torch.zeros(3, 2), ValueError, r"actual has shape \(2, 3\) and expected \(3, 2\)"),
+        (torch.zeros(3), torch.zeros(1), ValueError, "must match"),
+        ([0.0, 1.0], torch.zeros(2), TypeError, "actual must be a torch.Tensor or numpy array"),
+        (torch.zeros(2), 0.0, TypeError, "expected must be a torch.Tensor or numpy array"),
+        (torch.zeros(2, dtype=torch.complex64), torch.zeros(2), TypeError, "actual must hold real numbers"),
+        (np.zeros(2), np.zeros(2, dtype=bool), TypeError, "expected must hold real numbers"),
+    ],
+    ids=["shape", "no-broadcast", "list", "float", "complex", "bool"],
+)
+def test_relative_rms_error_bad_input(actual, expected, err, match):
+    with pytest.raises(err, match=match):
+        relative_rms_error(actual, expected)
 
 
 def _with_moments(n, mean, cov, seed):
