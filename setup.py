@@ -23,7 +23,7 @@ setup(
     extras_require={
         # Everything the tests exercise, so none of them is skipped: the diffusers backend
         # and the digits classifier's check on real digits (scikit-learn, which brings scipy).
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.42", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn"],
         "diffusers": ["diffusers>=0.42"],
         "plots": ["matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.42"],
