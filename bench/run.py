@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ddim_fused.backend import interpreter_on
+
 # None of these imports ddim_fused.kernels. Its @triton.jit decorators read
 # TRITON_INTERPRET when that module is imported, which happens only when a Triton step is
 # first built (bench.providers imports the kernels lazily): after main() has decided the
@@ -89,7 +91,7 @@ def _run(args, device, malloc_tuned: bool) -> int:
     for name, reason in skipped.items():
         print(f"provider {name}: not timed: {reason}")
     # Triton is parity-checked even where it is not timed (CPU interpreter, tiny input).
-    parity_names = list(timed) + (["triton"] if "triton" in skipped and os.environ.get("TRITON_INTERPRET") == "1" else [])
+    parity_names = list(timed) + (["triton"] if "triton" in skipped and interpreter_on() else [])
     compile_pairs = [(c, d) for c, d in matrix.pairs() if c in matrix.compile_cases]
     # One Providers for the whole run: the parity gate and the timings share its samplers
     # and compiled functions.

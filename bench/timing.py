@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddim_fused.backend import interpreter_on
+
 QUANTILES = (0.2, 0.5, 0.8)
 MIN_SAMPLE_S = 1e-3
 
@@ -219,7 +221,7 @@ def environment(device: torch.device, malloc_tuned: bool = False) -> dict:
         "dirty": bool(dirty) if dirty is not None else None,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "torch_threads": torch.get_num_threads(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "triton_interpret": interpreter_on(),
         "malloc_tuned": malloc_tuned,
     }
 
