@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import OutputPathError
 from .schedules import DISCRETIZATIONS, ddim_timesteps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -468,7 +469,11 @@ def cmd_train_digits(args) -> None:
             raise UserError(f"cannot write --out {args.out!r}: {exc.strerror}") from None
         if not os.access(args.out, os.W_OK):
             raise UserError(f"cannot write --out {args.out!r}: permission denied")
-    train_digits(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+    try:
+        train_digits(args.out, replace_shipped=args.replace_shipped, epochs=args.epochs, seed=args.seed,
+                     threads=args.threads, progress=not args.no_progress)
+    except OutputPathError as exc:
+        raise UserError(str(exc)) from None
 
 
 COMMANDS = {"sample": cmd_sample, "paint": cmd_paint, "interpolate": cmd_interpolate, "invert": cmd_invert,

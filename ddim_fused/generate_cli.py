@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -10,8 +9,6 @@ import torch
 
 from . import generate as gen
 from .cli import UserError, _add_sampler_options, _check_runtime, _classes
-
-PREVIEW = "preview.png"
 
 
 def add_parser(sub) -> None:
@@ -63,25 +60,19 @@ def cmd_generate(args) -> None:
 
     out = Path(args.out)
     try:
-        summary = gen.run_generation(out, config, make_model, info, progress=not args.no_progress)
-    except gen.RunMismatchError as exc:
+        summary = gen.run_generation(args.out, config, make_model, info, progress=not args.no_progress, preview=True)
+    except (gen.RunMismatchError, gen.RunLockedError, gen.OutputPathError) as exc:
         raise UserError(str(exc)) from None
+    except (gen.NonFiniteError, gen.RankFailedError) as exc:
+        print(f"ddim-fused: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except OSError as exc:
         print(f"ddim-fused: error: {exc}; finished shards in {out} are kept: rerun the same command to resume",
               file=sys.stderr)
         raise SystemExit(1) from None
     if summary["rank"] != 0:
         return
-    _write_preview(out, config)
     print(f"generated {summary['samples_written']} samples in {summary['seconds']:.1f} s "
           f"({summary['samples_per_s']:.1f} samples/s, {summary['world_size']} process(es)); "
           f"{summary['shards_skipped']} complete shard(s) kept; {config.num} samples in {out}")
 
-
-def _write_preview(out: Path, config: gen.GenerateConfig) -> None:
-    from .digits.images import save_grid  # noqa: PLC0415
-
-    first = gen.read_shard(out / gen.shard_name(0))["samples"][:100]
-    tmp = out / f".{PREVIEW}{gen.TMP_MARK}.{os.getpid()}.png"
-    save_grid(torch.from_numpy(first), tmp, ncols=min(len(first), 10))
-    os.replace(tmp, out / PREVIEW)
