@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import OutputPathError
 from .cli_options import (
     UserError,
     add_sampler_options,
@@ -28,9 +29,9 @@ from .cli_options import (
     check_t_start,
     load_model,
     parse_classes,
-    write_png,
 )
 from .digits import load_digits_classifier
+from .digits.images import save_grid
 from .digits.train import add_arguments as add_train_arguments
 from .digits.train import train_digits
 from .generate_cli import add_parser as add_generate_parser
@@ -219,7 +220,7 @@ def cmd_sample(args) -> None:
     x = run.generate(sampler, labels, args.num, "sample")
     seconds = time.perf_counter() - start
     ncols = min(args.num, len(classes) if len(classes) > 1 else max(1, int(np.ceil(np.sqrt(args.num)))))
-    size = write_png(x, args.out, ncols)
+    size = save_grid(x, args.out, ncols)
     n_steps = len(sampler.time_steps)
     agree = int((_classify(x) == torch.tensor(labels)).sum())
     class_text = "0..9 cycling" if args.classes is None else ",".join(map(str, classes))
@@ -266,7 +267,7 @@ def cmd_paint(args) -> None:
     bar.close()
     seconds = time.perf_counter() - start
     shown = torch.where(mask > 0, x0, torch.zeros_like(x0))  # the region to redraw shows as mid-grey
-    size = write_png(torch.cat([x0, shown, after]), args.out, n)
+    size = save_grid(torch.cat([x0, shown, after]), args.out, n)
     agree = int((_classify(after) == torch.tensor(paint_labels)).sum())
     print(f"painted the {args.region} half of {n} digits: {t_start} of {len(sampler.time_steps)} DDIM steps, "
           f"blend {args.blend}, guidance {args.guidance}, seed {args.seed}; {seconds:.2f} s, "
@@ -291,7 +292,7 @@ def cmd_interpolate(args) -> None:
     start = time.perf_counter()
     x = run.generate(sampler, labels, len(latents), "interpolate", x_last=latents)
     seconds = time.perf_counter() - start
-    size = write_png(x, args.out, args.frames)
+    size = save_grid(x, args.out, args.frames)
     cond_text = "unconditional" if classes is None else f"class {','.join(map(str, classes))}"
     print(f"decoded {args.num} slerp path(s) of {args.frames} latents ({cond_text}, eta 0, "
           f"{len(sampler.time_steps)} steps) in {seconds:.2f} s")
@@ -326,7 +327,7 @@ def cmd_invert(args) -> None:
         rms, worst = err.pow(2).mean().sqrt().item(), err.abs().max().item()
         print(f"{s:>6} {rms:>10.4f} {worst:>9.4f} {time.perf_counter() - start:>8.2f}")
         rows.append(recon)
-    size = write_png(torch.cat(rows), args.out, n)
+    size = save_grid(torch.cat(rows), args.out, n)
     print(f"wrote {args.out} ({size[0]}x{size[1]}; rows: originals, then reconstructions for "
           f"{', '.join(map(str, args.invert_steps))} steps)")
 
@@ -346,7 +347,11 @@ def cmd_train_digits(args) -> None:
             raise UserError(f"cannot write --out {args.out!r}: {exc.strerror}") from None
         if not os.access(args.out, os.W_OK):
             raise UserError(f"cannot write --out {args.out!r}: permission denied")
-    train_digits(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+    try:
+        train_digits(args.out, replace_shipped=args.replace_shipped, epochs=args.epochs, seed=args.seed,
+                     threads=args.threads, progress=not args.no_progress)
+    except OutputPathError as exc:
+        raise UserError(str(exc)) from None
 
 
 COMMANDS = {"sample": cmd_sample, "paint": cmd_paint, "interpolate": cmd_interpolate, "invert": cmd_invert,

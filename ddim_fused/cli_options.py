@@ -13,13 +13,11 @@ import math
 import os
 import pickle
 import re
-import secrets
 from pathlib import Path
 
 import torch
 
 from .digits import DigitsModel, load_digits_model
-from .digits.images import grid_image
 from .digits.pretrained import MODEL_FILE
 from .sampler import DDIMSampler
 from .schedules import DISCRETIZATIONS
@@ -242,33 +240,3 @@ def check_t_start(sampler: DDIMSampler, t_start: int) -> int:
     """--t-start checked as DDIMSampler.paint checks it, but before the command starts work."""
     with sampler_errors():
         return check_int("t_start", t_start, 1, len(sampler.time_steps))
-
-
-# ---------------------------------------------------------------------------- output
-def write_png(x: torch.Tensor, path, ncols: int, tmp_mark: str = ".tmp") -> tuple[int, int]:
-    """Write digits as an upscaled PNG grid through a new temporary file renamed over `path`.
-
-    A reader never sees a half-written image: an existing file at `path` is replaced whole
-    by the rename, never truncated and rewritten.
-
-    Args:
-        x: (N, 1, 8, 8) digits in [-1, 1].
-        path: the PNG file.
-        ncols: digits per row.
-        tmp_mark: text in the temporary file's name (generate's resume removes leftovers by it).
-
-    Returns:
-        the image's (width, height).
-    """
-    path = Path(path)
-    image = grid_image(x, ncols)
-    tmp = path.with_name(f".{path.name}{tmp_mark}.{os.getpid()}.{secrets.token_hex(4)}")
-    f = open(tmp, "xb")  # exclusive: fails rather than write through a file or link already there
-    try:
-        with f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return image.size

@@ -8,36 +8,75 @@ Layout of an output directory:
     run.json                 the run's identity (config + model), written before any shard
     shard-000000.npz ...     samples, indices, labels, seeds, config_hash, checksum
     manifest.json            config, model, versions, shard list with sha256; written last
-Every file is written to a temporary name, fsynced and renamed, so a killed run leaves
-either a whole file or none; a resume re-validates each shard (embedded checksum, indices,
-config hash) and regenerates what fails.
+    preview.png              optional grid of the first samples, written after the manifest
+    .generate.lock           held (flock) by the process that runs the folder
+Every file is written through ddim_fused.atomic (exclusive temporary file, fsync, rename),
+so a killed run leaves either a whole file or none; a resume re-validates each shard
+(embedded checksum, indices, config hash, finite values) and regenerates what fails.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
+import socket
+import stat
 import sys
 import time
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from . import __version__
+# OutputPathError and NonFiniteError are part of this module's API: run_generation raises them.
+from .atomic import TEMP_SUFFIX, OutputPathError, atomic_write, check_output_dir, temp_target
+from .digits.images import save_grid
+from .finite import NonFiniteError, check_finite  # noqa: F401
 from .sampler import DDIMSampler
 
-MANIFEST, RUN_FILE, SHARD_PREFIX, TMP_MARK = "manifest.json", "run.json", "shard-", ".tmp"
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, runs into one folder are not locked
+    fcntl = None
+
+MANIFEST, RUN_FILE, SHARD_PREFIX, PREVIEW, LOCK_FILE = (
+    "manifest.json", "run.json", "shard-", "preview.png", ".generate.lock")
+TMP_MARK = TEMP_SUFFIX  # every temporary name ends with it
+# The files a run writes; only temporary files of these are ever removed from a folder.
+_RUN_FILES = re.compile(r"shard-\d{6}\.npz|manifest\.json|run\.json|preview\.png")
+# Temporary names of earlier versions (".shard-000003.npz.tmp.<pid>", ".preview.png.tmp.<pid>.png").
+_LEGACY_TEMP = re.compile(r"\.(?P<target>.+)\.tmp\.\d+(\.png)?")
+_SHARD_KEYS = {"samples", "indices", "labels", "seeds", "config_hash", "checksum"}
 # Settings that change no sample (philox keys by global index), so a resume may change them.
 _FREE_FIELDS = ("batch_size", "device", "backend")
 
 
 class RunMismatchError(ValueError):
-    """An output directory holds a run with a different configuration."""
+    """An output directory holds a run this one cannot resume: another configuration, or a damaged run.json."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is generating into the same output directory."""
+
+
+class RankFailedError(RuntimeError):
+    """Another process of a torchrun group failed (it reports its own error)."""
+
+
+class ShardError(ValueError):
+    """A shard file that is unreadable or fails verification."""
+
+
+class CorruptRunError(ValueError):
+    """A finished run whose manifest, run.json or shards do not verify."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,30 +118,19 @@ class GenerateConfig:
 
 
 def config_hash(identity: dict) -> str:
+    """16 hex digits identifying a run: sha256 of its identity as canonical JSON."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def run_identity(config: GenerateConfig, model_info: dict) -> tuple[dict, str]:
+    """(identity, config hash) of a run: what run.json records and every shard carries."""
+    identity = {"config": config.identity(), "model": model_info}
+    return identity, config_hash(identity)
+
+
 def shard_name(k: int) -> str:
+    """File name of shard k: shard-000000.npz, shard-000001.npz, ..."""
     return f"{SHARD_PREFIX}{k:06d}.npz"
-
-
-def atomic_write(path: Path, write: Callable) -> None:
-    """Write through `write(file)` to a temporary file, fsync, rename over `path`, fsync the dir."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _checksum(samples: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> str:
@@ -113,31 +141,60 @@ def _checksum(samples: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> s
 
 
 def write_shard(path: Path, samples: np.ndarray, indices: np.ndarray, labels: np.ndarray, seed: int, chash: str):
+    """Write one shard atomically: samples (n, *shape) float32, indices and labels (n,) int64."""
     arrays = dict(samples=samples, indices=indices, labels=labels, seeds=np.full(len(indices), seed, dtype=np.int64),
                   config_hash=np.array(chash), checksum=np.array(_checksum(samples, indices, labels)))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read_shard(path: Path, expected: Optional[tuple[int, int]] = None, chash: Optional[str] = None) -> dict:
-    """Load and verify a shard; ValueError says what is wrong with it."""
+    """Load and verify a shard.
+
+    Args:
+        path: the .npz file.
+        expected: (start, stop): the global indices it must hold, in order.
+        chash: the config hash it must carry.
+
+    Returns:
+        dict of its arrays: samples (n, *shape), indices (n,), labels (n,), seeds (n,),
+        config_hash and checksum (0-d strings).
+
+    Raises:
+        ShardError: the file cannot be read, whatever the reason (a flipped bit can make the
+            zip or npy reader raise nearly anything), or it fails a check; the message starts
+            with the file name.
+    """
+    path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            shard = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise ValueError(f"{path.name} is unreadable ({exc.__class__.__name__}: {exc})") from None
-    missing = {"samples", "indices", "labels", "seeds", "config_hash", "checksum"} - shard.keys()
+        return _verified_shard(path, expected, chash)
+    except ShardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is damaged
+        raise ShardError(f"{path.name} is unreadable ({exc.__class__.__name__}: {exc})") from None
+
+
+def _verified_shard(path: Path, expected, chash) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        shard = {k: data[k] for k in data.files}
+    missing = _SHARD_KEYS - shard.keys()
     if missing:
-        raise ValueError(f"{path.name} lacks {sorted(missing)}")
-    if str(shard["checksum"]) != _checksum(shard["samples"], shard["indices"], shard["labels"]):
-        raise ValueError(f"{path.name} fails its checksum")
+        raise ShardError(f"{path.name} lacks {sorted(missing)}")
+    samples, indices, labels = shard["samples"], shard["indices"], shard["labels"]
+    if not len(samples) == len(indices) == len(labels):
+        raise ShardError(f"{path.name} holds {len(samples)} samples for {len(indices)} indices")
+    if str(shard["checksum"]) != _checksum(samples, indices, labels):
+        raise ShardError(f"{path.name} fails its checksum")
     if chash is not None and str(shard["config_hash"]) != chash:
-        raise ValueError(f"{path.name} belongs to another configuration")
-    if expected is not None and not np.array_equal(shard["indices"], np.arange(*expected)):
-        raise ValueError(f"{path.name} does not hold indices {expected[0]}..{expected[1] - 1}")
+        raise ShardError(f"{path.name} belongs to another configuration")
+    if expected is not None and not np.array_equal(indices, np.arange(*expected)):
+        raise ShardError(f"{path.name} does not hold indices {expected[0]}..{expected[1] - 1}")
+    if not np.isfinite(samples).all():
+        raise ShardError(f"{path.name} holds non-finite samples")
     return shard
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, as 64 hex digits."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -145,25 +202,65 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def run_lock(out_dir: Path):
+    """Hold the exclusive lock of a run folder for the `with` block.
+
+    flock on out_dir/.generate.lock, non-blocking; the OS releases it when the process
+    ends, however it ends, so a killed run never leaves the folder locked.
+
+    Raises:
+        RunLockedError: another process holds it.
+        OSError: the lock file cannot be opened.
+    """
+    if fcntl is None:
+        warnings.warn("no flock on this platform: concurrent runs into one folder are not detected", stacklevel=3)
+        yield
+        return
+    path = Path(out_dir) / LOCK_FILE
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open the lock file {path}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise RunLockedError(
+                f"{out_dir} is in use by another generate run{f' ({holder})' if holder else ''}; wait for it to "
+                "finish or use another output directory") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            warnings.warn(f"cannot lock {path} ({exc.strerror}): concurrent runs into this folder are not detected",
+                          stacklevel=3)
+        # Who holds the lock, for the message a second run prints.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def prepare_dir(out_dir: Path, config: GenerateConfig, model_info: dict) -> str:
-    """Create or re-open out_dir for this run; refuse one that holds a different run.
+    """Record this run in out_dir/run.json, or check that the run recorded there is this one.
+
+    out_dir must exist (see ddim_fused.atomic.check_output_dir) and be locked by the caller.
 
     Returns:
         the config hash that every shard of this run carries.
+
+    Raises:
+        RunMismatchError: run.json describes another configuration or is damaged.
     """
-    identity = {"config": config.identity(), "model": model_info}
-    chash = config_hash(identity)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"cannot create output directory {out_dir}: {exc.strerror}") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OSError(f"output directory {out_dir} is not writable")
+    identity, chash = run_identity(config, model_info)
     run_file = out_dir / RUN_FILE
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get("config_hash") != chash:
-            diff = _differences(previous.get("identity", {}), identity)
+    if run_file.exists() or run_file.is_symlink():
+        previous = _read_run_file(out_dir)
+        if previous["config_hash"] != chash:
+            diff = _differences(previous["identity"], identity) or "values of another type"
             raise RunMismatchError(
                 f"{out_dir} holds a run with a different configuration ({diff}); use another --out "
                 "or the same settings to resume"
@@ -174,26 +271,58 @@ def prepare_dir(out_dir: Path, config: GenerateConfig, model_info: dict) -> str:
     return chash
 
 
+def _read_run_file(out_dir: Path) -> dict:
+    """run.json as a dict with a config_hash that matches its identity, else RunMismatchError."""
+    def damaged(why: str) -> RunMismatchError:
+        return RunMismatchError(f"{out_dir} holds a damaged or foreign run: {RUN_FILE} {why}; use another --out, "
+                                f"or delete {out_dir} to start over")
+
+    try:
+        run = json.loads((out_dir / RUN_FILE).read_bytes())
+    except OSError as exc:
+        raise damaged(f"cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise damaged(f"is not valid JSON ({exc})") from None
+    if not isinstance(run, dict) or not isinstance(run.get("config_hash"), str) \
+            or not isinstance(run.get("identity"), dict):
+        raise damaged("does not hold a config_hash and an identity")
+    if config_hash(run["identity"]) != run["config_hash"]:
+        raise damaged("has a config_hash that does not match its identity (edited by hand?)")
+    return run
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> str:
-    keys = sorted(set(old) | set(new))
     parts = []
-    for k in keys:
+    for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             inner = _differences(a, b, f"{prefix}{k}.")
             if inner:
                 parts.append(inner)
-        elif a != b and not (isinstance(a, list) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+        # Compared as JSON, the form the hash sees: a tuple equals its list, 1 differs from 1.0.
+        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             parts.append(f"{prefix}{k}: {a!r} there, {b!r} now")
     return "; ".join(parts)
 
 
 def remove_stale_temps(out_dir: Path) -> int:
-    """Delete temporary files a killed run left behind; returns how many."""
-    stale = [p for p in out_dir.iterdir() if p.name.startswith(".") and TMP_MARK in p.name]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+    """Delete the temporary files of run files that a killed run left behind; returns how many.
+
+    Only regular files named exactly like this module's temporary files are touched:
+    '.<run file>.<8 hex digits>.tmp' (and the '.<run file>.tmp.<pid>' of earlier versions),
+    where <run file> is a shard, run.json, manifest.json or preview.png.
+    """
+    removed = 0
+    for p in out_dir.iterdir():
+        match = _LEGACY_TEMP.fullmatch(p.name)
+        target = temp_target(p.name) or (match["target"] if match else None)
+        if target is None or not _RUN_FILES.fullmatch(target):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(p.lstat().st_mode):
+                p.unlink()
+                removed += 1
+    return removed
 
 
 def pending_shards(out_dir: Path, config: GenerateConfig, chash: str, shards) -> list[int]:
@@ -201,15 +330,25 @@ def pending_shards(out_dir: Path, config: GenerateConfig, chash: str, shards) ->
     todo = []
     for k in shards:
         path = out_dir / shard_name(k)
-        if not path.exists():
+        if not (path.exists() or path.is_symlink()):
             todo.append(k)
             continue
         try:
             read_shard(path, config.shard_range(k), chash)
-        except ValueError as exc:
+        except ShardError as exc:
             warnings.warn(f"regenerating {exc}", stacklevel=2)
             todo.append(k)
     return todo
+
+
+def _nonfinite_hint(config: GenerateConfig) -> str:
+    causes = []
+    if abs(config.guidance) > 20:
+        causes.append(f"the guidance scale {config.guidance:g} is far too large (1 to 10 is usual)")
+    if config.dtype == "float16":
+        causes.append("float16 overflowed (try float32 or bfloat16)")
+    causes.append("the model returns NaN or Inf (check its weights)")
+    return "likely cause: " + "; or ".join(causes) + "; no shard holding it was written"
 
 
 def generate_shards(
@@ -221,7 +360,11 @@ def generate_shards(
     *,
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> int:
-    """Generate and write the given shards; returns the number of samples written."""
+    """Generate and write the given shards; returns the number of samples written.
+
+    Raises:
+        NonFiniteError: a batch holds NaN or Inf (its shard is not written).
+    """
     sampler = DDIMSampler(model, config.steps, config.discretize, config.eta, backend=config.backend, seed=config.seed)
     dtype = getattr(torch, config.dtype)
     device = torch.device(config.device)
@@ -237,6 +380,7 @@ def generate_shards(
             labels = torch.from_numpy(classes[np.arange(b0, b1) % len(classes)]).to(device)
             extra = {"uncond_scale": config.guidance, "uncond_cond": model.null_cond(b1 - b0)} if guided else {}
             x = sampler.sample((b1 - b0,) + sample_shape, labels, sample_offset=b0, device=device, dtype=dtype, **extra)
+            check_finite(x, "generated samples", first_index=b0, hint=_nonfinite_hint(config))
             parts.append(x.float().cpu().numpy())
             if on_batch is not None:
                 on_batch(b1 - b0)
@@ -271,20 +415,97 @@ def write_manifest(out_dir: Path, config: GenerateConfig, model_info: dict, chas
     return manifest
 
 
-def load_samples(out_dir: Path) -> dict:
-    """All samples of a complete run, ordered by global index: samples, indices, labels."""
-    manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
-    shards = [read_shard(Path(out_dir) / s["file"]) for s in manifest["shards"]]
+def write_preview(out_dir: Path, max_samples: int = 100, ncols: int = 10) -> None:
+    """Write out_dir/preview.png: the first samples of shard 0 as a PNG grid (single-channel, in [-1, 1])."""
+    first = read_shard(out_dir / shard_name(0))["samples"][:max_samples]
+    save_grid(torch.from_numpy(first), out_dir / PREVIEW, ncols=min(len(first), ncols))
+
+
+def load_samples(out_dir) -> dict:
+    """All samples of a complete run, ordered by global index, after verifying the whole run.
+
+    Checks that manifest.json and run.json agree on the config hash, that the shards listed
+    are shard-000000.npz, shard-000001.npz, ... inside out_dir (no path or symlink leaving
+    it), that each matches its sha256 in the manifest, carries the config hash, holds
+    exactly the indices of its range and only finite samples, and that the ranges cover
+    0..num_samples-1.
+
+    Args:
+        out_dir: the run folder.
+
+    Returns:
+        dict: samples (num, *shape) float32, indices (num,) int64, labels (num,) int64.
+
+    Raises:
+        CorruptRunError: naming the file (and shard) that fails, and why.
+    """
+    out_dir = Path(out_dir)
+    manifest = _read_json_object(out_dir / MANIFEST)
+    run = _read_json_object(out_dir / RUN_FILE)
+    chash = manifest.get("config_hash")
+    if not isinstance(chash, str) or chash != run.get("config_hash"):
+        raise CorruptRunError(f"{out_dir}: {MANIFEST} and {RUN_FILE} disagree on the config hash "
+                              f"({chash!r} vs {run.get('config_hash')!r}): the files come from different runs")
+    entries, num = manifest.get("shards"), manifest.get("num_samples")
+    if manifest.get("complete") is not True or not isinstance(entries, list) or not _is_int(num):
+        raise CorruptRunError(f"{out_dir / MANIFEST} is not the manifest of a complete run")
+    root = out_dir.resolve()
+    shards, start = [], 0
+    for k, entry in enumerate(entries):
+        shards.append(_verified_entry(out_dir, root, k, entry, start, chash))
+        start += entry["count"]
+    if start != num:
+        raise CorruptRunError(f"{out_dir / MANIFEST}: its shards hold {start} samples, not num_samples = {num}")
     return {k: np.concatenate([s[k] for s in shards]) for k in ("samples", "indices", "labels")}
 
 
-def _versions() -> dict:
-    from . import __version__  # noqa: PLC0415
+def _verified_entry(out_dir: Path, root: Path, k: int, entry, start: int, chash: str) -> dict:
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
+            and _is_int(entry.get("start")) and _is_int(entry.get("count")) and entry["count"] > 0):
+        raise CorruptRunError(f"{out_dir / MANIFEST}: shard entry {k} is malformed")
+    name = entry["file"]
+    if name != shard_name(k) or entry["start"] != start:
+        raise CorruptRunError(f"{out_dir / MANIFEST}: shard {k} is listed as {name!r} from index {entry['start']}, "
+                              f"expected {shard_name(k)!r} from index {start}")
+    path = out_dir / name
+    try:
+        inside = path.resolve().parent == root
+        digest = file_sha256(path) if inside else None
+    except OSError as exc:
+        raise CorruptRunError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not inside:
+        raise CorruptRunError(f"{path} leads outside {out_dir} (a symlink to {path.resolve()})")
+    if digest != entry["sha256"]:
+        raise CorruptRunError(f"{path}: its sha256 differs from the manifest's (modified or replaced)")
+    try:
+        return read_shard(path, (start, start + entry["count"]), chash)
+    except ShardError as exc:
+        raise CorruptRunError(f"{out_dir}: {exc}") from None
 
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CorruptRunError(f"{path} is missing: not a finished run") from None
+    except OSError as exc:
+        raise CorruptRunError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise CorruptRunError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CorruptRunError(f"{path} holds {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _versions() -> dict:
     versions = {"ddim_fused": __version__, "torch": torch.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
     try:
-        import triton  # noqa: PLC0415
+        import triton  # noqa: PLC0415 - optional on platforms without it
 
         versions["triton"] = triton.__version__
     except ImportError:
@@ -299,56 +520,85 @@ def run_generation(
     model_info: dict,
     *,
     progress: bool = True,
+    preview: bool = False,
 ) -> dict:
     """Generate a whole run into out_dir, resuming what is there; one process or a torchrun group.
 
-    Under torchrun (WORLD_SIZE > 1) it joins the process group (gloo on CPU, nccl on CUDA),
-    takes shards k with k % world_size == rank, and rank 0 writes the manifest once every
-    rank has finished. A rank that fails makes every rank raise, after the others have
-    written their shards, so a resume only redoes what is missing.
+    Rank 0 creates out_dir, takes its lock (held until the run ends, so a second run into
+    the same folder fails at once), checks or writes run.json and removes temporary files
+    a killed run left. Under torchrun (WORLD_SIZE > 1) it joins the process group (gloo on
+    CPU, nccl on CUDA), takes shards k with k % world_size == rank, and rank 0 writes the
+    manifest once every rank has finished. A rank that fails makes every rank raise, after
+    the others have written their shards, so a resume only redoes what is missing.
 
     Args:
-        out_dir: output directory (created if needed).
+        out_dir: output directory (str or Path; created if needed; an empty string is refused).
         config: the run.
         model_factory: builds the eps-model on a device (called once per process).
         model_info: JSON-able identity of the model (name, weights sha256).
+        progress: show a progress bar (rank 0).
+        preview: also write preview.png, a grid of the first 100 samples (single-channel images).
 
     Returns:
         summary dict: samples_written (this invocation, all ranks), seconds, samples_per_s,
         shards_skipped, rank, world_size, manifest (rank 0; None elsewhere).
+
+    Raises:
+        OutputPathError: out_dir is empty, a file, or cannot be created or written.
+        RunLockedError: another process is generating into out_dir.
+        RunMismatchError: out_dir holds another run, or a damaged run.json.
+        NonFiniteError: a sample came out NaN or Inf (nothing non-finite is written).
+        OSError: a write failed (a full disk); finished shards are kept.
+        RankFailedError: (torchrun) another rank failed; it reports why.
     """
+    if out_dir is None or not str(out_dir).strip():
+        raise OutputPathError("output directory must name a folder, got an empty path")
     out_dir = Path(out_dir)
     rank, world, device = _join_group(config.device)
     start_time = time.perf_counter()
-    error: Optional[BaseException] = None
-    written = skipped = 0
-    try:
+    with contextlib.ExitStack() as held:
+        held.callback(_leave_group, world)
+        setup_error: Optional[BaseException] = None
         if rank == 0:
-            chash = prepare_dir(out_dir, config, model_info)
-            remove_stale_temps(out_dir)
-        _barrier(world)
-        if rank != 0:
-            chash = prepare_dir(out_dir, config, model_info)
-        mine = list(range(rank, config.n_shards, world))
-        todo = pending_shards(out_dir, config, chash, mine)
-        skipped = len(mine) - len(todo)
-        model = model_factory(device)
-        run_config = dataclasses.replace(config, device=str(device))
-        bar = _progress_bar(sum(config.shard_range(k)[1] - config.shard_range(k)[0] for k in todo),
-                            enabled=progress and rank == 0, world=world)
-        written = generate_shards(out_dir, run_config, model, chash, todo, on_batch=bar.update)
-        bar.close()
-    except BaseException as exc:  # reported after the group agrees, so no rank hangs
-        error = exc
-    failed_ranks, written_all = _gather_status(world, error is not None, written)
-    manifest = None
-    if failed_ranks == 0 and rank == 0:
-        manifest = write_manifest(out_dir, config, model_info, chash)
-    _leave_group(world)
-    if error is not None:
-        raise error
-    if failed_ranks:
-        raise RuntimeError(f"{failed_ranks} of {world} ranks failed; finished shards are kept, rerun to resume")
+            try:
+                check_output_dir(out_dir, "output directory")
+                held.enter_context(run_lock(out_dir))
+                prepare_dir(out_dir, config, model_info)
+                remove_stale_temps(out_dir)
+            except BaseException as exc:  # reported after the group agrees, so no rank hangs
+                setup_error = exc
+        # Also the barrier: no rank reads shards before rank 0 has settled the folder.
+        setup_failed, _ = _gather_status(world, setup_error is not None, 0)
+        if setup_error is not None:
+            raise setup_error
+        if setup_failed:
+            raise RankFailedError(f"rank 0 could not prepare {out_dir} (see its error)")
+        chash = run_identity(config, model_info)[1]
+        error: Optional[BaseException] = None
+        written = skipped = 0
+        try:
+            mine = list(range(rank, config.n_shards, world))
+            todo = pending_shards(out_dir, config, chash, mine)
+            skipped = len(mine) - len(todo)
+            model = model_factory(device)
+            run_config = dataclasses.replace(config, device=str(device))
+            bar = _progress_bar(sum(config.shard_range(k)[1] - config.shard_range(k)[0] for k in todo),
+                                enabled=progress and rank == 0, world=world)
+            written = generate_shards(out_dir, run_config, model, chash, todo, on_batch=bar.update)
+            bar.close()
+        except BaseException as exc:  # reported after the group agrees, so no rank hangs
+            error = exc
+        failed_ranks, written_all = _gather_status(world, error is not None, written)
+        manifest = None
+        if failed_ranks == 0 and rank == 0:
+            manifest = write_manifest(out_dir, config, model_info, chash)
+            if preview:
+                write_preview(out_dir)
+        if error is not None:
+            raise error
+        if failed_ranks:
+            raise RankFailedError(f"{failed_ranks} of {world} ranks failed (see their errors); finished shards are "
+                                  "kept, rerun to resume")
     seconds = time.perf_counter() - start_time
     return {"samples_written": written_all, "seconds": seconds, "samples_per_s": written_all / max(seconds, 1e-9),
             "shards_skipped": skipped, "rank": rank, "world_size": world, "manifest": manifest}

@@ -16,11 +16,8 @@ from .cli_options import (
     check_runtime,
     load_model,
     parse_classes,
-    write_png,
 )
 from .digits.pretrained import MODEL_FILE
-
-PREVIEW = "preview.png"
 
 
 def add_parser(sub) -> None:
@@ -70,22 +67,19 @@ def cmd_generate(args) -> None:
 
     out = Path(args.out)
     try:
-        summary = gen.run_generation(out, config, make_model, info, progress=not args.no_progress)
-    except gen.RunMismatchError as exc:
+        summary = gen.run_generation(args.out, config, make_model, info, progress=not args.no_progress, preview=True)
+    except (gen.RunMismatchError, gen.RunLockedError, gen.OutputPathError) as exc:
         raise UserError(str(exc)) from None
+    except (gen.NonFiniteError, gen.RankFailedError) as exc:
+        print(f"ddim-fused: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except OSError as exc:
         print(f"ddim-fused: error: {exc}; finished shards in {out} are kept: rerun the same command to resume",
               file=sys.stderr)
         raise SystemExit(1) from None
     if summary["rank"] != 0:
         return
-    _write_preview(out)
     print(f"generated {summary['samples_written']} samples in {summary['seconds']:.1f} s "
           f"({summary['samples_per_s']:.1f} samples/s, {summary['world_size']} process(es)); "
           f"{summary['shards_skipped']} complete shard(s) kept; {config.num} samples in {out}")
 
-
-def _write_preview(out: Path) -> None:
-    """preview.png: the run's first 100 samples, 10 per row."""
-    first = gen.read_shard(out / gen.shard_name(0))["samples"][:100]
-    write_png(torch.from_numpy(first), out / PREVIEW, ncols=min(len(first), 10), tmp_mark=gen.TMP_MARK)

@@ -8,7 +8,6 @@ in that dtype, as eager code would.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import torch

@@ -1,11 +1,9 @@
 """The CLI's shared helpers: sampler messages in flag names, atomic PNG output."""
-import os
 
 import pytest
 import torch
-from PIL import Image
 
-from ddim_fused.cli_options import SAMPLER_FLAGS, UserError, build_sampler, flag_names, sampler_errors, write_png
+from ddim_fused.cli_options import SAMPLER_FLAGS, UserError, build_sampler, flag_names, sampler_errors
 from ddim_fused.schedules import make_alpha_bar
 
 
@@ -46,25 +44,3 @@ def test_build_sampler_uses_the_models_schedule():
     with pytest.raises(UserError, match="--steps") as info:
         build_sampler(_Model(), _Args(), 101)
     assert "101" in str(info.value)
-
-
-def test_write_png_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
-    out = tmp_path / "g.png"
-    out.write_bytes(b"old")
-    x = torch.linspace(-1, 1, 3 * 64).reshape(3, 1, 8, 8)
-    before = x.clone()
-    size = write_png(x, out, ncols=2)
-    with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == size
-    assert os.listdir(tmp_path) == ["g.png"]
-    assert torch.equal(x, before)
-
-
-def test_write_png_cleans_up_after_a_failed_write(tmp_path, monkeypatch):
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr("ddim_fused.cli_options.os.replace", full_disk)
-    with pytest.raises(OSError):
-        write_png(torch.zeros(1, 1, 8, 8), tmp_path / "g.png", ncols=1)
-    assert os.listdir(tmp_path) == []

@@ -1,10 +1,15 @@
-"""The embedded digits model: loading, the sampler protocol, and class adherence of samples."""
+"""The embedded digits model: loading, the sampler protocol, class adherence of samples, PNG output."""
+import errno
+
 import pytest
 import torch
+from PIL import Image
 
 from ddim_fused import DDIMSampler
+from ddim_fused.cli import main as cli_main
 from ddim_fused.digits import NULL_CLASS, load_digits_classifier, load_digits_model
 from ddim_fused.digits.classifier import CLASSIFIER_FILE
+from ddim_fused.digits.images import save_grid
 from ddim_fused.digits.pretrained import MODEL_FILE
 
 # Measured with the shipped weights (python -m ddim_fused.digits.evaluate): guidance 3 gave
@@ -96,3 +101,31 @@ def test_classifier_reads_real_digits():
     accuracy = (clf.predict(x[test_idx]) == torch.tensor(data.target)[test_idx]).float().mean().item()
     assert accuracy == pytest.approx(clf.test_accuracy, abs=1e-6)
     assert accuracy > 0.95
+
+
+def full_disk_after_a_few_bytes(self, fp, *args, **kwargs):
+    fp.write(b"\x89PNG partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_png_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "grid.png"
+    size = save_grid(torch.zeros(4, 1, 8, 8), target, ncols=2)
+    old = target.read_bytes()
+    assert Image.open(target).size == size
+    monkeypatch.setattr(Image.Image, "save", full_disk_after_a_few_bytes)
+    with pytest.raises(OSError, match="No space left"):
+        save_grid(torch.ones(4, 1, 8, 8), target, ncols=4)
+    assert target.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_sample_command_on_a_full_disk_keeps_the_previous_png(tmp_path, monkeypatch):
+    target = tmp_path / "old.png"
+    target.write_bytes(b"previous picture")
+    monkeypatch.setattr(Image.Image, "save", full_disk_after_a_few_bytes)
+    # The exit code of this failure belongs to the CLI; the file must survive either way.
+    with pytest.raises((OSError, SystemExit)):
+        cli_main(["sample", "--num", "2", "--steps", "2", "--no-progress", "--out", str(target)])
+    assert target.read_bytes() == b"previous picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.png"]

@@ -125,5 +125,8 @@ def test_bad_configuration(field, value):
 def test_unwritable_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match="cannot create output directory"):
+    with pytest.raises(gen.OutputPathError, match="cannot create output directory"):
         run(blocker / "out")
+    with pytest.raises(gen.OutputPathError, match="is a file, not a folder"):
+        run(blocker)
+    assert blocker.read_text() == "not a directory"

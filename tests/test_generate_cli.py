@@ -110,7 +110,7 @@ def test_config_mismatch_and_unwritable_dir(tmp_path, capsys):
     blocker.write_text("")
     with pytest.raises(SystemExit) as info:
         main(["generate", *ARGS, "--out", str(blocker / "sub")])
-    assert info.value.code == 1 and "cannot create output directory" in capsys.readouterr().err
+    assert info.value.code == 2 and "cannot create output directory" in capsys.readouterr().err
 
 
 def test_full_disk_exits_non_zero_and_keeps_finished_shards(tmp_path, capsys, monkeypatch):

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from .model import N_CLASSES
 
 CLASSIFIER_FILE = Path(__file__).with_name("weights") / "digits_classifier.pt"
@@ -71,10 +72,15 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, epochs:
     return clf.eval()
 
 
+def classifier_blob(clf: DigitsClassifier, test_accuracy: float) -> dict:
+    """The classifier as a plain dict (config + state dict) that torch.load reads with weights_only=True."""
+    return {"config": {"hidden": clf.hidden, "test_accuracy": float(test_accuracy)}, "state_dict": clf.state_dict()}
+
+
 def save_classifier(clf: DigitsClassifier, path, test_accuracy: float) -> None:
-    """Save the classifier as a plain dict (state dict + config) loadable with weights_only=True."""
-    torch.save({"config": {"hidden": clf.hidden, "test_accuracy": float(test_accuracy)},
-                "state_dict": clf.state_dict()}, path)
+    """Save the classifier (see classifier_blob) atomically: a failed write leaves `path` as it was."""
+    blob = classifier_blob(clf, test_accuracy)
+    atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def load_digits_classifier(path=None, device="cpu") -> DigitsClassifier:

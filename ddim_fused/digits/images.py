@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Digits in [-1, 1] as grey levels (values outside are clipped).
@@ -47,7 +49,11 @@ def grid_image(x: torch.Tensor, ncols: int, scale: int = 8, pad: int = 1):
 
 
 def save_grid(x: torch.Tensor, path, ncols: int, scale: int = 8) -> tuple[int, int]:
-    """Write digits as a PNG grid (see grid_image); returns the image's (width, height)."""
+    """Write digits as a PNG grid (see grid_image); returns the image's (width, height).
+
+    The file is written to an exclusive temporary file and renamed over `path`, so a failed
+    write (a full disk) leaves the previous file untouched.
+    """
     image = grid_image(x, ncols, scale)
-    image.save(path, format="PNG")
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
     return image.size

@@ -1,6 +1,11 @@
 """Train the embedded digits eps-model and its classifier (needs scikit-learn for the data).
 
-    python -m ddim_fused.digits.train [--out DIR] [--epochs N]   (or: ddim-fused train-digits)
+    python -m ddim_fused.digits.train [--out DIR | --replace-shipped] [--epochs N]   (or: ddim-fused train-digits)
+
+The two weights files are written to ./digits-weights/ unless told otherwise, and only
+after both models are trained, as a pair: both temporary files are written first, then
+both renamed, so an interrupted run never leaves a new classifier beside an old UNet.
+The shipped files in the package are replaced only with --replace-shipped.
 """
 from __future__ import annotations
 
@@ -13,10 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import OutputPathError, atomic_write_all, check_output_dir
 from ..schedules import make_alpha_bar
-from .classifier import save_classifier, train_classifier
+from .classifier import CLASSIFIER_FILE, classifier_blob, train_classifier
 from .model import N_CLASSES, NULL_CLASS, DigitsUNet
 from .pretrained import MODEL_FILE
+
+DEFAULT_OUT_DIR = Path("digits-weights")
+SHIPPED_DIR = MODEL_FILE.parent
 
 DEFAULTS = dict(epochs=300, batch_size=128, lr=2e-3, label_dropout=0.15, ema=0.999, seed=0,
                 schedule="linear", n_train_steps=1000, channels=(32, 64, 96), emb_dim=128)
@@ -44,12 +53,39 @@ def split_indices(n: int, seed: int, test_fraction: float = 0.2) -> tuple[torch.
     return perm[n_test:], perm[:n_test]
 
 
-def train_digits(out_dir=None, *, epochs: int = DEFAULTS["epochs"], seed: int = DEFAULTS["seed"],
-                 threads: int = 2, log=None, progress: bool = True) -> dict:
-    """Train the eps-model (EMA weights are saved) and the classifier; write both files.
+def weights_dir(out_dir=None, replace_shipped: bool = False) -> Path:
+    """The folder train_digits writes to, created if needed and checked before any training.
 
     Args:
-        out_dir: folder for digits_unet.pt and digits_classifier.pt; None for the package's.
+        out_dir: a folder; None for ./digits-weights (relative to the current folder).
+        replace_shipped: write into the package's own weights folder instead.
+
+    Raises:
+        OutputPathError: both arguments given; out_dir is the package's folder without
+            replace_shipped; the folder is empty, a file, or not writable.
+    """
+    if replace_shipped:
+        if out_dir is not None:
+            raise OutputPathError("--out and --replace-shipped exclude each other: the latter writes into the "
+                                  f"package's weights folder {SHIPPED_DIR}")
+        return check_output_dir(SHIPPED_DIR, "shipped weights folder")
+    folder = check_output_dir(DEFAULT_OUT_DIR if out_dir is None else out_dir, "weights folder")
+    if SHIPPED_DIR.is_dir() and folder.samefile(SHIPPED_DIR):
+        raise OutputPathError(f"{str(folder)!r} is the package's weights folder; pass --replace-shipped (and no "
+                              "--out) to replace the shipped model")
+    return folder
+
+
+def train_digits(out_dir=None, *, replace_shipped: bool = False, epochs: int = DEFAULTS["epochs"],
+                 seed: int = DEFAULTS["seed"], threads: int = 2, log=None, progress: bool = True) -> dict:
+    """Train the eps-model (EMA weights are saved) and the classifier; write both files as a pair.
+
+    Nothing is written until both are trained; then both files are written to temporary
+    files and renamed together (see ddim_fused.atomic.atomic_write_all).
+
+    Args:
+        out_dir: folder for digits_unet.pt and digits_classifier.pt; None for ./digits-weights.
+        replace_shipped: replace the package's shipped weights (out_dir must be None).
         epochs: passes over the 1,797 digits (15 batches of up to 128).
         seed: seeds weights, batch order, time steps, noise and label dropout.
         threads: torch CPU threads (fixed so timings and results are reproducible).
@@ -57,15 +93,18 @@ def train_digits(out_dir=None, *, epochs: int = DEFAULTS["epochs"], seed: int = 
         progress: show a tqdm progress bar over the training steps.
 
     Returns:
-        dict of summary numbers (train seconds, parameter count, classifier accuracy).
+        dict of summary numbers (train seconds, parameter count, classifier accuracy) and
+        out_dir, the folder written to.
+
+    Raises:
+        OutputPathError: see weights_dir; raised before any training.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     from tqdm import tqdm  # noqa: PLC0415
 
     log = log or tqdm.write
-    out_dir = Path(out_dir) if out_dir is not None else MODEL_FILE.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = weights_dir(out_dir, replace_shipped)
     torch.set_num_threads(threads)
     cfg = dict(DEFAULTS, epochs=epochs, seed=seed)
     x, y = load_digits_data()
@@ -74,8 +113,7 @@ def train_digits(out_dir=None, *, epochs: int = DEFAULTS["epochs"], seed: int = 
     train_idx, test_idx = split_indices(len(x), seed)
     clf = train_classifier(x[train_idx], y[train_idx], seed=seed)
     clf_acc = float((clf.predict(x[test_idx]) == y[test_idx]).float().mean())
-    save_classifier(clf, out_dir / "digits_classifier.pt", clf_acc)
-    log(f"classifier: held-out accuracy {clf_acc:.4f} on {len(test_idx)} real digits")
+    log(f"classifier: held-out accuracy {clf_acc:.4f} on {len(test_idx)} real digits (written with the UNet)")
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -124,18 +162,23 @@ def train_digits(out_dir=None, *, epochs: int = DEFAULTS["epochs"], seed: int = 
               "label_dropout": cfg["label_dropout"], "ema": cfg["ema"], "seed": seed,
               "train_seconds": float(seconds), "threads": threads}
     # Stored in float16 (half the file size); loading casts back to float32.
-    state = {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
-    torch.save({"config": config, "state_dict": state}, out_dir / "digits_unet.pt")
+    unet = {"config": config, "state_dict": {k: v.half() if v.is_floating_point() else v
+                                             for k, v in ema.state_dict().items()}}
+    clf_blob = classifier_blob(clf, clf_acc)
+    unet_path, clf_path = out_dir / MODEL_FILE.name, out_dir / CLASSIFIER_FILE.name
+    atomic_write_all([(unet_path, lambda f: torch.save(unet, f)), (clf_path, lambda f: torch.save(clf_blob, f))])
     log(f"trained {n_params} parameters for {total} steps in {seconds:.0f}s on {threads} threads; "
-        f"wrote {out_dir / 'digits_unet.pt'}")
-    return {"seconds": seconds, "n_params": n_params, "classifier_accuracy": clf_acc}
+        f"wrote {unet_path} and {clf_path}")
+    return {"seconds": seconds, "n_params": n_params, "classifier_accuracy": clf_acc, "out_dir": out_dir}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The train-digits options, shared by this module's main and the ddim-fused CLI."""
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="folder to write digits_unet.pt and digits_classifier.pt "
-                             "(default: the package's weights folder, replacing the shipped model)")
+                        help=f"folder to write digits_unet.pt and digits_classifier.pt (default ./{DEFAULT_OUT_DIR}); "
+                             "use them with --weights DIR/digits_unet.pt")
+    parser.add_argument("--replace-shipped", action="store_true",
+                        help="replace the model shipped in the package instead (both files, together)")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
                         help=f"passes over the 1,797 digits, 15 steps each (default {DEFAULTS['epochs']})")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="training seed (default 0)")
@@ -149,7 +192,11 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    train_digits(args.out, epochs=args.epochs, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+    try:
+        train_digits(args.out, replace_shipped=args.replace_shipped, epochs=args.epochs, seed=args.seed,
+                     threads=args.threads, progress=not args.no_progress)
+    except OutputPathError as exc:
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":
