@@ -81,12 +81,13 @@ def keyed_normal_torch(
     if lib is None:
         normals = _keyed_normal_ops(batch, numel, seed, steps, NOISE_STREAMS[stream], sample_offset, repeat)
     else:
-        normals = torch.empty(steps.numel(), batch, numel)
-        sample_keys = torch.zeros(batch, dtype=torch.int64)
-        if not repeat:
-            sample_keys += torch.arange(sample_offset, sample_offset + batch, dtype=torch.int64)
-        keyed_normal_native(lib, normals.view(steps.numel() * batch, numel), sample_keys.repeat(steps.numel()),
-                            steps.reshape(-1).repeat_interleave(batch), NOISE_STREAMS[stream], seed)
+        rows = (steps.numel(), batch)
+        normals = torch.empty(*rows, numel)
+        samples = torch.zeros(batch, dtype=torch.int64) if repeat else torch.arange(sample_offset,
+                                                                                     sample_offset + batch)
+        # Row (k, b) is keyed by (sample b, step k); expand + reshape is far cheaper than repeat.
+        keyed_normal_native(lib, normals.view(rows[0] * batch, numel), samples.expand(rows).reshape(-1),
+                            steps.view(-1, 1).expand(rows).reshape(-1), NOISE_STREAMS[stream], seed)
     return normals if steps.dim() else normals[0]
 
 

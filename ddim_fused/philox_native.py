@@ -127,6 +127,8 @@ def library() -> Optional[ctypes.CDLL]:
     """
     if os.environ.get(DISABLE_ENV, "1").strip() == "0":
         return None
+    if "lib" in _loaded:  # settled: no lock needed to read it
+        return _loaded["lib"]
     with _lock:
         if "lib" not in _loaded:
             _loaded["lib"] = _build_or_warn()
