@@ -36,10 +36,10 @@ SOURCE = Path(__file__).with_name("philox_cpu.c")
 DISABLE_ENV = "DDIM_FUSED_CPU_KERNEL"
 # "-x c" last: the source is C even where $CC names a C++ driver (which would mangle the names).
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-x", "c")
-# Counters per chunk (and per torch thread): small enough that the planes (4 x 128 KiB) stay
-# in cache between the torch ops that read them, large enough that the ~7 calls per chunk
-# cost little. Measured on 1M normals: 16K to 256K within noise of each other, 4K slower.
-CHUNK_COUNTERS = 1 << 15
+# Counters per chunk (and per torch thread): bounds the scratch planes (6 x 512 KiB) of a
+# large draw; each chunk costs ~7 calls. Measured on 1M normals at 1 thread (shared CPUs):
+# 64K to 256K within noise, 32K ~10% slower, 4K far slower.
+CHUNK_COUNTERS = 1 << 17
 
 _lock = threading.Lock()
 _loaded: dict[str, Optional[ctypes.CDLL]] = {}
