@@ -1,14 +1,19 @@
-"""The kernel's keyed Philox normal stream, reproduced with torch integer ops.
+"""The kernel's keyed Philox normal stream, reproduced on the host.
 
 Same counters, key, uniform mapping and Box-Muller as `kernels/noise.py`, so the
 torch backend and the Triton kernel draw the same noise for one seed (bitwise in the
-integers, to float rounding of log/cos/sin in the normals).
+integers, to float rounding of log/cos/sin in the normals). On the CPU the integer half
+runs in a small C kernel (`ddim_fused.philox_native`) when one can be built; elsewhere,
+or without a C compiler, in torch integer ops. Both give the same bits.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .philox_native import keyed_normal_native, library
+from .validation import check_int
 
 NOISE_STREAMS = {"step": 0, "orig": 1, "initial": 2}
 
@@ -56,11 +61,40 @@ def keyed_normal_torch(
         step_key: DDIM step index, or a sequence of K of them to draw K steps' noise in
             one call (the same values as K separate calls, for far fewer torch ops).
         stream: "step", "orig" or "initial".
+        sample_offset: global index of the first sample; keys use its low 32 bits, as
+            the kernel does (so do step keys).
 
     Returns:
         float32 tensor of shape (B, numel), or (K, B, numel) for a sequence of step keys.
     """
+    batch = check_int("batch", batch, 0, 2**62)
+    numel = check_int("numel", numel, 0, 2**62)
+    seed = check_int("seed", seed, 0, 2**63 - 1)
+    sample_offset = check_int("sample_offset", sample_offset, 0, 2**62)
+    if stream not in NOISE_STREAMS:
+        raise ValueError(f"stream must be one of {', '.join(map(repr, NOISE_STREAMS))}, got {stream!r}")
+    device = torch.device(device)
     steps = torch.as_tensor(step_key, dtype=torch.int64, device=device)
+    if steps.dim() > 1:
+        raise ValueError(f"step_key must be an int or a 1-D sequence, got shape {tuple(steps.shape)}")
+    lib = library() if device.type == "cpu" else None
+    if lib is None:
+        normals = _keyed_normal_ops(batch, numel, seed, steps, NOISE_STREAMS[stream], sample_offset, repeat)
+    else:
+        rows = (steps.numel(), batch)
+        normals = torch.empty(*rows, numel)
+        samples = torch.zeros(batch, dtype=torch.int64) if repeat else torch.arange(sample_offset,
+                                                                                     sample_offset + batch)
+        # Row (k, b) is keyed by (sample b, step k); expand + reshape is far cheaper than repeat.
+        keyed_normal_native(lib, normals.view(rows[0] * batch, numel), samples.expand(rows).reshape(-1),
+                            steps.view(-1, 1).expand(rows).reshape(-1), NOISE_STREAMS[stream], seed)
+    return normals if steps.dim() else normals[0]
+
+
+def _keyed_normal_ops(batch: int, numel: int, seed: int, steps: torch.Tensor, stream_id: int, sample_offset: int,
+                      repeat: bool) -> torch.Tensor:
+    """keyed_normal_torch in torch ops on steps' device: (K, B, numel) for K = steps.numel()."""
+    device = steps.device
     n_counters = (numel + 3) // 4
     counter = torch.arange(n_counters, device=device, dtype=torch.int64)
     keys = torch.zeros(batch, 1, device=device, dtype=torch.int64)
@@ -70,8 +104,8 @@ def keyed_normal_torch(
     c0 = (counter & _MASK32).expand(shape)
     c1 = (keys & _MASK32).expand(shape)
     c2 = (steps.view(-1, 1, 1) & _MASK32).expand(shape)
-    c3 = ((counter >> 32) * 4 + NOISE_STREAMS[stream]).expand(shape)
-    r0, r1, r2, r3 = philox4x32(c0, c1, c2, c3, int(seed))
+    c3 = ((counter >> 32) * 4 + stream_id).expand(shape)
+    r0, r1, r2, r3 = philox4x32(c0, c1, c2, c3, seed)
     u0, u1, u2, u3 = (_uniform_open(r) for r in (r0, r1, r2, r3))
     rad_a = torch.sqrt(-2.0 * torch.log(u0))
     rad_b = torch.sqrt(-2.0 * torch.log(u2))
@@ -80,8 +114,7 @@ def keyed_normal_torch(
         (rad_a * torch.cos(angle_a), rad_a * torch.sin(angle_a), rad_b * torch.cos(angle_b), rad_b * torch.sin(angle_b)),
         dim=-1,
     )
-    normals = normals.reshape(shape[:2] + (4 * n_counters,))[..., :numel].contiguous()
-    return normals if steps.dim() else normals[0]
+    return normals.reshape(shape[:2] + (4 * n_counters,))[..., :numel].contiguous()
 
 
 def _uniform_open(bits: torch.Tensor) -> torch.Tensor:
