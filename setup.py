@@ -24,7 +24,11 @@ setup(
     extras_require={
         # Everything the tests exercise, so none of them is skipped: the diffusers backend
         # and the digits classifier's check on real digits (scikit-learn, which brings scipy).
-        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn"],
+        # k-diffusion itself cannot be listed: its release pins torchvision, wandb, kornia,
+        # clip, ... and (through dctorch) numpy < 2, so the README's test command installs it
+        # with --no-deps; these are the dependencies its sampling module really imports.
+        # torchsde also lets diffusers build DPMSolverSDEScheduler, one of DDIM's compatibles.
+        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn", "scipy", "torchsde", "torchdiffeq"],
         "diffusers": ["diffusers>=0.42"],
         "plots": ["matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.42"],
