@@ -25,20 +25,18 @@ computed once, in float64, from the host copy of `sigmas` (one device read per c
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable
 
 import torch
 from tqdm.auto import trange
 
+from .backend import BACKENDS, check_backend, step_function, uses_kernel
 from .philox import keyed_normal_torch
-from .torch_step import torch_ddim_step
+from .step_args import StepArgs
 
 __all__ = ["BACKENDS", "KeyedNoiseSampler", "keyed_noise_sampler", "sample_ddim"]
 
-BACKENDS = ("auto", "triton", "torch")
 # The dtypes the Triton kernel loads and stores (kernels/ddim_step.py).
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SEED = 2**63
 
 
@@ -107,14 +105,6 @@ def _ancestral_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[floa
     return math.sqrt(max(sigma_next**2 - up**2, 0.0)), up
 
 
-def _fits_kernel(x: torch.Tensor, denoised: torch.Tensor, noise: torch.Tensor | None, out: torch.Tensor) -> bool:
-    tensors = [x, denoised, out] + ([noise] if noise is not None else [])
-    fits = all(t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in tensors)
-    if noise is not None:  # the kernel reads noise as (1 or B, *x.shape[1:])
-        fits = fits and noise.dim() == x.dim() and noise.shape[1:] == x.shape[1:] and noise.shape[0] in (1, x.shape[0])
-    return fits
-
-
 def _fused_update(x: torch.Tensor, denoised: torch.Tensor, x_coef: float, d_coef: float,
                   noise_coef: float = 0.0, noise: torch.Tensor | None = None, *,
                   keyed: tuple[int, int, int] | None = None, backend: str = "auto",
@@ -123,10 +113,10 @@ def _fused_update(x: torch.Tensor, denoised: torch.Tensor, x_coef: float, d_coef
 
     Every update of this module goes through here. `keyed` = (seed, step_key,
     sample_offset) draws the noise inside the step from the keyed Philox stream instead
-    of reading `noise`. The kernel runs on CUDA tensors (backend "auto") or always
-    ("triton"); otherwise, and for layouts the kernel does not read (strided tensors,
-    float64), the torch path runs the same update. The sum is formed in float32 (float64
-    for a float64 result) and rounded once to `dtype` (default x's).
+    of reading `noise`. `ddim_fused.backend` picks the kernel or the torch path, as for
+    the sampler; strided inputs, and noise the kernel cannot read as (1 or B, *s), are
+    copied once into its layout. The sum is formed in float32 (float64 for a float64
+    result) and rounded once to `dtype` (default x's).
 
     Returns:
         a new tensor of x's shape in `dtype`.
@@ -136,17 +126,12 @@ def _fused_update(x: torch.Tensor, denoised: torch.Tensor, x_coef: float, d_coef
         x = x.double()  # the torch path accumulates in x's dtype
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     seed, step_key, sample_offset = keyed if keyed is not None else (None, 0, 0)
-    step = torch_ddim_step
-    if backend != "torch":
-        fits = _fits_kernel(x, denoised, noise, out)
-        if backend == "triton" and not fits:
-            raise ValueError("backend='triton' needs contiguous float32/float16/bfloat16 tensors and noise of "
-                             "shape (1 or B, *x.shape[1:])")
-        if fits and (backend == "triton" or (x.is_cuda and denoised.is_cuda)):
-            from ddim_fused.kernels import launch_ddim_step  # imports triton: only when the kernel runs
-            step = launch_ddim_step
-    step(x, denoised, out, x_coef=x_coef, eps_coef=d_coef, noise_coef=noise_coef, noise=noise,
-         seed=seed, step_key=step_key, sample_offset=sample_offset)
+    if noise is not None and (noise.dim() != x.dim() or noise.shape[1:] != x.shape[1:]
+                              or noise.shape[0] not in (1, x.shape[0])):
+        noise = noise.expand(x.shape)
+    step = StepArgs(x_coef, d_coef, noise_coef=noise_coef, noise=None if noise is None else noise.contiguous(),
+                    seed=seed, step_key=step_key, sample_offset=sample_offset)
+    step_function(backend, x.device, dtype)(x.contiguous(), denoised.contiguous(), out, step)
     return out
 
 
@@ -237,11 +222,8 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     for name, fn in (("callback", callback), ("noise_sampler", noise_sampler)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-                         "imported to run the kernel on the CPU")
+    check_backend(backend)
+    uses_kernel(backend, x.device, x.dtype)  # a clear error where backend="triton" cannot run x
     eta = _check_real("eta", eta, minimum=0.0)
     s_noise = _check_real("s_noise", s_noise)
     host_sigmas = _check_sigmas(sigmas, eta)

@@ -21,7 +21,7 @@ import types
 import pytest
 import torch
 
-import ddim_fused.k_diffusion as kd_module
+import ddim_fused.backend as backend_module
 from ddim_fused.k_diffusion import KeyedNoiseSampler, keyed_noise_sampler, sample_ddim
 from ddim_fused.schedules import make_alpha_bar
 from tests.helpers import FP32_RTOL, assert_close
@@ -320,18 +320,18 @@ def test_keyed_noise_sampler_rejects_bad_arguments():
 
 def test_each_step_is_one_fused_update(monkeypatch):
     calls = []
-    real = kd_module.torch_ddim_step
+    real = backend_module.torch_ddim_step
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+    def counting(x, model_out, out, step, *outputs):
+        calls.append(step)
+        return real(x, model_out, out, step, *outputs)
 
-    monkeypatch.setattr(kd_module, "torch_ddim_step", counting)
+    monkeypatch.setattr(backend_module, "torch_ddim_step", counting)
     x = torch.randn(2, 3, 4) * SIGMAS[0]
     sample_ddim(_toy_denoiser, x, SIGMAS, disable=True, eta=1.0, noise_sampler=keyed_noise_sampler(0, x))
     assert len(calls) == len(SIGMAS) - 1
-    assert all(c["noise"] is None for c in calls)  # keyed noise is drawn in the step, never materialised
-    assert [c["noise_coef"] > 0 for c in calls] == [True] * (len(SIGMAS) - 2) + [False]
+    assert all(c.noise is None for c in calls)  # keyed noise is drawn in the step, never materialised
+    assert [c.noise_coef > 0 for c in calls] == [True] * (len(SIGMAS) - 2) + [False]
 
 
 @pytest.mark.parametrize("noise", ["keyed", "tensor", "none"])
@@ -350,7 +350,7 @@ def test_triton_kernel_matches_the_torch_path(noise, monkeypatch):
         want = sample_ddim(_toy_denoiser, x.to(dtype), SIGMAS.to(dtype), disable=True, eta=eta,
                            noise_sampler=sampler(), backend="torch")
         with monkeypatch.context() as patch:
-            patch.setattr(kd_module, "torch_ddim_step", _no_torch_path)
+            patch.setattr(backend_module, "torch_ddim_step", _no_torch_path)
             got = sample_ddim(_toy_denoiser, x.to(dtype), SIGMAS.to(dtype), disable=True, eta=eta,
                               noise_sampler=sampler(), backend="triton")
         assert got.dtype == want.dtype == dtype
