@@ -65,6 +65,9 @@ from .backend import BACKENDS, check_backend, step_function
 from .coefficients import StepCoefficients, ddim_variance, step_coefficients
 from .step_args import StepArgs
 
+# Per-eta coefficient tables a scheduler keeps before starting over (eta is usually fixed).
+_MAX_ETA_TABLES = 8
+
 __all__ = ["BACKENDS", "FusedDDIMInverseScheduler", "FusedDDIMScheduler", "StepCoefficients",
            "step_coefficients", "use_fused"]
 
@@ -138,6 +141,34 @@ class _FusedStepMixin:
         self._timesteps_version = self.timesteps._version
         self._tables = self._schedule_tables(self._host_alphas_cumprod(),
                                              self.config.num_train_timesteps // self.num_inference_steps)
+        self._step_tables = {}
+        self._step_table(0.0)  # eta = 0, the pipelines' default: tabulated now, not in the first step
+
+    def _step_table(self, eta) -> dict:
+        """{training time step: (StepCoefficients, (x_coef, m_coef))} of the schedule for one eta.
+
+        Built once per eta and per set_timesteps (every time step of the schedule, in
+        float64 with `step_coefficients`), so a step is a dictionary lookup. A time step
+        outside the schedule is computed on the fly.
+        """
+        table = self._step_tables.get(eta)
+        if table is None:
+            eta = _check_eta(eta)
+            if len(self._step_tables) >= _MAX_ETA_TABLES:
+                self._step_tables.clear()
+            table = {t: self._coefficient_row(t, eta) for t in self._host_timesteps.tolist()}
+            self._step_tables[eta] = table
+        return table
+
+    def _coefficient_row(self, t: int, eta: float) -> tuple:
+        a_t, a_prev, variance = self._tables[:, t]
+        coefs = step_coefficients(a_t, a_prev, variance, eta, self.config.prediction_type)
+        return coefs, coefs.linear
+
+    def _coefficients(self, t: int, eta) -> tuple:
+        """(StepCoefficients, (x_coef, m_coef)) of the step from training time step t."""
+        row = self._step_table(eta).get(t)
+        return row if row is not None else self._coefficient_row(t, float(eta))
 
     def _timestep_value(self, timestep) -> int:
         """The training time step `timestep` names, as a host int, without a device sync if possible."""
@@ -182,7 +213,12 @@ class _FusedStepMixin:
                              "on the scheduler before step()")
 
     @staticmethod
-    def _check_inputs(model_output, sample) -> torch.dtype:
+    def _check_inputs(model_output, sample) -> None:
+        # The common case in one expression (it runs every step); the rest names the problem.
+        if (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
+                and model_output.shape == sample.shape and model_output.dtype.is_floating_point
+                and sample.dtype.is_floating_point and model_output.device == sample.device):
+            return
         for name, t in (("model_output", model_output), ("sample", sample)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -193,7 +229,6 @@ class _FusedStepMixin:
                              f"{tuple(sample.shape)} (split a learned-variance output before step())")
         if model_output.device != sample.device:
             raise ValueError(f"model_output is on {model_output.device}, sample on {sample.device}")
-        return torch.promote_types(model_output.dtype, sample.dtype)
 
     def _launcher(self, sample, dtype, noise):
         """(step function, noise) for this step; see `ddim_fused.backend` for the policy.
@@ -202,15 +237,20 @@ class _FusedStepMixin:
         by the caller. Noise that does not have the kernel's (1 or B, *s) layout (e.g.
         broadcast over channels) is expanded once into it.
         """
-        run = step_function(self._backend, sample.device, dtype)
+        key = (self._backend, sample.device, dtype)
+        cache = self.__dict__.setdefault("_step_functions", {})
+        run = cache.get(key)
+        if run is None:
+            run = cache[key] = step_function(*key)
         if noise is not None and (noise.shape[1:] != sample.shape[1:] or noise.shape[0] not in (1, sample.shape[0])
                                   or noise.dim() != sample.dim()):
             noise = noise.expand(sample.shape)
         return run, None if noise is None else noise.contiguous()
 
-    def _fused_update(self, model_output, sample, coefs: StepCoefficients, noise, clip, use_clipped: bool):
+    def _fused_update(self, model_output, sample, coefs: StepCoefficients, linear, noise, clip, use_clipped: bool):
         """(prev_sample, pred_original_sample): one launch, or two around a torch clip of pred_x0."""
-        dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        dtype = sample.dtype if model_output.dtype is sample.dtype else torch.promote_types(model_output.dtype,
+                                                                                              sample.dtype)
         if dtype == torch.float64:
             # The torch path accumulates in sample's dtype; diffusers promotes to float64.
             sample, model_output = sample.double(), model_output.double()
@@ -223,7 +263,7 @@ class _FusedStepMixin:
         prev = torch.empty(sample.shape, dtype=dtype, device=sample.device)
         x0 = torch.empty_like(prev)
         if clip is None:
-            x_coef, m_coef = coefs.linear
+            x_coef, m_coef = linear
             run(sample, model_output, prev, StepArgs(x_coef, m_coef, noise_coef=std, noise=noise, x0_coefs=coefs.x0),
                 x0)
             return prev, x0
@@ -299,10 +339,7 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
         self._check_ready()
         self._check_inputs(model_output, sample)
         t = self._timestep_value(timestep)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
-            raise TypeError(f"eta must be a float, got {type(eta).__name__}")
-        if not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        coefs, linear = self._coefficients(t, eta)  # checks eta the first time it is seen
         if self.config.thresholding and sample.dim() < 2:
             raise ValueError(f"thresholding needs sample of shape (B, C, ...), got {tuple(sample.shape)}")
         noise = None
@@ -316,8 +353,6 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
                 # diffusers draws the noise even where std is 0, so the generator advances identically.
                 noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                      dtype=model_output.dtype)
-        a_t, a_prev, variance = self._tables[:, t]
-        coefs = step_coefficients(a_t, a_prev, variance, eta, self.config.prediction_type)
         if self.config.thresholding:
             clip = self._threshold_sample
         elif self.config.clip_sample:
@@ -325,7 +360,7 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
             clip = lambda x0: x0.clamp_(-r, r)  # noqa: E731 - x0 is our own fresh buffer
         else:
             clip = None
-        prev, x0 = self._fused_update(model_output, sample, coefs, noise, clip, use_clipped_model_output)
+        prev, x0 = self._fused_update(model_output, sample, coefs, linear, noise, clip, use_clipped_model_output)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -369,14 +404,21 @@ class FusedDDIMInverseScheduler(_FusedStepMixin, DDIMInverseScheduler):
         self._check_ready()
         self._check_inputs(model_output, sample)
         t = self._timestep_value(timestep)
-        a_t, a_prev, _ = self._tables[:, t]
-        coefs = step_coefficients(a_t, a_prev, 0.0, 0.0, self.config.prediction_type)
+        coefs, linear = self._coefficients(t, 0.0)  # the table's variance is 0: no eta
         r = self.config.clip_sample_range
         clip = (lambda x0: x0.clamp_(-r, r)) if self.config.clip_sample else None
-        prev, x0 = self._fused_update(model_output, sample, coefs, None, clip, False)
+        prev, x0 = self._fused_update(model_output, sample, coefs, linear, None, clip, False)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def _check_eta(eta) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    return float(eta)
 
 
 def _check_noise(noise, sample: torch.Tensor) -> None:

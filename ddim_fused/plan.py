@@ -14,7 +14,7 @@ import torch
 from .backend import keyed_normal
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
-from .torch_step import torch_ddim_step
+from .torch_step import torch_ddim_step, torch_step_runner
 from .validation import FLOAT_DTYPES, check_float
 
 NOISE_SOURCES = ("philox", "torch")
@@ -52,10 +52,13 @@ class Guide(NamedTuple):
 
     def model_out(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's output for x (B, *s) at time steps t (B,): (B, *s), or (2B, *s) guided."""
+        return self.call(x, t if self.scale is None else torch.cat([t, t]))
+
+    def call(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
+        """model_out with the model's time steps given: t_model (B,), or (2B,) under guidance."""
         if self.scale is None:
-            return check_model_out(self.model(x, t, self.cond), x, 1)
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), self.cond)
-        return check_model_out(out, x, 2)
+            return check_model_out(self.model(x, t_model, self.cond), x, 1)
+        return check_model_out(self.model(torch.cat([x, x]), t_model, self.cond), x, 2)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided eps (B, *s), combined with torch ops."""
@@ -68,15 +71,22 @@ class Guide(NamedTuple):
 
 def check_model_out(out, x: torch.Tensor, factor: int) -> torch.Tensor:
     """The model output as a contiguous (factor * B, *s) float tensor on x's device."""
+    # The common case in one expression: it runs once per step.
+    if (not isinstance(out, torch.Tensor) or out.device != x.device or out.dtype not in FLOAT_DTYPES
+            or (out.shape != x.shape if factor == 1 else (out.shape[0] != factor * x.shape[0]
+                                                          or out.shape[1:] != x.shape[1:]))):
+        _bad_model_out(out, x, factor)
+    # A strided model output (e.g. a transposed view) is copied once per step here.
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def _bad_model_out(out, x: torch.Tensor, factor: int) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model returned {type(out).__name__}, expected a tensor of eps")
     want = (factor * x.shape[0],) + tuple(x.shape[1:])
     if tuple(out.shape) != want:
         raise ValueError(f"the model returned eps of shape {tuple(out.shape)}, expected {want}")
-    if out.device != x.device or out.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"the model returned a {out.dtype} tensor on {out.device}; expected a float tensor on {x.device}")
-    # A strided model output (e.g. a transposed view) is copied once per step here.
-    return out.contiguous()
+    raise ValueError(f"the model returned a {out.dtype} tensor on {out.device}; expected a float tensor on {x.device}")
 
 
 @dataclass(frozen=True)
@@ -99,21 +109,23 @@ class KeyedNoise:
         noise = keyed_normal_torch(x0.shape[0], numel, self.seed, index, "orig", self.sample_offset, device=x0.device)
         return noise.view(x0.shape)
 
-    def predraw(self, steps: Sequence[StepArgs], shape, device, step_fn) -> Optional[list]:
-        """Every step's noise (B, *s) drawn in one call for a small torch-path loop, else None.
+    def predraw(self, step_keys: Sequence[int], shape, device, step_fn) -> Optional[dict]:
+        """{step key: noise (B, *s)} for the noisy steps of a small torch-path loop, else None.
 
-        Per step, the keyed stream costs about 130 small integer-tensor ops, which dominates
-        the step for small latents; drawn for all steps at once it costs that once. The
-        values are the same as the step would draw.
+        Per step, the keyed stream costs a call (the C kernel) or about 130 small
+        integer-tensor ops, which dominates the step for small latents; drawn for all
+        steps at once it costs that once. The values are the same as the step would draw.
         """
-        noisy = [s.step_key for s in steps if s.noise_coef != 0.0]
         numel = int(np.prod(shape[1:]))
-        if step_fn is not torch_ddim_step or not noisy or len(noisy) * shape[0] * numel > _PREDRAW_LIMIT:
+        if step_fn is not torch_ddim_step or not step_keys or len(step_keys) * shape[0] * numel > _PREDRAW_LIMIT:
             return None
-        drawn = keyed_normal_torch(shape[0], numel, self.seed, noisy, "step", self.sample_offset,
+        drawn = keyed_normal_torch(shape[0], numel, self.seed, list(step_keys), "step", self.sample_offset,
                                    repeat=self.repeat, device=device)
-        by_key = dict(zip(noisy, drawn))
-        return [by_key[s.step_key].view(shape) if s.noise_coef != 0.0 else None for s in steps]
+        return {key: noise.view(shape) for key, noise in zip(step_keys, drawn.unbind(0))}
+
+    def fills(self, step: StepArgs) -> bool:
+        """Whether `fill` adds noise to the step: never, it draws from its keys."""
+        return False
 
     def fill(self, step: StepArgs, x: torch.Tensor) -> StepArgs:
         return step  # the step draws what it needs from its keys
@@ -134,8 +146,12 @@ class TorchNoise:
     def orig(self, x0: torch.Tensor, index: int) -> torch.Tensor:
         return torch.randn_like(x0)
 
-    def predraw(self, steps, shape, device, step_fn) -> None:
+    def predraw(self, step_keys, shape, device, step_fn) -> None:
         return None
+
+    def fills(self, step: StepArgs) -> bool:
+        """Whether `fill` draws torch.randn noise for the step (so it must run per step, in order)."""
+        return (step.noise is None and step.noise_coef != 0.0) or (step.mask is not None and step.orig_noise is None)
 
     def fill(self, step: StepArgs, x: torch.Tensor) -> StepArgs:
         """The step with this step's torch.randn noise (step noise first, then paint's)."""
@@ -155,12 +171,35 @@ def make_noise_policy(source: str, seed: Optional[int], sample_offset: int, repe
 
 
 class StepPlan(NamedTuple):
-    """One step of a plan: DDIM index, training time step (int and (B,) tensor), arguments."""
+    """One step of a plan: DDIM index, training time step, the model's time steps, arguments.
+
+    t_batch is the time-step tensor the model is called with: (B,), or (2B,) under
+    guidance (the batch-doubled call). run(x, model_out, out, x0_out=None) -> out is the
+    plan's step function bound to args (and to the call's noise policy), see `step_runner`.
+    """
 
     index: int
     t: int
     t_batch: torch.Tensor
     args: StepArgs
+    run: Callable
+
+
+def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype) -> Callable:
+    """run(x, model_out, out, x0_out=None) -> out: one step of a plan, decided once per call.
+
+    The torch path gets `torch_step_runner` (a few torch ops, same bits as torch_ddim_step)
+    unless the step draws torch.randn noise; every other step calls step_fn with the
+    args its noise policy fills in.
+    """
+    if step_fn is torch_ddim_step and not policy.fills(args):
+        return torch_step_runner(args, dtype)
+    fill = policy.fill
+
+    def run(x, model_out, out, x0_out=None):
+        return step_fn(x, model_out, out, fill(args, x), x0_out)
+
+    return run
 
 
 @dataclass(frozen=True)

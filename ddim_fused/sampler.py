@@ -1,7 +1,7 @@
 """DDIMSampler: labml's DDIM sampler API, one model call and one fused step per step."""
 from __future__ import annotations
 
-from dataclasses import replace
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -10,7 +10,7 @@ from .backend import check_backend, step_function
 from .coefficients import ddim_coefficients
 from .masks import mask_layout
 from .model import model_device, resolve_model
-from .plan import NOISE_SOURCES, Guide, Plan, StepPlan, check_model_out, make_noise_policy
+from .plan import NOISE_SOURCES, Guide, Plan, StepPlan, check_model_out, make_noise_policy, step_runner
 from .schedules import ddim_timesteps
 from .step_args import StepArgs
 from .validation import FLOAT_DTYPES, broadcast_batch, check_float, check_int, check_shape, check_tensor
@@ -273,23 +273,37 @@ class DDIMSampler:
         step_fn = step_function(self.backend, device, dtype)
         guide = Guide.checked(self.model, cond, uncond_scale, uncond_cond, batch)
         policy = make_noise_policy(self.noise_source, self._call_seed(seed), sample_offset, bool(repeat_noise))
-        c, paint = self.coefs, paint or {}
-        records = []
-        for i in indices:
-            if invert:
-                args = StepArgs(float(c.inv_x_coef[i]), float(c.inv_eps_coef[i]), guide.scale)
-            else:
-                args = StepArgs(float(c.x_coef[i]), float(c.eps_coef[i]), guide.scale,
-                                noise_coef=float(c.noise_scale[i]) * temperature, noise=noise, step_key=i,
-                                x0_coefs=(float(c.x0_x_coef[i]), float(c.x0_eps_coef[i])),
-                                **policy.step_fields(), **paint, **self._paint_coefs(i, paint))
-            t = int(c.time_steps[i])
-            records.append(StepPlan(i, t, torch.full((batch,), t, dtype=torch.long, device=device), args))
+        c, paint, table = self.coefs, paint or {}, self._coef_table
+        indices = list(indices)
+        # Every step's model time steps from one tensor: (S, B) rows, (S, 2B) under guidance.
+        per_call = batch if guide.scale is None else 2 * batch
+        t_rows = (torch.as_tensor(c.time_steps[indices], device=device).view(-1, 1)
+                  .expand(len(indices), per_call).contiguous().unbind(0))
+        drawn = None
         if not invert and noise is None:
-            drawn = policy.predraw([r.args for r in records], shape, device, step_fn)
-            if drawn is not None:
-                records = [r._replace(args=replace(r.args, noise=n)) for r, n in zip(records, drawn)]
+            noisy = [i for i in indices if table["noise_scale"][i] * temperature != 0.0]
+            drawn = policy.predraw(noisy, shape, device, step_fn)
+        fields = policy.step_fields()
+        records = []
+        for i, t_batch in zip(indices, t_rows):
+            if invert:
+                args = StepArgs(table["inv_x_coef"][i], table["inv_eps_coef"][i], guide.scale)
+            else:
+                noise_coef = table["noise_scale"][i] * temperature
+                step_noise = drawn[i] if drawn is not None and noise_coef != 0.0 else noise
+                args = StepArgs(table["x_coef"][i], table["eps_coef"][i], guide.scale, noise_coef=noise_coef,
+                                noise=step_noise, step_key=i, x0_coefs=(table["x0_x_coef"][i], table["x0_eps_coef"][i]),
+                                **fields, **paint, **self._paint_coefs(i, paint))
+            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, step_runner(step_fn, policy, args, dtype)))
         return Plan(step_fn, guide, policy, tuple(records), has_x0=not invert)
+
+    @functools.cached_property
+    def _coef_table(self) -> dict:
+        """The coefficient arrays as lists of Python floats (time steps as ints), built once."""
+        c = self.coefs
+        names = ("x_coef", "eps_coef", "noise_scale", "x0_x_coef", "x0_eps_coef", "inv_x_coef", "inv_eps_coef",
+                 "time_steps")
+        return {name: getattr(c, name).tolist() for name in names}
 
     def _paint_coefs(self, index: int, paint: dict) -> dict:
         if not paint:
@@ -298,11 +312,22 @@ class DDIMSampler:
         return {"orig_coef": orig_coef, "orig_noise_coef": orig_noise_coef}
 
     def _denoise(self, x: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
-        """The denoising loop of sample, paint and invert: model call, one fused step, callback."""
+        """The denoising loop of sample, paint and invert: model call, one fused step, callback.
+
+        Without a callback the steps alternate between two output buffers (nothing outside
+        sees them but the model, which gets each as its input x); with one, every step
+        writes fresh tensors, so the callback may keep what it is given.
+        """
         want_x0 = callback is not None and plan.has_x0
-        for step in plan.steps:
-            model_out = plan.guide.model_out(x, step.t_batch)
-            x, pred_x0, _ = self._step(x, model_out, plan, step.args, want_x0=want_x0)
+        buffers = (torch.empty_like(x), torch.empty_like(x)) if callback is None else None
+        call_model = plan.guide.call
+        for n, step in enumerate(plan.steps):
+            model_out = call_model(x, step.t_batch)
+            out = buffers[n & 1] if buffers is not None else torch.empty_like(x)
+            if model_out.data_ptr() == out.data_ptr():  # the model returned an earlier step's input
+                out = torch.empty_like(x)
+            pred_x0 = torch.empty_like(x) if want_x0 else None
+            x = step.run(x, model_out, out, pred_x0)
             if callback is not None:
                 info = {"index": step.index, "t": step.t, "x": x}
                 if plan.has_x0:
