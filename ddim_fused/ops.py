@@ -8,7 +8,7 @@ import torch
 from .backend import KERNEL_DTYPES, check_backend, step_function, uses_kernel
 from .masks import mask_layout
 from .step_args import StepArgs
-from .validation import FLOAT_DTYPES
+from .validation import FLOAT_DTYPES, check_int
 
 
 def ddim_step(
@@ -36,7 +36,8 @@ def ddim_step(
             guidance, noise_coef, noise (B or 1, *s), seed, step_key, sample_offset,
             repeat_noise, x0_coefs, orig (B or 1, *s), orig_coef, orig_noise_coef,
             orig_noise (B or 1, *s). Noise that is needed and not given is drawn from the
-            keyed Philox stream of `seed`.
+            keyed Philox stream of `seed`: seed an int in [0, 2**63), step_key in
+            [0, 2**32), sample_offset + B <= 2**32 (TypeError/ValueError otherwise).
 
     Returns:
         out: (B, *s) x_prev, in out's dtype.
@@ -80,8 +81,11 @@ def ddim_step(
     if mask is not None:
         _check_tensor("mask", mask, x.device, allowed + (torch.bool,))
         args = replace(args, mask=mask_layout(mask, tuple(x.shape)))
-    if args.seed is not None and not (0 <= int(args.seed) < 2**63):
-        raise ValueError(f"seed must be in [0, 2**63), got {args.seed}")
+    # Noise keys are Philox words: a value past its word would wrap onto another key's noise.
+    if args.seed is not None:
+        check_int("seed", args.seed, 0, 2**63 - 1)
+    check_int("step_key", args.step_key, 0, 2**32 - 1)
+    check_int("sample_offset", args.sample_offset, 0, 2**32 - max(B, 1))
     if args.seed is None and (args.draws_noise or args.draws_orig_noise):
         raise ValueError("noise_coef != 0 needs either a noise tensor or a seed for in-kernel noise "
                          "(and orig_noise_coef != 0 an orig_noise tensor or a seed)")
