@@ -27,7 +27,7 @@ import torch
 from .backend import KERNEL_DTYPES, check_backend, step_function, uses_kernel
 from .masks import MaskLayout, mask_layout
 from .step_args import StepArgs
-from .validation import FLOAT_DTYPES
+from .validation import FLOAT_DTYPES, check_int
 
 OP_NAME = "ddim_fused::ddim_step"
 # Schema type of each StepArgs annotation; mask is passed as the tensor, not its layout.
@@ -121,7 +121,8 @@ def ddim_step(
             guidance, noise_coef, noise (B or 1, *s), seed, step_key, sample_offset,
             repeat_noise, x0_coefs, orig (B or 1, *s), orig_coef, orig_noise_coef,
             orig_noise (B or 1, *s). Noise that is needed and not given is drawn from the
-            keyed Philox stream of `seed`.
+            keyed Philox stream of `seed`: seed an int in [0, 2**63), step_key in
+            [0, 2**32), sample_offset + B <= 2**32 (TypeError/ValueError otherwise).
 
     Returns:
         out: (B, *s) x_prev, in out's dtype.
@@ -164,8 +165,11 @@ def ddim_step(
         _check_tensor("mask", mask, x.device, allowed + (torch.bool,))
         mask_layout(mask, tuple(x.shape))  # a clear error for a mask that does not broadcast
     seed = fields["seed"]
-    if seed is not None and not (0 <= int(seed) < 2**63):
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    # Noise keys are Philox words: a value past its word would wrap onto another key's noise.
+    if seed is not None:
+        check_int("seed", seed, 0, 2**63 - 1)
+    check_int("step_key", fields["step_key"], 0, 2**32 - 1)
+    check_int("sample_offset", fields["sample_offset"], 0, 2**32 - max(B, 1))
     draws = fields["noise_coef"] != 0.0 and fields["noise"] is None
     draws_orig = mask is not None and fields["orig_noise_coef"] != 0.0 and fields["orig_noise"] is None
     if seed is None and (draws or draws_orig):
