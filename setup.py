@@ -21,9 +21,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # Everything the tests exercise, so none of them is skipped: the diffusers backend
-        # and the digits classifier's check on real digits (scikit-learn, which brings scipy).
-        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn"],
+        # Everything the tests exercise, so none of them is skipped: the diffusers backend,
+        # the digits classifier's check on real digits (scikit-learn, which brings scipy),
+        # the CLI's property-based fuzz test (hypothesis) and the quality plot (matplotlib).
+        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn", "hypothesis>=6",
+                 "matplotlib"],
         "diffusers": ["diffusers>=0.42"],
         "plots": ["matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.42"],
