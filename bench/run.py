@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ddim_fused.atomic import OutputPathError, check_output_dir
 from ddim_fused.backend import interpreter_on
 
 # None of these imports ddim_fused.kernels. Its @triton.jit decorators read
@@ -21,18 +24,20 @@ from .loop import run_loops
 from .matrix import plan
 from .parity import run_parity, summarize
 from .plot import plot
+from .providers import ALL as PROVIDERS
 from .providers import Providers, availability
 from .step import run_steps
 from .timing import cache_bytes, copy_bandwidth, environment, tune_malloc
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only oversubscribes the cores (torch crashes on absurd counts)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Add the runner's options to `parser` (a new one if None) and return it."""
     parser = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small matrix (under 2 minutes on a CPU)")
-    parser.add_argument("--out-dir", type=Path, default=None,
+    parser.add_argument("--out-dir", type=_folder, default=None,
                         help="results folder (default bench/results/<cpu|gpu>-<date>[-quick])")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--budget", type=float, default=None, help="seconds spent timing each measurement")
@@ -47,6 +52,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+def _folder(text: str) -> Path:
+    """--out-dir: a folder name; an empty one would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    return Path(text)
+
+
 def main(argv=None) -> int:
     """Run the benchmark; returns the exit status (non-zero when parity fails).
 
@@ -56,8 +68,9 @@ def main(argv=None) -> int:
     Returns:
         0 on success, 1 if a parity check failed (timings are kept, speedups withheld).
     """
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = check_args(parser, args)
     malloc_tuned = False
     if device.type != "cuda":
         # On a CPU the kernel can only be parity-checked through the interpreter; set
@@ -69,12 +82,55 @@ def main(argv=None) -> int:
     return _run(args, device, malloc_tuned)
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> torch.device:
+    """Check every option before any work; a bad one ends in parser.error (exit status 2).
+
+    Returns:
+        the torch device to run on. --providers becomes a list of names and --out-dir is
+        created if needed.
+    """
+    device = _parse_device(parser, args.device)
+    if not 1 <= args.threads <= MAX_THREADS:
+        parser.error(f"argument --threads: expected 1 to {MAX_THREADS} (4 per CPU core here), got {args.threads}")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        parser.error(f"argument --budget: expected a positive number of seconds, got {args.budget}")
+    if args.providers is not None:
+        names = [name.strip() for name in args.providers.split(",") if name.strip()]
+        unknown = [name for name in names if name not in PROVIDERS]
+        if unknown or not names:
+            parser.error(f"argument --providers: expected a comma-separated subset of {','.join(PROVIDERS)}, "
+                         f"got {args.providers!r}")
+        args.providers = list(dict.fromkeys(names))
+    if args.out_dir is not None:
+        try:
+            check_output_dir(args.out_dir, "--out-dir")
+        except OutputPathError as exc:
+            parser.error(str(exc))
+    return device
+
+
+def _parse_device(parser: argparse.ArgumentParser, text) -> torch.device:
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        parser.error(f"argument --device: {text!r} is not a torch device (try cpu, cuda or cuda:0)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: {text!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {text!r} asks for CUDA, which is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"argument --device: {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _run(args, device, malloc_tuned: bool) -> int:
     started = time.perf_counter()
     matrix = plan(device.type, args.quick)
     if args.budget is not None:
         matrix.budget_s = args.budget
-    requested = args.providers.split(",") if args.providers else list(matrix.providers)
+    requested = args.providers or list(matrix.providers)
     env = environment(device, malloc_tuned)
     out_dir = args.out_dir or DEFAULT_OUT / _default_name(device, env, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +194,16 @@ def _run(args, device, malloc_tuned: bool) -> int:
     report.write(result, out_dir)
     rows_path.unlink()  # its rows are in results.json; it only matters for a run cut short
     if not args.no_plot:
-        print(f"plot: {plot(out_dir / 'results.json', out_dir / 'results.png')}")
+        print(f"plot: {draw_plot(out_dir)}")
     print(f"results in {out_dir} ({result['wall_s']:.0f} s)")
     return 0 if parity_ok else 1
+
+
+def draw_plot(out_dir: Path) -> str:
+    """Draw out_dir/results.png from its results.json; returns the PNG's path, or why it was skipped."""
+    if importlib.util.find_spec("matplotlib") is None:  # an optional extra: look for it without importing it
+        return "skipped: matplotlib is not installed (pip install 'ddim-fused[plots]')"
+    return str(plot(out_dir / "results.json", out_dir / "results.png"))
 
 
 def _loops(device, quick, rows_path):

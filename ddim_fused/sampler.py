@@ -121,7 +121,7 @@ class DDIMSampler:
             check_tensor("x_last", x_last, shape=shape)
             device, dtype = x_last.device, x_last.dtype
         else:
-            device = torch.device(device) if device is not None else (model_device(self.model) or torch.device("cpu"))
+            device = _check_device(device) if device is not None else (model_device(self.model) or torch.device("cpu"))
             dtype = dtype or torch.float32
         temperature = check_float("temperature", temperature, low=0.0)
         plan = self._plan(range(self.coefs.n_steps - 1 - skip_steps, -1, -1), shape, device, dtype, cond,
@@ -365,6 +365,19 @@ class DDIMSampler:
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_device(device) -> torch.device:
+    """device as a torch.device that exists here, else ValueError (torch would raise an AssertionError)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} needs CUDA, which is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _check_batched(name: str, x) -> torch.Tensor:

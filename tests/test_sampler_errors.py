@@ -178,3 +178,19 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "ERR backend='triton' needs CUDA tensors" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("device, match", [
+    ("cuda", "needs CUDA"), ("cuda:99", "CUDA"), ("nonsense", "must be a torch device"), (3.5, "must be a torch device"),
+])
+def test_sample_on_a_device_that_is_not_here_is_a_value_error(model, device, match):
+    if torch.cuda.is_available() and device == "cuda":
+        pytest.skip("CUDA is present: 'cuda' is a valid device here")
+    with pytest.raises(ValueError, match=match):
+        sampler(model).sample(SHAPE, None, device=device)
+    assert model.calls == 0
+
+
+def test_q_sample_of_a_0d_tensor_is_a_value_error(model):
+    with pytest.raises(ValueError, match="x0 must have a batch dimension"):
+        sampler(model).q_sample(torch.tensor(1.0), 0)
