@@ -101,7 +101,9 @@ def test_exact_ties_round_to_even(backend, dtype, toward_zero, backend_device):
     assert moved.any() and not moved.all()  # both outcomes of a tie are exercised
     for name, got in (("x_prev", out), ("pred_x0", x0_out)):
         got = got.view(-1).cpu()
-        wrong = (got.view(torch.int16) != expected.view(torch.int16)).nonzero().view(-1)
-        assert wrong.numel() == 0, (f"{name}: {wrong.numel()} of {got.numel()} ties not rounded to even, e.g. "
-                                    f"{x.view(-1)[wrong[0]].item()!r} + {half_ulp.view(-1)[wrong[0]].item()!r} -> "
-                                    f"{got[wrong[0]].item()!r}, expected {expected[wrong[0]].item()!r}")
+        wrong = (got.view(torch.int16) != expected.view(torch.int16)).nonzero().view(-1).tolist()
+        if wrong:
+            i = wrong[0]
+            pytest.fail(f"{name}: {len(wrong)} of {got.numel()} ties not rounded to even, e.g. "
+                        f"{x.view(-1)[i].item()!r} + {half_ulp.view(-1)[i].item()!r} -> {got[i].item()!r}, "
+                        f"expected {expected[i].item()!r}")
