@@ -274,10 +274,15 @@ def readme_section(result: dict) -> str:
     digits = [r for r in result["loops"] if r["model"] == "digits" and r.get("per_step_us") is not None]
     if digits:
         per = {(r["loop"], r["provider"]): r["per_step_us"] / 1e3 for r in digits}
-        lines += ["", "With the digits model (batch 16) a step takes " + "; ".join(
-            f"{loop}: " + ", ".join(f"{p} {per[loop, p]:.1f} ms" for p in ("fused", "reference", "diffusers")
-                                    if (loop, p) in per)
-            for loop in dict.fromkeys(r["loop"] for r in digits)) + " (model included)."]
+        names = {"digits": "eta = 0", "digits-cfg": "CFG"}
+        lines += ["", "With the digits model (batch 16), time per step with the model's call: " + "; ".join(
+            f"{names.get(loop, loop)}: " + ", ".join(f"{p} {per[loop, p]:.1f} ms"
+                                                    for p in ("fused", "reference", "diffusers") if (loop, p) in per)
+            for loop in dict.fromkeys(r["loop"] for r in digits)) + "."]
+    if result.get("targets"):
+        lines += ["", "Targets, as the run judged them (`results.txt`):"]
+        lines += [f"- **{t['verdict']}**: {t['target']}" + (f" ({t['detail']})" if t.get("detail") else "")
+                  for t in result["targets"]]
     return "\n".join(lines) + "\n"
 
 
