@@ -140,7 +140,10 @@ def _run(args, device, malloc_tuned: bool) -> int:
     report.write(result, out_dir)
     rows_path.unlink()  # its rows are in results.json; it only matters for a run cut short
     if not args.no_plot:
-        print(f"plot: {plot(out_dir / 'results.json', out_dir / 'results.png')}")
+        try:
+            print(f"plot: {plot(out_dir / 'results.json', out_dir / 'results.png')}")
+        except ImportError as err:  # matplotlib is optional (the [plots] extra); the data is written
+            print(f"plot: skipped ({err})")
     print(f"results in {out_dir} ({result['wall_s']:.0f} s)")
     return 0 if parity_ok else 1
 
