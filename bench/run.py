@@ -21,11 +21,12 @@ from ddim_fused.backend import interpreter_on
 # variable. bench/test_run.py checks that importing this module leaves the kernels alone.
 from . import report
 from .loop import run_loops
+from .cases import shape_id
 from .matrix import plan
 from .parity import run_parity, summarize
 from .plot import plot
 from .providers import ALL as PROVIDERS
-from .providers import Providers, availability
+from .providers import BASELINES, CLAIM_BASELINES, Providers, availability
 from .step import run_steps
 from .timing import cache_bytes, copy_bandwidth, environment, tune_malloc
 
@@ -147,15 +148,14 @@ def _run(args, device, malloc_tuned: bool) -> int:
     for name, reason in skipped.items():
         print(f"provider {name}: not timed: {reason}")
     # Triton is parity-checked even where it is not timed (CPU interpreter, tiny input).
-    parity_names = list(timed) + (["triton"] if "triton" in skipped and interpreter_on() else [])
-    compile_pairs = [(c, d) for c, d in matrix.pairs() if c in matrix.compile_cases]
-    # One Providers for the whole run: the parity gate and the timings share its samplers
-    # and compiled functions.
+    # torch.compile compiles one graph per static shape, so it is checked at each shape it
+    # is timed at, in the timing stage (bench.step), not at the gate's small shape.
+    parity_names = [n for n in timed if n != "compile"]
+    parity_names += ["triton"] if "triton" in skipped and interpreter_on() else []
+    # One Providers for the whole run: the parity gate and the timings share its samplers.
     providers = Providers(device)
-    checks = []
-    for case_name, dtype_id in matrix.pairs():
-        names = [n for n in parity_names if n != "compile" or (case_name, dtype_id) in compile_pairs]
-        checks += run_parity(providers, names, device, [(case_name, dtype_id)])
+    load_before = _load_average()
+    checks = run_parity(providers, parity_names, device, matrix.pairs())
     gate = summarize(checks)
     print(gate)
     parity_ok = all(c.ok for c in checks)
@@ -169,20 +169,24 @@ def _run(args, device, malloc_tuned: bool) -> int:
     rows_path.write_text("")
     step_rows, compile_s = run_steps(providers, matrix, timed, device, copy["gbs"], cache, rows_path, parity_ok)
     loop_rows = [] if args.skip_loops else _loops(device, args.quick, rows_path)
-    parity_ok = parity_ok and all(r.get("parity_ok", True) for r in step_rows)
+    parity_ok = parity_ok and all(r.get("parity_ok", True) for r in step_rows + loop_rows)
     if not parity_ok:
         report.withhold_speedups(step_rows)
         print("PARITY FAILED: speedups are withheld; fix the failing provider first.")
 
     result = {
         "environment": env, "mode": "quick" if args.quick else "full",
+        # Set by bench/gpu.sh: whether the test suite passed before this run, on this machine.
+        "tests_status": os.environ.get("BENCH_TESTS_STATUS"),
+        "load_average": {"before": load_before, "after": _load_average(), "cpus": os.cpu_count()},
         "copy_bandwidth": copy, "cache_bytes": cache, "budget_s": matrix.budget_s,
         "parity": {"ok": parity_ok, "summary": gate, "checks": [vars(c) | {"ok": c.ok} for c in checks]},
         "providers": {"timed": timed, "skipped": skipped}, "omitted": matrix.omitted,
-        "compile_seconds": {f"{c}/{d}": s for (c, d), s in compile_s.items()},
-        "compile_note": "torch.compile(dynamic=True, fullgraph=True) of the reference step, with its noise "
-                        "sigmas as Python floats so that its `noise_sigma == 0.0` branch does not break the graph; "
-                        "compile_seconds is the first call (trace + codegen) at the parity input",
+        "compile_seconds": {f"{c}/{d}/{shape_id(shape)}": s for (c, d, shape), s in compile_s.items()},
+        "compile_note": "torch.compile of the minimal eager step: dynamic=False (one compile per shape), "
+                        "fullgraph=True, fp32 host coefficients as Python floats, mode max-autotune-no-cudagraphs "
+                        "on CUDA, fallback_random for drawn noise; compile_seconds is each shape's first call",
+        "baselines": {"claims": list(CLAIM_BASELINES), "context": [b for b in BASELINES if b not in CLAIM_BASELINES]},
         "steps": step_rows, "loops": loop_rows,
         "byte_model": "see bench/cases.py: x + model output (2x under CFG) + noise tensor + x_prev "
                       "(+ pred_x0; paint: + orig + orig_noise + (B,1,H,W) mask)",
@@ -213,6 +217,14 @@ def _loops(device, quick, rows_path):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return rows
+
+
+def _load_average():
+    """The 1-minute load average (None where the OS has none): a busy machine's timings are noise."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _default_name(device, env, quick) -> str:

@@ -74,7 +74,7 @@ def _rel(actual, expected):
 
 
 def paired_errors(config, steps=12, eta=0.0, noise=None, use_clipped_model_output=False, return_dict=True,
-                  shape=(2, 3, 8, 8), fused_backend="torch", check=True):
+                  shape=(2, 3, 8, 8), fused_backend="torch", check=True, device="cpu"):
     """Step both schedulers from the same inputs along diffusers' own trajectory.
 
     Returns (max rel err of prev_sample, of pred_original_sample) over all steps, each
@@ -82,8 +82,8 @@ def paired_errors(config, steps=12, eta=0.0, noise=None, use_clipped_model_outpu
     at FP32_RTOL. Generator noise comes from two identically seeded generators.
     """
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen)
-    model = model_fn(torch.randn(shape[1:], generator=gen))
+    x = torch.randn(shape, generator=gen).to(device)
+    model = model_fn(torch.randn(shape[1:], generator=gen).to(device))
     stock, fused = DDIMScheduler(**config), FusedDDIMScheduler(**config)
     fused.backend = fused_backend
     stock.set_timesteps(steps)
@@ -97,7 +97,7 @@ def paired_errors(config, steps=12, eta=0.0, noise=None, use_clipped_model_outpu
         if noise == "generator":
             kws["generator"], kwf["generator"] = gens
         elif noise is not None:
-            kws["variance_noise"] = kwf["variance_noise"] = _draw_noise(noise, shape, gen, x.dtype)
+            kws["variance_noise"] = kwf["variance_noise"] = _draw_noise(noise, shape, gen, x.dtype).to(device)
         m = model(x, t)
         # stock gets its own tensor of the schedule, fused the loop variable (a view).
         out_s = stock.step(m, stock.timesteps[i], x, **kws)
@@ -351,7 +351,7 @@ KERNEL_CASES = {
 
 
 @pytest.mark.parametrize("case", list(KERNEL_CASES.values()), ids=list(KERNEL_CASES))
-def test_triton_kernel_matches_diffusers(case, monkeypatch):
+def test_triton_kernel_matches_diffusers(case, monkeypatch, device):
     import ddim_fused.backend as backend_module
 
     def no_torch_path(*args, **kwargs):
@@ -360,4 +360,4 @@ def test_triton_kernel_matches_diffusers(case, monkeypatch):
     monkeypatch.setattr(backend_module, "torch_ddim_step", no_torch_path)
     config, step_args = case
     shape = (2, 3, 8, 8) if step_args.get("noise") == "variance_noise_b1" else (1, 3, 8, 8)
-    paired_errors(config, steps=3, shape=shape, fused_backend="triton", **step_args)
+    paired_errors(config, steps=3, shape=shape, fused_backend="triton", device=device, **step_args)
