@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from ddim_fused.atomic import atomic_write_all
+
 from .providers import BASELINES, CLAIM_BASELINES
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 CSV_FIELDS = ("kind", "case", "loop", "model", "dtype", "size", "batch", "elements", "bytes", "provider", "p20_s",
               "p50_s", "p80_s", "gbs", "pct_copy", "above_cache") + tuple(f"speedup_vs_{b}" for b in BASELINES) + (
@@ -189,19 +194,33 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def latest_static_table(results_dir: Path = RESULTS) -> str | None:
+    """The newest committed static table (`static-*/static.txt`), or None if there is none."""
+    found = sorted(Path(results_dir).glob("static-*/static.txt"))
+    return found[-1].read_text() if found else None
+
+
 def write(result: dict, out_dir: Path) -> None:
     """results.json (everything), results.csv (one row per measurement), results.txt (the table)."""
     out_dir = Path(out_dir)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    (out_dir / "results.txt").write_text(table(result) + "\n")
     env = result["environment"]
-    with (out_dir / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=("device_name", "torch", "triton", "commit", "date") + CSV_FIELDS,
-                           extrasaction="ignore")
-        w.writeheader()
-        tag = {k: env[k] for k in ("device_name", "torch", "triton", "commit", "date")}
-        for r in result["steps"] + result["loops"]:
-            w.writerow({**tag, **r})
+    tag = {k: env[k] for k in ("device_name", "torch", "triton", "commit", "date")}
+    rows = io.StringIO()
+    w = csv.DictWriter(rows, fieldnames=tuple(tag) + CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in result["steps"] + result["loops"]:
+        w.writerow({**tag, **r})
+    text = table(result) + "\n"
+    static = latest_static_table()
+    if static is not None:
+        # What the compiled kernels are (registers, SASS per element, access widths), beside
+        # what they measure; written by `python -m bench.static` from a source checkout.
+        text += "\nStatic reading of the compiled kernels (newest bench/results/static-*):\n" + static
+    atomic_write_all([
+        (out_dir / "results.json", lambda f: f.write(json.dumps(result, indent=1, default=str).encode())),
+        (out_dir / "results.txt", lambda f: f.write(text.encode())),
+        (out_dir / "results.csv", lambda f: f.write(rows.getvalue().encode())),
+    ])
 
 
 # The README's performance block: one size per device, chosen where the step moves
