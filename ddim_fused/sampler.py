@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .backend import check_backend, step_function
+from .backend import bind_launches, check_backend, step_function
 from .coefficients import ddim_coefficients
 from .masks import mask_layout
 from .model import model_device, resolve_model
@@ -284,6 +284,7 @@ class DDIMSampler:
             noisy = [i for i in indices if table["noise_scale"][i] * temperature != 0.0]
             drawn = policy.predraw(noisy, shape, device, step_fn)
         fields = policy.step_fields()
+        launches = bind_launches(step_fn, shape, dtype)
         records = []
         for i, t_batch in zip(indices, t_rows):
             if invert:
@@ -294,7 +295,7 @@ class DDIMSampler:
                 args = StepArgs(table["x_coef"][i], table["eps_coef"][i], guide.scale, noise_coef=noise_coef,
                                 noise=step_noise, step_key=i, x0_coefs=(table["x0_x_coef"][i], table["x0_eps_coef"][i]),
                                 **fields, **paint, **self._paint_coefs(i, paint))
-            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, step_runner(step_fn, policy, args, dtype)))
+            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, step_runner(step_fn, policy, args, dtype, launches)))
         return Plan(step_fn, guide, policy, tuple(records), has_x0=not invert)
 
     @functools.cached_property
