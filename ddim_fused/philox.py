@@ -101,7 +101,8 @@ def _key(name: str, value, high: int, device: torch.device):
     """An int key checked to [0, high], or a 0-d int64 tensor key on `device` (checked for kind only)."""
     if not isinstance(value, torch.Tensor):
         return check_int(name, value, 0, high)
-    if value.dim() != 0 or value.dtype != torch.int64 or value.device != device:
+    same_device = value.device.type == device.type and device.index in (None, value.device.index)
+    if value.dim() != 0 or value.dtype != torch.int64 or not same_device:
         raise ValueError(f"{name} as a tensor must be a 0-d torch.int64 tensor on {device}, got "
                          f"shape {tuple(value.shape)}, {value.dtype} on {value.device}")
     return value
