@@ -49,14 +49,14 @@ DIRECT_LAUNCH = (not _INTERPRETED and DIRECT_VERSIONS[0] <= _version(triton.__ve
 
 
 def _mode_key(step) -> tuple:
-    """What, of a step's arguments, changes its launch layout (constexprs, geometry) within one call."""
+    """What, of a step's own arguments, changes its launch layout or kernel variant within one call."""
     drawn_orig = step.mask is not None and step.orig_noise_coef != 0.0
-    return (step.noise_coef != 0.0, step.noise is None, _shape0(step.noise), drawn_orig, step.orig_noise is None,
-            _shape0(step.orig_noise))
+    return step.noise_coef != 0.0, _signature(step.noise), drawn_orig, _signature(step.orig_noise)
 
 
-def _shape0(t) -> int:
-    return -1 if t is None else t.shape[0]
+def _signature(t) -> tuple | None:
+    """What the kernel is specialised on for a per-step tensor: batch broadcast, dtype, 16-byte alignment."""
+    return None if t is None else (t.shape[0], t.dtype, t.data_ptr() % 16 == 0)
 
 
 def _ordered(launch: Launch) -> tuple[list, dict]:

@@ -105,6 +105,16 @@ def test_bound_steps_of_one_call_share_layout_but_not_coefficients():
         assert torch.equal(run(x, model_out, torch.empty_like(x)), expected)
 
 
+def test_bound_steps_read_their_own_noise_tensors():
+    call = kernels().bind_ddim_step(torch.empty(SHAPE, device="meta"))
+    x, model_out = inputs(torch.float32, False)
+    steps = [StepArgs(**COEFS, noise_coef=0.3, noise=randn(SHAPE, seed=20 + k), step_key=k) for k in range(2)]
+    runs = [call.step(s) for s in steps]
+    for step, run in zip(steps, runs):
+        expected = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
+        assert torch.equal(run(x, model_out, torch.empty_like(x)), expected)
+
+
 class _StandInCompiled:
     """Plays a Triton CompiledKernel: records the arguments its runner is launched with."""
 
