@@ -185,15 +185,20 @@ class StepPlan(NamedTuple):
     run: Callable
 
 
-def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype) -> Callable:
+def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype, launches=None) -> Callable:
     """run(x, model_out, out, x0_out=None) -> out: one step of a plan, decided once per call.
 
     The torch path gets `torch_step_runner` (a few torch ops, same bits as torch_ddim_step)
-    unless the step draws torch.randn noise; every other step calls step_fn with the
-    args its noise policy fills in.
+    and the kernel path the step bound in `launches` (the call's `backend.bind_launches`:
+    arguments fixed once, the compiled kernel launched directly), unless the step draws
+    torch.randn noise; every other step calls step_fn with the args its noise policy fills in.
     """
-    if step_fn is torch_ddim_step and not policy.fills(args):
-        return torch_step_runner(args, dtype)
+    if not policy.fills(args):
+        if step_fn is torch_ddim_step:
+            return torch_step_runner(args, dtype)
+        bound = launches.step(args) if launches is not None else None
+        if bound is not None:
+            return bound
     fill = policy.fill
 
     def run(x, model_out, out, x0_out=None):

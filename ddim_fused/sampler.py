@@ -6,7 +6,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .backend import check_backend, step_function
+from . import graph
+from .backend import bind_launches, check_backend, step_function
 from .coefficients import ddim_coefficients
 from .masks import mask_layout
 from .model import model_device, resolve_model
@@ -92,6 +93,7 @@ class DDIMSampler:
         callback: Optional[Callable[[dict], None]] = None,
         device=None,
         dtype: Optional[torch.dtype] = None,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Generate samples, from x_last or fresh noise at time_steps[-1 - skip_steps].
 
@@ -111,6 +113,10 @@ class DDIMSampler:
                 the sampler's buffers: clone what you keep).
             device, dtype: of the drawn latent when x_last is None (default: the model's
                 device, float32).
+            cuda_graph: capture the whole loop, model included, in a CUDA graph on the
+                first call for a given shape, dtype and options, then replay it; see
+                `ddim_fused.graph` (warm-up, memory pool, what invalidates a capture).
+                CUDA and noise_source="philox" only, no callback.
 
         Returns:
             x: (B, *s) the sample x_0 (the latent at alpha_prev of index 0).
@@ -124,6 +130,12 @@ class DDIMSampler:
             device = _check_device(device) if device is not None else (model_device(self.model) or torch.device("cpu"))
             dtype = dtype or torch.float32
         temperature = check_float("temperature", temperature, low=0.0)
+        if cuda_graph:
+            graph.check_graph_call(self, device, callback)
+            return graph.sample_captured(self, shape, device, dtype, cond, repeat_noise=repeat_noise,
+                                         temperature=temperature, x_last=x_last, uncond_scale=uncond_scale,
+                                         uncond_cond=uncond_cond, skip_steps=skip_steps, seed=seed,
+                                         sample_offset=sample_offset)
         plan = self._plan(range(self.coefs.n_steps - 1 - skip_steps, -1, -1), shape, device, dtype, cond,
                           uncond_scale, uncond_cond, seed=seed, sample_offset=sample_offset,
                           repeat_noise=repeat_noise, temperature=temperature)
@@ -145,6 +157,7 @@ class DDIMSampler:
         seed: Optional[int] = None,
         sample_offset: int = 0,
         callback: Optional[Callable[[dict], None]] = None,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Denoise x from DDIM index t_start - 1 down, keeping `orig` where mask is 1.
 
@@ -156,6 +169,7 @@ class DDIMSampler:
             mask: broadcastable to x with batch B or 1 (e.g. (B, 1, H, W)); float in [0, 1]
                 or bool. After each step x = orig_t * mask + x * (1 - mask).
             orig_noise: (B or 1, *s) fixed noise for orig_t; else fresh noise each step.
+            cuda_graph: capture the loop in a CUDA graph and replay it, as in `sample`.
 
         Returns:
             x: (B, *s).
@@ -171,6 +185,11 @@ class DDIMSampler:
                      "orig_noise": None if orig_noise is None else broadcast_batch("orig_noise", orig_noise, x)}
         elif orig_noise is not None:
             raise ValueError("orig_noise given without orig and mask")
+        if cuda_graph:
+            graph.check_graph_call(self, x.device, callback)
+            return graph.paint_captured(self, x, cond, t_start, orig=orig, mask=mask, orig_noise=orig_noise,
+                                        uncond_scale=uncond_scale, uncond_cond=uncond_cond, seed=seed,
+                                        sample_offset=sample_offset)
         plan = self._plan(range(t_start - 1, -1, -1), x.shape, x.device, x.dtype, cond, uncond_scale, uncond_cond,
                           seed=seed, sample_offset=sample_offset, paint=paint)
         return self._denoise(x.contiguous(), plan, callback)
@@ -284,6 +303,7 @@ class DDIMSampler:
             noisy = [i for i in indices if table["noise_scale"][i] * temperature != 0.0]
             drawn = policy.predraw(noisy, shape, device, step_fn)
         fields = policy.step_fields()
+        launches = bind_launches(step_fn, shape, dtype)
         records = []
         for i, t_batch in zip(indices, t_rows):
             if invert:
@@ -294,7 +314,7 @@ class DDIMSampler:
                 args = StepArgs(table["x_coef"][i], table["eps_coef"][i], guide.scale, noise_coef=noise_coef,
                                 noise=step_noise, step_key=i, x0_coefs=(table["x0_x_coef"][i], table["x0_eps_coef"][i]),
                                 **fields, **paint, **self._paint_coefs(i, paint))
-            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, step_runner(step_fn, policy, args, dtype)))
+            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, step_runner(step_fn, policy, args, dtype, launches)))
         return Plan(step_fn, guide, policy, tuple(records), has_x0=not invert)
 
     @functools.cached_property

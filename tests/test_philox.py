@@ -108,3 +108,35 @@ def test_bad_input_is_named(kwargs, error, name):
     args = dict(batch=2, numel=8, seed=1, step_key=0, stream="step", sample_offset=0) | kwargs
     with pytest.raises(error, match=name):
         keyed_normal_torch(**args)
+
+
+@pytest.mark.parametrize("seed, sample_offset", [(0, 0), (12345, 7), (2**40 + 3, 2**33 + 5), (2**63 - 1, 2**32 - 2)])
+@pytest.mark.parametrize("repeat", [False, True], ids=["per-sample", "repeat"])
+@pytest.mark.parametrize("stream", list(NOISE_STREAMS))
+def test_tensor_keys_give_the_bits_of_int_keys(seed, sample_offset, repeat, stream):
+    """0-d device tensors for seed and sample_offset (CUDA-graph replays) draw what the ints draw."""
+    expected = keyed_normal_torch(3, 37, seed, [0, 4, 2**32 + 9], stream, sample_offset, repeat=repeat)
+    got = keyed_normal_torch(3, 37, torch.tensor(seed), [0, 4, 2**32 + 9], stream, torch.tensor(sample_offset),
+                             repeat=repeat)
+    assert torch.equal(got, expected)
+    one_key = keyed_normal_torch(2, 10, torch.tensor(seed), 5, stream, sample_offset, repeat=repeat)
+    assert torch.equal(one_key, keyed_normal_torch(2, 10, seed, 5, stream, sample_offset, repeat=repeat))
+
+
+def test_tensor_keys_are_written_in_place_between_draws():
+    """A draw reads the key tensors' current values: refilling them redraws, as a graph replay does."""
+    seed, offset = torch.tensor(1), torch.tensor(0)
+    first = keyed_normal_torch(2, 8, seed, 3, "step", offset)
+    seed.fill_(99)
+    offset.fill_(4)
+    assert torch.equal(keyed_normal_torch(2, 8, seed, 3, "step", offset), keyed_normal_torch(2, 8, 99, 3, "step", 4))
+    assert not torch.equal(first, keyed_normal_torch(2, 8, seed, 3, "step", offset))
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1]), torch.tensor(1, dtype=torch.int32), torch.tensor(1.0)],
+                         ids=["1-d", "int32", "float"])
+@pytest.mark.parametrize("name", ["seed", "sample_offset"])
+def test_bad_tensor_keys_are_refused(name, bad):
+    keys = {"seed": 1, "sample_offset": 0, name: bad}
+    with pytest.raises(ValueError, match=name):
+        keyed_normal_torch(1, 4, keys["seed"], 0, "step", keys["sample_offset"])
