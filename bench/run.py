@@ -1,4 +1,4 @@
-"""The benchmark runner behind `python -m bench` and `ddim-fused bench`."""
+"""The benchmark runner behind `python -m bench`."""
 from __future__ import annotations
 
 import argparse

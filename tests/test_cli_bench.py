@@ -42,9 +42,9 @@ def test_good_arguments_reach_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "_run", lambda args, device, tuned: seen.update(args=args, device=device) or 0)
     monkeypatch.setattr(run, "tune_malloc", lambda: False)
     out = tmp_path / "new" / "results"
-    assert run.main(["--device", "cpu", "--providers", " torch,eager,torch ", "--out-dir", str(out),
+    assert run.main(["--device", "cpu", "--providers", " torch,labml,torch ", "--out-dir", str(out),
                      "--threads", str(run.torch.get_num_threads()), "--no-malloc-tuning"]) == 0
-    assert seen["device"].type == "cpu" and seen["args"].providers == ["torch", "eager"] and out.is_dir()
+    assert seen["device"].type == "cpu" and seen["args"].providers == ["torch", "labml"] and out.is_dir()
 
 
 def test_the_plot_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
