@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from ddim_fused import philox_native  # noqa: E402 - imports no triton
+
 
 def _triton_route() -> tuple[torch.device | None, str]:
     if torch.cuda.is_available():
@@ -51,3 +53,13 @@ def backend_device(backend) -> torch.device:
             pytest.skip(NO_TRITON_REASON)
         return TRITON_DEVICE
     return torch.device("cpu")
+
+
+@pytest.fixture
+def native():
+    """The CPU noise C kernel (ddim_fused.philox_native); skipped (not passed) without a C compiler."""
+    if philox_native.compiler() is None:
+        pytest.skip("no C compiler: the CPU noise kernel cannot be built here")
+    lib = philox_native.library()
+    assert lib is not None, "a C compiler exists but the CPU noise kernel did not build"
+    return lib

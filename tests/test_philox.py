@@ -9,16 +9,6 @@ from ddim_fused.philox import NOISE_STREAMS, _keyed_normal_ops, keyed_normal_tor
 MASK32 = 0xFFFFFFFF
 
 
-@pytest.fixture
-def native():
-    """The C kernel; skipped (not passed) where no C compiler can build it."""
-    if philox_native.compiler() is None:
-        pytest.skip("no C compiler: the CPU noise kernel cannot be built here")
-    lib = philox_native.library()
-    assert lib is not None, "a C compiler exists but the CPU noise kernel did not build"
-    return lib
-
-
 def oracle_normals(batch, numel, seed, step, stream, sample_offset):
     """The stream from its definition, element by element, in float64 numpy.
 

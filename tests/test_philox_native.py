@@ -10,16 +10,6 @@ from ddim_fused.philox import philox4x32
 TWO_PI_F32 = torch.tensor(6.283185307179586, dtype=torch.float32)
 
 
-@pytest.fixture
-def native():
-    """The C kernel; skipped (not passed) where no C compiler can build it."""
-    if philox_native.compiler() is None:
-        pytest.skip("no C compiler: the CPU noise kernel cannot be built here")
-    lib = philox_native.library()
-    assert lib is not None, "a C compiler exists but the CPU noise kernel did not build"
-    return lib
-
-
 def planes_from_torch(counters, sample_key, step_key, stream, seed):
     """The four planes ddim_philox_uniforms writes, from philox4x32 (int64 torch ops)."""
     c3 = (counters >> 32) * 4 + stream
