@@ -78,6 +78,13 @@ run_bench() {  # run_bench [--quick]
     BENCH_TESTS_STATUS=${TESTS_STATUS:-"tests not run in this call"} \
         $PY -m bench --out-dir "$DEST/$name" ${1:+"$1"} ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$DEST/$name.log"
     status "$name" "${PIPESTATUS[0]}"
+    # The whole loop captured as one CUDA graph against the uncaptured loop and diffusers';
+    # the host cost per step of the sampler and the diffusers scheduler.
+    echo "== CUDA-graph loop and host cost"
+    $PY -m bench.gpu_graph --out-dir "$DEST/$name" 2>&1 | tee -a "$DEST/$name.log"
+    status "$name-graph" "${PIPESTATUS[0]}"
+    $PY -m bench.host --out-dir "$DEST/$name" 2>&1 | tee -a "$DEST/$name.log"
+    status "$name-host" "${PIPESTATUS[0]}"
 }
 
 case "$STAGE" in
