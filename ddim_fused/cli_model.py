@@ -16,7 +16,7 @@ from .digits.pretrained import MODEL_FILE
 from .models import DIGITS, LoadedModel, load_model_source, optimize
 
 # Argument names in the loaders' messages -> flags (besides the sampler's, see SAMPLER_FLAGS).
-MODEL_FLAGS = {"model": "--model", "weights": "--weights", "scheduler_config": "--scheduler-config",
+MODEL_FLAGS = {"source": "--model", "weights": "--weights", "scheduler_config": "--scheduler-config",
                "sample_shape": "--shape", "compile": "--compile", "channels_last": "--channels-last"}
 INPUT_FLAGS = {"classes": "--class", "cond": "--cond", "uncond": "--uncond", "guidance": "--guidance"}
 

@@ -97,11 +97,11 @@ def find_files(folder: Path, scheduler_config: Optional[Path]) -> tuple[Path, Pa
         unet_dir, default_scheduler = folder, None
     else:
         raise ValueError(f"{folder} holds neither model_index.json (a diffusers pipeline) nor config.json "
-                         "(a diffusers model)")
+                         "(a diffusers UNet)")
     scheduler_file = scheduler_config if scheduler_config is not None else default_scheduler
     if scheduler_file is None:
-        raise ValueError(f"{folder} is a bare model folder: give its schedule with --scheduler-config FILE "
-                         f"(a diffusers {SCHEDULER_FILE})")
+        raise ValueError(f"{folder} is a bare UNet folder: give its schedule as scheduler_config, a diffusers "
+                         "scheduler config file")
     if not scheduler_file.is_file():
         raise ValueError(f"scheduler config {scheduler_file} is not a file")
     return unet_dir, scheduler_file
@@ -145,8 +145,8 @@ def load_unet(unet_dir: Path) -> torch.nn.Module:
     config = read_json(unet_dir / "config.json")
     name = config.get("_class_name")
     if name not in UNET_CLASSES:
-        raise ValueError(f"{unet_dir / 'config.json'} describes a {name!r}; supported models are "
-                         f"{', '.join(UNET_CLASSES)}")
+        raise ValueError(f"{unet_dir / 'config.json'} describes a {name!r}; only "
+                         f"{' and '.join(UNET_CLASSES)} are supported")
     if name == "UNet2DConditionModel" and config.get("addition_embed_type") is not None:
         raise ValueError(f"{unet_dir} needs added conditioning ({config['addition_embed_type']!r}, e.g. SDXL), "
                          "which --cond cannot give")

@@ -101,7 +101,7 @@ class LoadedModel:
         _, alpha_bar = resolve_model(model, allow_zero_snr=True)  # checks callable + schedule
         shape = sample_shape or getattr(model, "sample_shape", None) or getattr(model, "image_shape", None)
         if shape is None:
-            raise ValueError("the model has no sample_shape (or image_shape) attribute: give the sample shape")
+            raise ValueError("model.sample_shape (or model.image_shape) is missing: give sample_shape")
         n_classes = getattr(model, "n_classes", None)
         kind = conditioning or ("class" if n_classes is not None else "tensor")
         if kind not in CONDITIONING_KINDS:
@@ -129,8 +129,8 @@ def source_kind(source: str) -> str:
     if _CALLABLE.fullmatch(source):
         return "callable"
     if Path(source).exists():
-        raise ValueError(f"model {source!r} is a file; expected a diffusers folder, 'digits' or package.module:callable")
-    raise ValueError(f"model {source!r} is neither 'digits', an existing folder, nor package.module:callable")
+        raise ValueError(f"source {source!r} is a file; expected a diffusers folder, 'digits' or package.module:callable")
+    raise ValueError(f"source {source!r} is neither 'digits', an existing folder, nor package.module:callable")
 
 
 def load_model_source(source: str = DIGITS, *, device="cpu", dtype=torch.float32, weights=None,
@@ -153,15 +153,15 @@ def load_model_source(source: str = DIGITS, *, device="cpu", dtype=torch.float32
     kind = source_kind(source)
     device = torch.device(device)
     if weights is not None and kind != DIGITS:
-        raise ValueError("weights applies to the digits model only")
+        raise ValueError("weights applies only to the 'digits' source")
     if scheduler_config is not None and kind != "folder":
-        raise ValueError("scheduler_config applies to diffusers model folders only")
+        raise ValueError("scheduler_config applies only to diffusers folders")
     if kind == DIGITS:
         model = load_digits_model(device=device, dtype=dtype, path=weights)
         identity = {"name": DIGITS, "weights_sha256": file_sha256(weights or MODEL_FILE)}
         loaded = LoadedModel.from_protocol(model, identity, conditioning="class", device=device, dtype=dtype)
         if sample_shape is not None and _shape(sample_shape) != loaded.sample_shape:
-            raise ValueError(f"the digits model makes samples of shape {loaded.sample_shape}, not {tuple(sample_shape)}")
+            raise ValueError(f"digits samples have shape {loaded.sample_shape}, not {tuple(sample_shape)}")
         return loaded
     if kind == "folder":
         return _load_folder(Path(source), scheduler_config, device, dtype, sample_shape)
@@ -180,7 +180,7 @@ def _load_folder(folder: Path, scheduler_config, device, dtype, sample_shape) ->
     if sample_shape is None:
         size = config.get("sample_size")
         if size is None:
-            raise ValueError(f"{info['unet_dir']}/config.json has no sample_size: give the sample shape")
+            raise ValueError(f"{info['unet_dir']}/config.json has no sample_size: give sample_shape")
         hw = (size, size) if isinstance(size, int) else tuple(size)
         sample_shape = (config["in_channels"],) + tuple(hw)
     sample_shape = _shape(sample_shape)
@@ -214,14 +214,14 @@ def _load_callable(spec: str, device, dtype, sample_shape) -> LoadedModel:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+        raise ValueError(f"cannot import {module_name!r} for source {spec!r}: {exc}") from None
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
-            raise ValueError(f"module {module_name!r} has no {attr!r} (model {spec!r})")
+            raise ValueError(f"module {module_name!r} has no {attr!r} (source {spec!r})")
     if not callable(factory):
-        raise ValueError(f"model {spec!r} is a {type(factory).__name__}, not a callable factory")
+        raise ValueError(f"source {spec!r} is a {type(factory).__name__}, not a callable factory")
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -239,7 +239,7 @@ def _load_callable(spec: str, device, dtype, sample_shape) -> LoadedModel:
     try:
         return LoadedModel.from_protocol(model, identity, sample_shape=sample_shape, device=device, dtype=dtype)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"model {spec!r} returned an object outside the sampler protocol: {exc}") from None
+        raise ValueError(f"source {spec!r} returned an object outside the sampler protocol: {exc}") from None
 
 
 def optimize(loaded: LoadedModel, *, compile: bool = False, channels_last: bool = False) -> LoadedModel:

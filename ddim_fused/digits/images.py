@@ -23,8 +23,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def is_image_batch(shape) -> bool:
-    """Whether a batch of this shape can be drawn: (N, 1 or 3, H, W) or (N, H, W)."""
-    return len(shape) == 3 or (len(shape) == 4 and shape[1] in (1, 3))
+    """Whether a batch of this shape is grey or RGB images: (N, 1 or 3, H, W)."""
+    return len(shape) == 4 and shape[1] in (1, 3)
 
 
 def default_scale(height: int, width: int) -> int:
@@ -47,7 +47,7 @@ def grid_image(x: torch.Tensor, ncols: int, scale: int = 8, pad: int = 1):
     """
     from PIL import Image  # noqa: PLC0415 - only the CLI writes images
 
-    if not is_image_batch(tuple(x.shape)):
+    if x.dim() != 3 and not is_image_batch(tuple(x.shape)):
         raise ValueError(f"a PNG grid needs images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
     tiles = to_uint8(x)
     n, h, w = tiles.shape[:3]
