@@ -248,7 +248,8 @@ def cmd_sample(args) -> None:
     size = run.save(x, ncols)
     n_steps = len(sampler.time_steps)
     print(f"sampled {args.num} {run.what} ({_class_text(args, classes)}) with {n_steps} DDIM steps "
-          f"({args.discretize or run.model.discretize}), eta {args.eta}, guidance {inputs.guidance:g}, seed {args.seed}, "
+          f"({args.discretize or run.model.discretize}), eta {args.eta}, guidance {inputs.guidance:g}, "
+          f"seed {args.seed}, "
           f"{run.device} {args.dtype}, backend {args.backend}")
     print(f"time: {seconds:.2f} s, {1000 * seconds / n_steps:.1f} ms per step "
           f"(all {args.num} {run.what}, batch size {args.batch_size})")
@@ -270,7 +271,8 @@ def cmd_paint(args) -> None:
     env = _check_common(args)
     run = _Run(args, **env)
     classes = classes_from(args.classes, run.model)
-    paint_classes = classes_from(args.paint_classes, run.model) if args.paint_classes is not None else None
+    paint_classes = (classes_from(args.paint_classes, run.model, flag="--paint-class")
+                     if args.paint_classes is not None else None)
     sampler = build_sampler(run.model, args, paint_blend=args.blend)
     t_start = len(sampler.time_steps) if args.t_start is None else check_t_start(sampler, args.t_start)
     x0 = _load_npy(args.input, run.shape, run.device, run.dtype) if args.input else None

@@ -72,13 +72,14 @@ def default_classes(loaded: LoadedModel, *, unconditional: bool = False) -> Opti
     return list(range(loaded.n_classes))
 
 
-def classes_from(values, loaded: LoadedModel, *, unconditional: bool = False) -> Optional[list[int]]:
-    """--class values checked against the model, or the default classes."""
+def classes_from(values, loaded: LoadedModel, *, unconditional: bool = False,
+                 flag: str = "--class") -> Optional[list[int]]:
+    """--class (or flag) values checked against the model, or the default classes."""
     if values is None:
         return default_classes(loaded, unconditional=unconditional)
     if loaded.conditioning != "class":
         kind = "takes --cond tensors" if loaded.conditioning == "tensor" else "is unconditional"
-        raise UserError(f"--class applies to class-conditional models; this model {kind}")
+        raise UserError(f"{flag} applies to class-conditional models; this model {kind}")
     return parse_classes(values, loaded.n_classes, "the digits model" if loaded.is_digits else "the model")
 
 

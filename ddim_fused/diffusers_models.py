@@ -131,8 +131,8 @@ def ddim_scheduler(scheduler_file: Path) -> DDIMScheduler:
 def scheduler_options(scheduler: DDIMScheduler) -> tuple[str, dict]:
     """(timestep spacing, DDIMSampler keyword arguments) that reproduce `scheduler`'s sampling."""
     c = scheduler.config
-    options = dict(alpha_bar=scheduler.alphas_cumprod.to(torch.float64).numpy().copy(), steps_offset=int(c.steps_offset),
-                   set_alpha_to_one=bool(c.set_alpha_to_one), prev_timestep="ratio",
+    options = dict(alpha_bar=scheduler.alphas_cumprod.to(torch.float64).numpy().copy(),
+                   steps_offset=int(c.steps_offset), set_alpha_to_one=bool(c.set_alpha_to_one), prev_timestep="ratio",
                    prediction_type=c.prediction_type, clip_sample=bool(c.clip_sample),
                    clip_sample_range=float(c.clip_sample_range), thresholding=bool(c.thresholding),
                    dynamic_thresholding_ratio=float(c.dynamic_thresholding_ratio),

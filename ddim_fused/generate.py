@@ -48,7 +48,8 @@ from .atomic import TEMP_SUFFIX, OutputPathError, atomic_write, check_output_dir
 from .conditioning import Conditioning
 from .digits.images import default_scale, is_image_batch, save_grid
 from .finite import NonFiniteError, check_finite  # noqa: F401
-from .models import LoadedModel
+# file_sha256 is part of this module's API (manifests list each shard's).
+from .models import LoadedModel, file_sha256  # noqa: F401
 
 try:
     import fcntl
@@ -201,15 +202,6 @@ def _verified_shard(path: Path, expected, chash) -> dict:
     if not np.isfinite(samples).all():
         raise ShardError(f"{path.name} holds non-finite samples")
     return shard
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, as 64 hex digits."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ def resolve_model(model, alpha_bar=None, *, allow_zero_snr: bool = False) -> tup
         if alpha_bar is None and betas is not None:
             alpha_bar = alpha_bar_from_betas(betas)
         if alpha_bar is None:
-            raise ValueError("model has no alpha_bar (or betas) attribute: pass alpha_bar= (an array or a schedule name)")
+            raise ValueError("model has no alpha_bar (or betas) attribute: pass alpha_bar= (an array or a "
+                             "schedule name)")
     if isinstance(alpha_bar, str):
         if alpha_bar not in BETA_SCHEDULES:
             raise ValueError(f"alpha_bar names an unknown schedule {alpha_bar!r}; expected one of {BETA_SCHEDULES}")

@@ -129,7 +129,8 @@ def source_kind(source: str) -> str:
     if _CALLABLE.fullmatch(source):
         return "callable"
     if Path(source).exists():
-        raise ValueError(f"source {source!r} is a file; expected a diffusers folder, 'digits' or package.module:callable")
+        raise ValueError(f"source {source!r} is a file; expected a diffusers folder, 'digits' or "
+                         "package.module:callable")
     raise ValueError(f"source {source!r} is neither 'digits', an existing folder, nor package.module:callable")
 
 

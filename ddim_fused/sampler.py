@@ -289,7 +289,10 @@ class DDIMSampler:
         return torch.add(x0 * sqrt_a, noise.to(x0.dtype), alpha=sqrt_one_minus_a)
 
     def get_eps(self, x, t, c, *, uncond_scale=1.0, uncond_cond=None):
-        """The model's output (eps for an epsilon model) for x (B, *s), guided when uncond_scale != 1 (labml's get_eps)."""
+        """The model's output for x (B, *s), guided when uncond_scale != 1 (labml's get_eps).
+
+        For an epsilon model it is eps; otherwise the v or x0 prediction.
+        """
         return Guide.checked(self.model, c, uncond_scale, uncond_cond, x.shape[0]).eps(x, t)
 
     # ------------------------------------------------------------------ internals

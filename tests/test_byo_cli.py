@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 
 from ddim_fused.cli import main
-from tests.byo_models import COND_DIM, COND_LEN, diffusers, save_pipeline, save_scheduler_file, tiny_cond_unet, tiny_unet
+from tests.byo_models import (
+    COND_DIM,
+    COND_LEN,
+    diffusers,
+    save_pipeline,
+    save_scheduler_file,
+    tiny_cond_unet,
+    tiny_unet,
+)
 
 SCALE, PAD = 8, 1  # 8x8 samples are drawn 8x, one source pixel apart
 

@@ -13,7 +13,7 @@ from ddim_fused.cli import main
 from ddim_fused.conditioning import Conditioning, load_tensor_file
 from ddim_fused.models import LoadedModel, file_sha256, load_model_source, optimize, source_kind
 from ddim_fused.schedules import make_alpha_bar
-from tests.byo_models import COND_DIM, COND_LEN, diffusers, save_pipeline, tiny_cond_unet, tiny_unet
+from tests.byo_models import COND_DIM, COND_LEN, diffusers, save_pipeline, tiny_unet
 
 USER_MODULE = '''
 import torch
