@@ -12,11 +12,14 @@ from tests.byo_models import (
     COND_DIM,
     COND_LEN,
     diffusers,
+    needs_diffusers,
     save_pipeline,
     save_scheduler_file,
     tiny_cond_unet,
     tiny_unet,
 )
+
+pytestmark = needs_diffusers
 
 SCALE, PAD = 8, 1  # 8x8 samples are drawn 8x, one source pixel apart
 
@@ -160,13 +163,3 @@ def test_model_source_errors(pipe, tmp_path, capsys):
     line = _error(["sample", "--scheduler-config", str(pipe / "scheduler" / "scheduler_config.json")], capsys,
                   tmp_path)
     assert "--scheduler-config applies only to diffusers folders" in line
-
-
-def test_samples_that_are_not_images_go_to_generate(tmp_path, capsys, monkeypatch):
-    (tmp_path / "byo_seq_model.py").write_text(
-        "import torch\nfrom ddim_fused.schedules import make_alpha_bar\n\n"
-        "class Seq:\n    alpha_bar = make_alpha_bar('linear')\n    sample_shape = (4, 3)\n\n"
-        "    def __call__(self, x, t, cond):\n        return x * 0.1\n\n\ndef make():\n    return Seq()\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    line = _error(["sample", "--model", "byo_seq_model:make"], capsys, tmp_path)
-    assert "needs grey or RGB images" in line and "use ddim-fused generate" in line

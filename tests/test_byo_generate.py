@@ -17,6 +17,7 @@ from tests.byo_models import (
     COND_DIM,
     COND_LEN,
     diffusers,
+    needs_diffusers,
     reference_samples,
     save_pipeline,
     save_scheduler_file,
@@ -24,6 +25,8 @@ from tests.byo_models import (
     tiny_unet,
 )
 from tests.helpers import assert_close
+
+pytestmark = needs_diffusers
 
 NUM, STEPS, SEED = 5, 6, 4
 # The UNet's CPU convolutions round differently per batch size (measured up to 1.5e-5 on

@@ -13,7 +13,7 @@ from ddim_fused.cli import main
 from ddim_fused.conditioning import Conditioning, load_tensor_file
 from ddim_fused.models import LoadedModel, file_sha256, load_model_source, optimize, source_kind
 from ddim_fused.schedules import make_alpha_bar
-from tests.byo_models import COND_DIM, COND_LEN, diffusers, save_pipeline, tiny_unet
+from tests.byo_models import COND_DIM, COND_LEN, diffusers, needs_diffusers, save_pipeline, tiny_unet
 
 USER_MODULE = '''
 import torch
@@ -46,6 +46,8 @@ def user_module(tmp_path, monkeypatch, name, shape=(1, 4, 4)) -> str:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
+    if diffusers is None:
+        pytest.skip("needs diffusers (pip install 'ddim-fused[diffusers]')")
     return save_pipeline(tmp_path_factory.mktemp("models") / "pipe", tiny_unet(0), diffusers.DDIMScheduler())
 
 
@@ -67,6 +69,7 @@ def test_digits_source_keeps_its_identity():
     assert set(loaded.identity) == {"name", "weights_sha256"}
 
 
+@needs_diffusers
 def test_pipeline_folder_loads_with_diffusers_schedule(pipeline):
     loaded = load_model_source(str(pipeline))
     scheduler = diffusers.DDIMScheduler.from_pretrained(pipeline, subfolder="scheduler")
@@ -82,6 +85,7 @@ def test_pipeline_folder_loads_with_diffusers_schedule(pipeline):
         load_model_source(str(pipeline), sample_shape=(4, 8, 8))
 
 
+@needs_diffusers
 def test_bare_model_folder_needs_a_scheduler_config(tmp_path):
     tiny_unet(1).save_pretrained(tmp_path / "unet")
     with pytest.raises(ValueError, match="scheduler-config|scheduler_config"):
@@ -94,6 +98,7 @@ def test_bare_model_folder_needs_a_scheduler_config(tmp_path):
     assert loaded.identity["scheduler_config"] == str(scheduler_file.resolve())
 
 
+@needs_diffusers
 @pytest.mark.parametrize("edit,match", [
     ({"_class_name": "VQModel"}, "only UNet2DModel and UNet2DConditionModel are supported"),
     ({"class_embed_type": "timestep"}, "class_embed_type"),
@@ -107,6 +112,7 @@ def test_unsupported_unet_configs_are_refused(pipeline, tmp_path, edit, match):
         load_model_source(str(folder))
 
 
+@needs_diffusers
 def test_damaged_weights_are_a_value_error(tmp_path):
     folder = save_pipeline(tmp_path / "pipe", tiny_unet(0), diffusers.DDIMScheduler())
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64)
@@ -135,12 +141,15 @@ def test_callable_errors(tmp_path, monkeypatch):
         load_model_source("byo_user_model_c:make")
 
 
-def test_folders_need_diffusers_while_digits_and_callables_do_not(tmp_path, monkeypatch, pipeline):
+def test_folders_need_diffusers_while_digits_and_callables_do_not(tmp_path, monkeypatch):
     spec = user_module(tmp_path, monkeypatch, "byo_user_model_d")
+    folder = tmp_path / "pipe"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
     monkeypatch.delitem(sys.modules, "ddim_fused.diffusers_models", raising=False)
     with pytest.raises(ImportError, match=r"needs Hugging Face diffusers: pip install 'ddim-fused\[diffusers\]'"):
-        load_model_source(str(pipeline))
+        load_model_source(str(folder))
     assert load_model_source("digits").is_digits
     assert load_model_source(spec).sample_shape == (1, 4, 4)
 
@@ -215,7 +224,7 @@ def test_tensor_files(tmp_path, suffix):
     elif suffix == ".npy":
         np.save(path, t.numpy())
     else:
-        pytest.importorskip("safetensors").torch.save_file({"cond": t}, str(path))
+        pytest.importorskip("safetensors.torch").save_file({"cond": t}, str(path))
     assert torch.equal(load_tensor_file(path), t)
 
 
@@ -251,7 +260,7 @@ def test_generate_with_a_callable_model_equals_the_sampler(tmp_path, monkeypatch
         assert torch.allclose(torch.from_numpy(run["samples"][i]), x[0], atol=1e-6)
 
 
-def test_optimize_compiles_the_network_and_sets_channels_last(monkeypatch, pipeline):
+def _spy_compile(monkeypatch) -> list:
     compiled = []
 
     def fake_compile(net):
@@ -259,12 +268,43 @@ def test_optimize_compiles_the_network_and_sets_channels_last(monkeypatch, pipel
         return net
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    return compiled
+
+
+def test_optimize_compiles_a_folder_models_unet(monkeypatch, pipeline):
+    compiled = _spy_compile(monkeypatch)
+    folder = optimize(load_model_source(str(pipeline)), compile=True)
+    assert compiled == [folder.model.net]
+
+
+def test_optimize_compiles_the_network_and_sets_channels_last(monkeypatch):
+    compiled = _spy_compile(monkeypatch)
     digits = optimize(load_model_source("digits"), compile=True, channels_last=True)
     assert compiled == [digits.model.net]
     assert digits.model.net.inp.weight.is_contiguous(memory_format=torch.channels_last)
-    folder = optimize(load_model_source(str(pipeline)), compile=True)
-    assert compiled[-1] is folder.model.net
     model = lambda x, t, c: x  # noqa: E731
     model.alpha_bar = make_alpha_bar("linear")
     with pytest.raises(ValueError, match="nn.Module"):
         optimize(LoadedModel.from_protocol(model, {}, sample_shape=(2,)), compile=True)
+
+
+def test_samples_that_are_not_images_go_to_generate(tmp_path, capsys, monkeypatch):
+    (tmp_path / "byo_seq_model.py").write_text(
+        "import torch\nfrom ddim_fused.schedules import make_alpha_bar\n\n"
+        "class Seq:\n    alpha_bar = make_alpha_bar('linear')\n    sample_shape = (4, 3)\n\n"
+        "    def __call__(self, x, t, cond):\n        return x * 0.1\n\n\ndef make():\n    return Seq()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = _cli_error(["sample", "--model", "byo_seq_model:make"], capsys, tmp_path)
+    assert "needs grey or RGB images" in line and "use ddim-fused generate" in line
+
+
+def _cli_error(argv, capsys, tmp_path):
+    before = torch.get_num_threads()
+    with pytest.raises(SystemExit) as info:
+        try:
+            main(argv + ["--out", str(tmp_path / "x.png"), "--no-progress", "--threads", "1"])
+        finally:
+            torch.set_num_threads(before)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "Traceback" not in "\n".join(err)
+    return err[-1]

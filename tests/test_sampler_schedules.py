@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from ddim_fused import DDIMSampler, initial_noise
+from ddim_fused.schedules import make_alpha_bar
 from ddim_fused.x0_clip import X0Limit
+from tests.byo_models import diffusers, needs_diffusers
 from tests.helpers import assert_close
 
-diffusers = pytest.importorskip("diffusers")
-
 SHAPE = (3, 2, 4, 4)
+LINEAR = make_alpha_bar("linear")
 
 
 class Model:
@@ -53,6 +54,7 @@ def sampler_for(scheduler, model, steps, **kw):
                        sample_max_value=c.sample_max_value, **kw)
 
 
+@needs_diffusers
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("spacing,offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])
 @pytest.mark.parametrize("limit", ["none", "clip", "threshold"])
@@ -70,19 +72,41 @@ def test_sample_equals_diffusers_ddim_loop(prediction_type, spacing, offset, lim
     assert_close(ours, diffusers_loop(scheduler, model, x, 7), rtol=2e-5, name=f"{prediction_type} {spacing} {limit}")
 
 
+@needs_diffusers
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_clipped_guided_kernel_step_equals_diffusers(prediction_type):
+def test_clipped_guided_kernel_step_equals_diffusers(prediction_type, device):
     """The two-launch step on the Triton kernel (interpreter on a CPU), with guidance."""
     scheduler = diffusers.DDIMScheduler(prediction_type=prediction_type, clip_sample=True)
     model = Model(scheduler.alphas_cumprod.double().numpy())
     sampler = sampler_for(scheduler, model, 4, backend="triton")
-    x = initial_noise(SHAPE, 2)
-    cond, uncond = torch.tensor([0.5, -1.0, 2.0]), torch.zeros(3)
+    x = initial_noise(SHAPE, 2, device=device)
+    cond, uncond = torch.tensor([0.5, -1.0, 2.0], device=device), torch.zeros(3, device=device)
     ours = sampler.sample(SHAPE, cond, x_last=x, uncond_scale=2.5, uncond_cond=uncond)
     ref = diffusers_loop(scheduler, model, x, 4, cond, uncond, 2.5)
     assert_close(ours, ref, rtol=2e-5)
 
 
+@pytest.mark.parametrize("limit", [dict(clip_sample=True, clip_sample_range=0.6),
+                                   dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=1.3)])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_limited_step_kernel_equals_torch_path(prediction_type, limit, device):
+    """Both launches of a limited step, with guidance, keyed noise and paint: kernel vs torch ops."""
+    model = Model(LINEAR)
+    runs = []
+    for backend in ("triton", "torch"):
+        sampler = DDIMSampler(model, 5, "uniform", 0.5, prediction_type=prediction_type, backend=backend, seed=4,
+                              **limit)
+        cond, uncond = torch.tensor([0.5, -1.0, 2.0], device=device), torch.zeros(3, device=device)
+        x = sampler.sample(SHAPE, cond, uncond_scale=2.0, uncond_cond=uncond, device=device)
+        mask = torch.zeros(SHAPE[0], 1, 4, 4, device=device)
+        mask[..., :2] = 1
+        painted = sampler.paint(sampler.q_sample(x, 2, seed=5), cond, 3, orig=x, mask=mask, seed=5)
+        runs.append((x, painted))
+    assert_close(runs[0][0], runs[1][0], rtol=2e-6)
+    assert_close(runs[0][1], runs[1][1], rtol=2e-6)
+
+
+@needs_diffusers
 def test_zero_terminal_snr_v_prediction_equals_diffusers():
     scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
                                         rescale_betas_zero_snr=True, beta_schedule="scaled_linear", clip_sample=False)
@@ -99,15 +123,14 @@ def test_zero_terminal_snr_v_prediction_equals_diffusers():
 
 @pytest.mark.parametrize("spacing", ["uniform", "leading"])
 def test_ratio_rule_equals_previous_step_rule_where_they_agree(spacing):
-    model = Model(diffusers.DDIMScheduler().alphas_cumprod.double().numpy())
+    model = Model(LINEAR)
     a = DDIMSampler(model, 20, spacing, prev_timestep="previous")
     b = DDIMSampler(model, 20, spacing, prev_timestep="ratio")
     assert np.array_equal(a.coefs.alpha_prev[1:], b.coefs.alpha_prev[1:])
 
 
 def test_ratio_rule_differs_for_trailing_as_diffusers_does():
-    scheduler = diffusers.DDIMScheduler(timestep_spacing="trailing")
-    model = Model(scheduler.alphas_cumprod.double().numpy())
+    model = Model(LINEAR)
     previous = DDIMSampler(model, 3, "trailing", prev_timestep="previous")
     ratio = DDIMSampler(model, 3, "trailing", prev_timestep="ratio")
     # time steps 332, 666, 999: diffusers steps from 666 to 666 - 1000 // 3 = 333, not to 332.
@@ -116,7 +139,7 @@ def test_ratio_rule_differs_for_trailing_as_diffusers_does():
 
 
 def test_prediction_type_comes_from_the_model():
-    model = Model(diffusers.DDIMScheduler().alphas_cumprod.double().numpy(), prediction_type="v_prediction")
+    model = Model(LINEAR, prediction_type="v_prediction")
     assert DDIMSampler(model, 5).prediction_type == "v_prediction"
     assert DDIMSampler(model, 5, prediction_type="epsilon").prediction_type == "epsilon"
 
@@ -124,7 +147,7 @@ def test_prediction_type_comes_from_the_model():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_a_clip_that_never_binds_changes_nothing(prediction_type):
     """Two launches around a no-op clip = one launch: guidance, keyed noise (eta > 0), paint."""
-    model = Model(diffusers.DDIMScheduler().alphas_cumprod.double().numpy())
+    model = Model(LINEAR)
     common = dict(prediction_type=prediction_type, backend="torch", seed=3)
     one = DDIMSampler(model, 6, "uniform", 0.7, **common)
     two = DDIMSampler(model, 6, "uniform", 0.7, clip_sample=True, clip_sample_range=1e6, **common)
@@ -140,13 +163,14 @@ def test_a_clip_that_never_binds_changes_nothing(prediction_type):
 
 
 def test_clipped_step_reports_the_clipped_pred_x0():
-    model = Model(diffusers.DDIMScheduler().alphas_cumprod.double().numpy())
+    model = Model(LINEAR)
     seen = []
     DDIMSampler(model, 5, clip_sample=True, clip_sample_range=0.25).sample(
         SHAPE, None, seed=0, callback=lambda info: seen.append(info["pred_x0"].abs().max().item()))
     assert len(seen) == 5 and max(seen) <= 0.25
 
 
+@needs_diffusers
 def test_thresholding_equals_diffusers():
     scheduler = diffusers.DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=2.0)
     x0 = 3 * torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
@@ -158,7 +182,7 @@ def test_thresholding_equals_diffusers():
 
 
 def test_initial_noise_is_what_sample_starts_from():
-    model = Model(diffusers.DDIMScheduler().alphas_cumprod.double().numpy())
+    model = Model(LINEAR)
     sampler = DDIMSampler(model, 4, seed=11)
     x_t = initial_noise((2, 1, 3, 3), 11, sample_offset=5)
     # Start from it explicitly: the same result.
@@ -191,13 +215,13 @@ def test_initial_noise_bad_arguments(kwargs, err, match):
     (dict(thresholding=True, sample_max_value=0.5), ValueError, "sample_max_value"),
 ])
 def test_bad_schedule_options(kwargs, err, match):
-    model = Model(diffusers.DDIMScheduler().alphas_cumprod.double().numpy())
+    model = Model(LINEAR)
     with pytest.raises(err, match=match):
         DDIMSampler(model, 5, **kwargs)
 
 
 def test_a_sample_model_cannot_invert_from_alpha_one():
-    model = Model(diffusers.DDIMScheduler().alphas_cumprod.double().numpy(), prediction_type="sample")
+    model = Model(LINEAR, prediction_type="sample")
     sampler = DDIMSampler(model, 5, set_alpha_to_one=True)
     with pytest.raises(ValueError, match="cannot be inverted"):
         sampler.invert(torch.zeros(SHAPE), None)
