@@ -7,11 +7,12 @@ For each number of steps S and eta, N digits are generated (classes 0..9 cycling
 guidance, the same Philox seed for every cell) and compared with the real digits that
 the shipped classifier held out (its 20% test split), in that classifier's feature space
 (its last hidden layer, 128 features). Beside each cell: the fraction of the generated
-digits that the classifier reads as the requested class. Two references: the noise floor
-(real vs real, the two disjoint halves of the held-out digits) and real digits of the
-classifier's training split, N of them, against the held-out ones (what a perfect
-generator would score at the cells' sample sizes). Needs scikit-learn (the real digits)
-and, for the plot, matplotlib.
+digits that the classifier reads as the requested class. References: the noise floor
+(real vs real, the two disjoint halves of the held-out digits); N real digits of the
+classifier's training split against the held-out ones (what a perfect generator would
+score at the cells' sample sizes; mean and spread over random draws of the N); and one
+cell (S = 50, eta = 0) drawn again with other seeds (how much a cell moves with its noise
+alone). Needs scikit-learn (the real digits) and, for the plot, matplotlib.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ STEPS = (10, 20, 50, 100, 1000)
 QUICK_STEPS = (10, 20, 50, 100)
 ETAS = (0.0, 0.2, 0.5, 1.0, SIGMA_HAT)
 SPLIT_SEED = 0  # the classifier's train/test split (ddim_fused.digits.train, seed 0)
+REAL_DRAWS = 10  # random draws of N training-split digits for the same-size reference
+REPEAT_CELL, REPEAT_SEED_OFFSETS = (50, 0.0), (1, 2)  # a cell drawn again with seed + these
 
 
 def discretization(n_steps: int, n_train_steps: int) -> str:
@@ -58,18 +61,25 @@ def measure(n: int, steps=STEPS, etas=ETAS, *, seed: int = 0, batch_size: int = 
     """Frechet distance and class accuracy of every (S, eta) cell, and the two references.
 
     Returns:
-        dict: cells (list of {steps, eta, discretize, frechet, accuracy, seconds}), floor,
-        same_size_real, n_heldout, classifier_accuracy.
+        dict: cells (list of {steps, eta, discretize, frechet, accuracy, seconds}); floor;
+        same_size_real (mean over REAL_DRAWS draws), same_size_real_all, same_size_n;
+        repeat ({steps, eta, seeds, frechet}: REPEAT_CELL with more seeds, if in the grid);
+        n_heldout, classifier_accuracy.
     """
     model, clf = load_digits_model(), load_digits_classifier()
     x, _ = load_digits_data()
     train_idx, test_idx = split_indices(len(x), SPLIT_SEED)
     heldout = clf.features(x[test_idx])
     half = len(heldout) // 2
-    train_feats = clf.features(x[train_idx[:min(n, len(train_idx))]])
+    train_feats = clf.features(x[train_idx])
+    size = min(n, len(train_feats))
+    gen = torch.Generator().manual_seed(seed)
+    draws = [frechet_distance(train_feats[torch.randperm(len(train_feats), generator=gen)[:size]], heldout)
+             for _ in range(REAL_DRAWS)]
     data = {"n_heldout": len(heldout), "classifier_accuracy": clf.test_accuracy,
             "floor": frechet_distance(heldout[:half], heldout[half:]),
-            "same_size_real": frechet_distance(train_feats, heldout), "same_size_n": len(train_feats), "cells": []}
+            "same_size_real": sum(draws) / len(draws), "same_size_real_all": draws, "same_size_n": size,
+            "cells": []}
     for eta in etas:
         for s in steps:
             start = time.perf_counter()
@@ -82,6 +92,15 @@ def measure(n: int, steps=STEPS, etas=ETAS, *, seed: int = 0, batch_size: int = 
             if progress is not None:
                 progress(f"S={s:4d} eta={eta!s:9} FD={cell['frechet']:.3f} acc={cell['accuracy']:.3f} "
                          f"({seconds:.0f} s)")
+    s, eta = REPEAT_CELL
+    if s in steps and eta in etas:
+        others = [seed + k for k in REPEAT_SEED_OFFSETS]
+        repeats = [frechet_distance(clf.features(generate(model, s, eta, n, seed=other, batch_size=batch_size)[0]),
+                                    heldout) for other in others]
+        first = next(c["frechet"] for c in data["cells"] if (c["steps"], c["eta"]) == REPEAT_CELL)
+        data["repeat"] = {"steps": s, "eta": eta, "seeds": [seed, *others], "frechet": [first, *repeats]}
+        if progress is not None:
+            progress(f"S={s} eta={eta} with seeds {data['repeat']['seeds']}: FD {data['repeat']['frechet']}")
     return data
 
 
@@ -103,8 +122,9 @@ def markdown_table(data: dict) -> str:
     h = data["n_heldout"]
     lines.append(f"| real vs real: held-out halves ({h // 2} / {h - h // 2}), noise floor | "
                  + " | ".join([f"{data['floor']:.2f}"] * len(steps)) + " |")
+    spread = max(data["same_size_real_all"]) - min(data["same_size_real_all"])
     lines.append(f"| real vs real: {data['same_size_n']} training-split digits vs the {h} held-out | "
-                 + " | ".join([f"{data['same_size_real']:.2f}"] * len(steps)) + " |")
+                 + " | ".join([f"{data['same_size_real']:.2f} ± {spread / 2:.2f}"] * len(steps)) + " |")
     notes = [
         "",
         f"Frechet distance (squared) in the shipped classifier's 128 features between {data['n']} generated digits "
@@ -115,6 +135,13 @@ def markdown_table(data: dict) -> str:
     if full:
         notes.append("\\* S = 1000 uses the linspace discretization (every time step): uniform's +1 would reach "
                      "t = 1000.")
+    draws = data["same_size_real_all"]
+    notes.append(f"Training-split reference: mean of {len(draws)} random draws of {data['same_size_n']} digits "
+                 f"(range {min(draws):.2f} to {max(draws):.2f}, ± half of it).")
+    if "repeat" in data:
+        r = data["repeat"]
+        notes.append(f"Noise of a cell: S = {r['steps']}, eta = {r['eta']:g} drawn with seeds "
+                     f"{', '.join(map(str, r['seeds']))} gives " + ", ".join(f"{v:.2f}" for v in r["frechet"]) + ".")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -134,7 +161,9 @@ def plot(data: dict, path: Path) -> None:
         ax.plot([c["steps"] for c in cells], [c["frechet"] for c in cells], marker="o", label=label)
         ax_acc.plot([c["steps"] for c in cells], [c["accuracy"] for c in cells], marker="o", label=label)
     ax.axhline(data["floor"], color="gray", linestyle="--", label="real vs real (held-out halves)")
-    ax.axhline(data["same_size_real"], color="gray", linestyle=":", label=f"real vs real ({data['same_size_n']})")
+    draws = data["same_size_real_all"]
+    ax.axhspan(min(draws), max(draws), color="gray", alpha=0.2,
+               label=f"real vs real ({data['same_size_n']} training-split digits)")
     ax_acc.axhline(data["classifier_accuracy"], color="gray", linestyle="--", label="real held-out digits")
     for a, ylabel in ((ax, "Frechet distance (classifier features)"), (ax_acc, "class accuracy")):
         a.set_xscale("log")
