@@ -11,8 +11,9 @@ setup(
     # package would collide with an unrelated PyPI project of that name.
     packages=["ddim_fused", "ddim_fused.kernels", "ddim_fused.digits"],
     package_dir={"ddim_fused": "ddim_fused", "ddim_fused.kernels": "kernels"},
-    # The embedded digits model and its classifier (plain state dicts, weights_only-loadable).
-    package_data={"ddim_fused.digits": ["weights/*.pt"]},
+    # The embedded digits model and its classifier (plain state dicts, weights_only-loadable);
+    # the CPU noise kernel's C source, compiled on first use (ddim_fused/philox_native.py).
+    package_data={"ddim_fused.digits": ["weights/*.pt"], "ddim_fused": ["philox_cpu.c"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -21,9 +22,15 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # Everything the tests exercise, so none of them is skipped: the diffusers backend
-        # and the digits classifier's check on real digits (scikit-learn, which brings scipy).
-        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn"],
+        # Everything the tests exercise, so none of them is skipped: the diffusers backend,
+        # the digits classifier's check on real digits (scikit-learn, which brings scipy),
+        # the CLI's property-based fuzz test (hypothesis) and the quality plot (matplotlib).
+        # k-diffusion itself cannot be listed: its release pins torchvision, wandb, kornia,
+        # clip, ... and (through dctorch) numpy < 2, so the README's test command installs it
+        # with --no-deps; torchsde and torchdiffeq are what its sampling module imports.
+        # torchsde also lets diffusers build DPMSolverSDEScheduler, one of DDIM's compatibles.
+        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn", "scipy", "torchsde",
+                 "torchdiffeq", "hypothesis>=6", "matplotlib"],
         "diffusers": ["diffusers>=0.42"],
         "plots": ["matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.42"],

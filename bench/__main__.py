@@ -6,4 +6,9 @@ from .run import build_parser, main
 __all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Results are written whole at the end; a cut run keeps only rows.jsonl, by design.
+        print("python -m bench: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -37,7 +37,7 @@ class Case:
         name: id used in tables and files.
         eta: DDIM eta of the sampler.
         noise: "none", "tensor" (noise is an input) or "drawn" (the step draws it:
-            in-kernel Philox for the fused step, torch.randn for eager and diffusers).
+            in-kernel Philox for the fused step, torch.randn for the baselines).
         cfg: classifier-free guidance on a batch-doubled model output.
         paint: blend with a noised original under a (B, 1, H, W) mask.
         x0: also write pred_x0.
@@ -53,6 +53,11 @@ class Case:
     @property
     def deterministic(self) -> bool:
         return self.noise != "drawn"
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Names of the tensors every provider returns for this case, in order."""
+        return ("x_prev", "pred_x0") if self.x0 else ("x_prev",)
 
 
 CASES = {

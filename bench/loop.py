@@ -6,6 +6,10 @@ argument checks, coefficient lookups, op dispatch or kernel launches). The measu
 cost of the model call is subtracted to give the host overhead per step. With the
 embedded digits model (when shipped) the loop is a real, small end-to-end sample.
 On CUDA the fused loop is also captured in a CUDA graph (one replay = 50 steps).
+
+Before any timing, every loop's result is checked once against the reference sampler
+run with the same noise: the keyed Philox noise fed to it for the fused sampler's
+default noise, torch.randn from the same torch seed otherwise (`verify`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import numpy as np
 import torch
 
 from ddim_fused import DDIMSampler, ReferenceDDIMSampler
+from ddim_fused.metrics import relative_rms_error
+from ddim_fused.philox import keyed_normal_torch
 from ddim_fused.schedules import make_alpha_bar
 
 from .cases import ALPHA_BAR, DISCRETIZE, ETA, GUIDANCE, N_STEPS, SEED
@@ -20,6 +26,10 @@ from .providers import diffusers_scheduler
 from .timing import sync, time_host, time_interleaved
 
 LOOP_PROVIDERS = ("fused", "reference", "diffusers", "fused-cudagraph")
+# Relative RMS error of a 50-step fp32 loop against the reference's fp32 loop: rounding
+# differences of two fp32 formulas, compounded over the steps.
+LOOP_RTOL = 1e-5
+LOOP_TORCH_SEED = 2468  # torch's seed before each checked run, so torch.randn draws agree
 
 
 class TrivialEps:
@@ -51,7 +61,8 @@ def loop_fns(model, shape, device, dtype, *, eta=0.0, cfg=False, noise_source="p
         cond, uncond: conditioning tensors (default: (B,) ones and zeros).
 
     Returns:
-        ({provider: fn}, {provider: reason it is missing}).
+        ({provider: fn}, {provider: reason it is missing}, {provider: the reference run
+        (a zero-argument callable) that its result must match, see `verify`}).
     """
     gen = torch.Generator().manual_seed(SEED)
     x_T = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
@@ -64,20 +75,55 @@ def loop_fns(model, shape, device, dtype, *, eta=0.0, cfg=False, noise_source="p
     fns, missing = {}, {}
     fns["fused"] = lambda: fused.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un)
     fns["reference"] = lambda: ref.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un)
+    numel = int(np.prod(shape[1:]))
+
+    def step_noise(index):
+        return keyed_normal_torch(shape[0], numel, SEED, index, "step", 0, device=device).view(shape).to(dtype)
+
+    def keyed_reference():
+        return ref.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un, step_noise=step_noise)
+
+    # The reference run each provider must reproduce (same noise), for `verify`: the
+    # fused sampler's keyed noise fed to the reference, or torch.randn drawn alike.
+    keyed = noise_source == "philox" and eta != 0
+    expected = {"fused": keyed_reference if keyed else fns["reference"], "diffusers": fns["reference"]}
+    expected["fused-cudagraph"] = expected["fused"]
     try:
         alpha_bar = np.asarray(torch.as_tensor(model.alpha_bar, dtype=torch.float64))
         sched = diffusers_scheduler(alpha_bar)
         fns["diffusers"] = _diffusers_loop(sched, model, x_T, cond, un, scale, eta)
     except ImportError as err:
         missing["diffusers"] = f"diffusers is not installed ({err})"
-    if device.type == "cuda":
+    if device.type != "cuda":
+        missing["fused-cudagraph"] = "needs CUDA"
+    elif noise_source == "torch" and eta != 0:
+        missing["fused-cudagraph"] = "torch.randn inside a CUDA graph replays other numbers than the reference draws"
+    else:
         try:
             fns["fused-cudagraph"] = _graph_loop(fused, shape, cond, x_T, scale, un)
         except Exception as err:  # noqa: BLE001 - capture can fail in many ways; report, don't crash
             missing["fused-cudagraph"] = f"CUDA graph capture failed: {type(err).__name__}: {err}"
-    else:
-        missing["fused-cudagraph"] = "needs CUDA"
-    return fns, missing
+    return fns, missing, expected
+
+
+def verify(fns: dict, expected: dict, rtol: float = LOOP_RTOL) -> dict:
+    """Each provider's loop result against the reference run it must reproduce.
+
+    Returns:
+        {provider: {"check_error": rel RMS error, "check_bound": rtol, "parity_ok": bool}};
+        the reference itself is the yardstick and gets no entry.
+    """
+    out = {}
+    for name, fn in fns.items():
+        if name not in expected:
+            continue
+        torch.manual_seed(LOOP_TORCH_SEED)
+        got = fn()
+        torch.manual_seed(LOOP_TORCH_SEED)
+        want = expected[name]()
+        err = relative_rms_error(got, want)
+        out[name] = {"check_error": err, "check_bound": rtol, "parity_ok": bool(np.isfinite(err) and err <= rtol)}
+    return out
 
 
 def _diffusers_loop(sched, model, x_T, cond, uncond, scale, eta):
@@ -145,7 +191,9 @@ def run_loops(device: torch.device, quick: bool, budget_s: float, log=print) -> 
     model = TrivialEps(make_alpha_bar(ALPHA_BAR, 1000))
     rows = []
     for loop_id, shape, eta, cfg, noise_source in loop_configs(quick):
-        fns, missing = loop_fns(model, shape, device, torch.float32, eta=eta, cfg=cfg, noise_source=noise_source)
+        fns, missing, expected = loop_fns(model, shape, device, torch.float32, eta=eta, cfg=cfg,
+                                          noise_source=noise_source)
+        checks = verify(fns, expected)
         x = torch.zeros(shape, device=device)
         ts = torch.zeros(shape[0], dtype=torch.long, device=device)
         model_s = time_host(lambda: model(x, ts, None), device, budget_s=0.02)["p50"]
@@ -156,11 +204,19 @@ def run_loops(device: torch.device, quick: bool, budget_s: float, log=print) -> 
                 continue
             # One model call per step (batch-doubled under CFG); a graph replay has no Python model call.
             row = _loop_row(loop_id, "trivial", shape, name, times[name], 0.0 if name == "fused-cudagraph" else model_s)
+            row.update(checks.get(name, {}))
             rows.append(row)
             log(f"  loop {loop_id:14s} {name:16s} {row['per_step_us']:9.1f} us/step  "
-                f"overhead {row['host_overhead_us']:9.1f} us/step")
+                f"overhead {row['host_overhead_us']:9.1f} us/step{_check_note(row)}")
     rows += _digits_loops(device, budget_s, log)
     return rows
+
+
+def _check_note(row) -> str:
+    if "check_error" not in row:
+        return ""
+    verdict = "ok" if row["parity_ok"] else "FAILED"
+    return f"  check vs reference {row['check_error']:.1e} <= {row['check_bound']:.0e} {verdict}"
 
 
 def _loop_row(loop_id, model, shape, name, t, model_s, skipped=None):
@@ -186,7 +242,9 @@ def _digits_loops(device, budget_s, log):
     cond = model.cond([i % 10 for i in range(B)])
     rows = []
     for loop_id, cfg in (("digits", False), ("digits-cfg", True)):
-        fns, missing = loop_fns(model, shape, device, torch.float32, cfg=cfg, cond=cond, uncond=model.null_cond(B))
+        fns, missing, expected = loop_fns(model, shape, device, torch.float32, cfg=cfg, cond=cond,
+                                          uncond=model.null_cond(B))
+        checks = verify(fns, expected)
         times = time_interleaved(fns, device, budget_s=budget_s, warmup=1, min_samples=5)
         for name in LOOP_PROVIDERS:
             if name in missing:
@@ -194,7 +252,9 @@ def _digits_loops(device, budget_s, log):
                 continue
             row = _loop_row(loop_id, "digits", shape, name, times[name], 0.0)
             row.pop("host_overhead_us")  # the model's cost dominates: no overhead claim here
+            row.update(checks.get(name, {}))
             rows.append(row)
-            log(f"  loop {loop_id:14s} {name:16s} {row['per_step_us']:9.1f} us/step (digits UNet included)")
+            log(f"  loop {loop_id:14s} {name:16s} {row['per_step_us']:9.1f} us/step (digits UNet included)"
+                f"{_check_note(row)}")
     sync(device)
     return rows

@@ -8,8 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-COLORS = {"triton": "tab:red", "torch": "tab:blue", "eager": "tab:gray", "compile": "tab:green",
-          "diffusers": "tab:purple", "fused": "tab:blue", "reference": "tab:gray", "fused-cudagraph": "tab:red"}
+COLORS = {"triton": "tab:red", "torch": "tab:blue", "labml": "tab:gray", "minimal": "tab:orange",
+          "compile": "tab:green", "diffusers": "tab:purple", "fused": "tab:blue", "reference": "tab:gray",
+          "fused-cudagraph": "tab:red"}
 
 
 def plot(results_json, out_png) -> Path:

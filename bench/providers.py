@@ -1,19 +1,32 @@
 """The step implementations compared in one run.
 
-Each provider turns (case, inputs) into a zero-argument callable returning x_prev,
-doing what its sampler does per step (allocating its outputs, reading host
-coefficients), so that the timed call is the per-step cost a user pays:
-    triton    the fused kernel (ddim_fused.backend.step_function("triton", ...))
-    torch     the fused sampler's torch backend (step_function("torch", ...))
-    eager     ddim_fused.reference.ReferenceDDIMSampler (the tests' oracle)
-    compile   torch.compile(fullgraph=True) of the eager step
-    diffusers diffusers.DDIMScheduler.step (optional)
-The fused providers use DDIMSampler(...).coefs, the coefficients the sampler uses.
+Each provider turns (case, inputs) into a zero-argument callable returning the case's
+outputs as a tuple, (x_prev,) or (x_prev, pred_x0) (`Case.outputs`), doing what its
+sampler does per step (allocating its outputs, reading host coefficients), so that the
+timed call is the per-step cost a user pays:
+
+    triton     the fused kernel (ddim_fused.backend.step_function("triton", ...))
+    torch      the fused sampler's torch backend (step_function("torch", ...))
+    labml      the seed's eager formula: ReferenceDDIMSampler, labml's code term by term
+               (pred_x0, dir_xt, sigma * noise, even at eta = 0). Context only: it does
+               several times the work of the fused step.
+    minimal    the fewest eager torch ops that produce exactly the fused step's outputs
+               (x_prev = x * x_coef + eps_coef * eps as one mul and one add(alpha=...)),
+               with the same fp32 host coefficients. Claims are made against this one...
+    compile    ...and against this one: torch.compile of `minimal`, static shapes
+               (dynamic=False, one compile per shape), coefficients as Python floats
+               baked into the graph, fullgraph, mode="max-autotune-no-cudagraphs" on CUDA.
+    diffusers  diffusers.DDIMScheduler.step (optional), with a pipeline's CFG combine.
+
+Drawn noise (case eta-drawn): the fused providers draw the keyed Philox stream; the
+others torch.randn from torch's global generator (the compiled one through
+`fallback_random`, so that it draws torch.randn's numbers rather than inductor's own).
+`drawn_noise` reproduces each provider's draw, so the parity gate checks it exactly.
 """
 from __future__ import annotations
 
-import copy
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +34,7 @@ import torch
 from ddim_fused import DDIMSampler, ReferenceDDIMSampler
 from ddim_fused.backend import interpreter_on, step_function
 from ddim_fused.masks import mask_layout
+from ddim_fused.philox import keyed_normal_torch
 from ddim_fused.schedules import make_alpha_bar
 from ddim_fused.step_args import StepArgs
 
@@ -28,12 +42,29 @@ from .cases import ALPHA_BAR, DISCRETIZE, GUIDANCE, INDEX, N_STEPS, SEED, Case
 from .timing import sync
 
 FUSED = ("triton", "torch")
-BASELINES = ("eager", "compile", "diffusers")
+BASELINES = ("labml", "minimal", "compile", "diffusers")
+# The baselines that claims are made against (the others are context).
+CLAIM_BASELINES = ("minimal", "compile")
+# Eager baselines whose own low-precision error sets the parity bound.
+EAGER = ("labml", "minimal")
 ALL = FUSED + BASELINES
 
 
 def _identity_model(x, t, cond):
     return x
+
+
+@dataclass(frozen=True)
+class StepCoefs:
+    """One step's coefficients as Python floats (the fused sampler's float64 tables)."""
+
+    x_coef: float
+    eps_coef: float
+    noise_coef: float
+    x0_x: float
+    x0_eps: float
+    orig_coef: float
+    orig_noise_coef: float
 
 
 class Samplers:
@@ -43,6 +74,11 @@ class Samplers:
         self.eta = eta
         self.fused = DDIMSampler(_identity_model, N_STEPS, DISCRETIZE, eta, alpha_bar=ALPHA_BAR, backend="torch")
         self.ref = ReferenceDDIMSampler(_identity_model, N_STEPS, DISCRETIZE, eta, alpha_bar=ALPHA_BAR)
+        c = self.fused.coefs
+        orig_coef, orig_noise_coef = c.q_sample_coefs(INDEX, "alpha")
+        self.coefs = StepCoefs(float(c.x_coef[INDEX]), float(c.eps_coef[INDEX]), float(c.noise_scale[INDEX]),
+                               float(c.x0_x_coef[INDEX]), float(c.x0_eps_coef[INDEX]), float(orig_coef),
+                               float(orig_noise_coef))
         self._diffusers = None
 
     @property
@@ -89,22 +125,23 @@ def availability(name: str, device: torch.device) -> tuple[bool, str]:
         try:
             import diffusers  # noqa: F401, PLC0415
         except ImportError as err:
-            return False, f"diffusers is not installed ({err})"
+            return False, f"diffusers is not installed ({err}); the diffusers baseline is skipped"
         return True, ""
+    if name not in ALL:
+        return False, f"unknown provider {name!r}; expected one of {ALL}"
     return True, ""
 
 
 def fused_args(s: Samplers, case: Case, inputs: dict) -> StepArgs:
     """The step contract for this case at INDEX, as the sampler builds it."""
-    c = s.fused.coefs
+    c = s.coefs
     paint = {}
     if case.paint:
-        orig_coef, orig_noise_coef = c.q_sample_coefs(INDEX, "alpha")
         paint = dict(mask=mask_layout(inputs["mask"], tuple(inputs["x"].shape)), orig=inputs["orig"],
-                     orig_coef=orig_coef, orig_noise_coef=orig_noise_coef, orig_noise=inputs["orig_noise"])
-    return StepArgs(float(c.x_coef[INDEX]), float(c.eps_coef[INDEX]), GUIDANCE if case.cfg else None,
-                    noise_coef=float(c.noise_scale[INDEX]), noise=inputs["noise"], seed=SEED, step_key=INDEX,
-                    x0_coefs=(float(c.x0_x_coef[INDEX]), float(c.x0_eps_coef[INDEX])), **paint)
+                     orig_coef=c.orig_coef, orig_noise_coef=c.orig_noise_coef, orig_noise=inputs["orig_noise"])
+    return StepArgs(c.x_coef, c.eps_coef, GUIDANCE if case.cfg else None,
+                    noise_coef=c.noise_coef, noise=inputs["noise"], seed=SEED,
+                    step_key=INDEX, x0_coefs=(c.x0_x, c.x0_eps), **paint)
 
 
 def _fused_fn(step_fn, s, case, inputs):
@@ -115,16 +152,16 @@ def _fused_fn(step_fn, s, case, inputs):
         # The sampler allocates its outputs every step; so does this.
         x0_out = torch.empty_like(x) if case.x0 else None
         out = step_fn(x, model_out, torch.empty_like(x), args, x0_out)
-        return (out, x0_out) if case.x0 else out
+        return (out, x0_out) if case.x0 else (out,)
 
     return run
 
 
-def eager_step(ref: ReferenceDDIMSampler, case: Case):
-    """The reference's per-step work as a function of tensors (also what torch.compile gets).
+def labml_step(ref: ReferenceDDIMSampler, case: Case):
+    """The reference's per-step work as a function of tensors (labml's formula).
 
     Returns:
-        f(x, model_out, noise, orig, orig_noise, mask) -> x_prev (or (x_prev, pred_x0) for x0).
+        f(x, model_out, noise, orig, orig_noise, mask) -> the case's outputs (a tuple).
     """
 
     def step(x, model_out, noise, orig, orig_noise, mask):
@@ -140,20 +177,53 @@ def eager_step(ref: ReferenceDDIMSampler, case: Case):
             # ReferenceDDIMSampler.paint's blend after its step.
             orig_t = ref.q_sample(orig, INDEX, noise=orig_noise)
             x_prev = orig_t * mask + x_prev * (1 - mask)
-        return (x_prev, pred_x0) if case.x0 else x_prev
+        return (x_prev, pred_x0) if case.x0 else (x_prev,)
 
     return step
 
 
-def _tensor_args(inputs):
-    return (inputs["x"], inputs["model_out"], inputs["noise"], inputs["orig"], inputs["orig_noise"], inputs["mask"])
+def minimal_step(c: StepCoefs, case: Case):
+    """The fewest eager ops giving the fused step's outputs, on Python-float coefficients.
+
+    x * x_coef is one op and add(..., alpha=eps_coef) the second, so the eta = 0 step is
+    two passes, as the fused torch path's. Guidance folds into the coefficients of the
+    two halves (no eps tensor); noise is one more add; paint one add and one lerp.
+
+    Returns:
+        f(x, model_out, noise, orig, orig_noise, mask) -> the case's outputs (a tuple).
+    """
+    g = GUIDANCE
+
+    def step(x, model_out, noise, orig, orig_noise, mask):
+        if case.cfg:
+            B = x.shape[0]
+            # x_coef x + eps_coef (u + g (c - u)) = x_coef x + eps_coef (1 - g) u + eps_coef g c
+            out = torch.add(x * c.x_coef, model_out[:B], alpha=c.eps_coef * (1 - g))
+            out = out.add_(model_out[B:], alpha=c.eps_coef * g)
+        else:
+            out = torch.add(x * c.x_coef, model_out, alpha=c.eps_coef)
+        if case.noise == "tensor":
+            out = out.add_(noise, alpha=c.noise_coef)
+        elif case.noise == "drawn":
+            out = out.add_(torch.randn(x.shape, device=x.device, dtype=x.dtype), alpha=c.noise_coef)
+        if case.paint:
+            out = out.lerp_(torch.add(orig * c.orig_coef, orig_noise, alpha=c.orig_noise_coef), mask)
+        if case.x0:
+            if case.cfg:
+                B = x.shape[0]
+                x0 = torch.add(x * c.x0_x, model_out[:B], alpha=c.x0_eps * (1 - g))
+                return out, x0.add_(model_out[B:], alpha=c.x0_eps * g)
+            return out, torch.add(x * c.x0_x, model_out, alpha=c.x0_eps)
+        return (out,)
+
+    return step
 
 
 def diffusers_step(sched, eta: float, case: Case):
     """DDIMScheduler.step with a pipeline's CFG combine and an inpainting pipeline's blend.
 
     Returns:
-        f(x, model_out, noise, orig, orig_noise, mask) -> x_prev.
+        f(x, model_out, noise, orig, orig_noise, mask) -> the case's outputs (a tuple).
     """
     t = int(sched.timesteps[N_STEPS - 1 - INDEX])
     t_tensor = torch.tensor([t])
@@ -166,26 +236,47 @@ def diffusers_step(sched, eta: float, case: Case):
         if case.paint:
             orig_t = sched.add_noise(orig, orig_noise, t_tensor.to(x.device))
             x_prev = orig_t * mask + x_prev * (1 - mask)
-        return (x_prev, pred_x0) if case.x0 else x_prev
+        return (x_prev, pred_x0) if case.x0 else (x_prev,)
 
     return step
 
 
-def _graph_friendly(ref: ReferenceDDIMSampler) -> ReferenceDDIMSampler:
-    """A copy of the reference whose noise sigmas are Python floats.
+def drawn_noise(name: str, inputs: dict) -> torch.Tensor:
+    """The noise provider `name` draws in an eta-drawn step, reproduced.
 
-    The reference branches on `noise_sigma == 0.0` with a 0-d tensor, which would break
-    the compiled step into several graphs; as floats the branch is resolved at trace
-    time and the step compiles to one graph (fullgraph=True), the strongest
-    torch.compile baseline. The formulas and every other coefficient are unchanged.
+    For the fused providers it is the keyed Philox stream (seed SEED, step INDEX, stream
+    "step"), whatever torch's generator holds; for the others call this right after
+    seeding torch's generator as it was seeded before their step: labml draws fp32
+    torch.randn and casts, minimal, compile (fallback_random) and diffusers draw
+    torch.randn in x's dtype.
     """
-    twin = copy.copy(ref)
-    twin.ddim_noise_sigma = ref.ddim_noise_sigma.tolist()
-    return twin
+    x = inputs["x"]
+    if name in FUSED:
+        numel = x[0].numel()
+        return keyed_normal_torch(x.shape[0], numel, SEED, INDEX, "step", 0, device=x.device).view(x.shape)
+    if name == "labml":
+        return torch.randn(x.shape, device=x.device).to(x.dtype)
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype)
+
+
+def _tensor_args(inputs):
+    return (inputs["x"], inputs["model_out"], inputs["noise"], inputs["orig"], inputs["orig_noise"], inputs["mask"])
+
+
+def compile_options(device: torch.device, case: Case) -> dict:
+    """Inductor options of the compiled baseline (see the module docstring)."""
+    options = {}
+    if device.type == "cuda":
+        from torch._inductor import list_mode_options  # noqa: PLC0415 - inductor is imported lazily by torch
+
+        options.update(list_mode_options("max-autotune-no-cudagraphs"))
+    if case.noise == "drawn":
+        options["fallback_random"] = True
+    return options
 
 
 class Providers:
-    """Builds each provider's callable; caches samplers and compiled functions across sizes."""
+    """Builds each provider's callable; caches samplers and compiled functions across calls."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -199,37 +290,44 @@ class Providers:
         return self._samplers[eta]
 
     def make(self, name: str, case: Case, inputs: dict, dtype_id: str = ""):
-        """Zero-argument callable running provider `name` on `inputs` (x_prev first in its result)."""
+        """Zero-argument callable running provider `name` on `inputs`; returns the case's outputs."""
         s = self.samplers(case.eta)
-        if name in ("torch", "triton"):
+        if name in FUSED:
             return _fused_fn(step_function(name, self.device, inputs["x"].dtype), s, case, inputs)
         args = _tensor_args(inputs)
-        if name == "eager":
-            f = eager_step(s.ref, case)
+        if name == "labml":
+            f = labml_step(s.ref, case)
+            return lambda: f(*args)
+        if name == "minimal":
+            f = minimal_step(s.coefs, case)
             return lambda: f(*args)
         if name == "compile":
-            key = (case.name, dtype_id)
-            if key not in self._compiled:
-                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                self._compiled[key] = torch.compile(eager_step(_graph_friendly(s.ref), case),
-                                                    dynamic=True, fullgraph=True)
-            f = self._compiled[key]
-            if key in self.compile_seconds:
-                return lambda: f(*args)
-
-            def first():
-                # The first call compiles: its time is reported separately, not timed as a step.
-                t0 = time.perf_counter()
-                result = f(*args)
-                sync(self.device)
-                self.compile_seconds.setdefault(key, time.perf_counter() - t0)
-                return result
-
-            return first
+            return self._compiled_fn(s, case, inputs, dtype_id, args)
         if name == "diffusers":
             f = diffusers_step(s.diffusers, case.eta, case)
             return lambda: f(*args)
         raise ValueError(f"unknown provider {name!r}; expected one of {ALL}")
+
+    def _compiled_fn(self, s, case, inputs, dtype_id, args):
+        # Static shapes: one compiled function (and one compile) per (case, dtype, shape).
+        key = (case.name, dtype_id, tuple(inputs["x"].shape))
+        if key not in self._compiled:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._compiled[key] = torch.compile(minimal_step(s.coefs, case), dynamic=False, fullgraph=True,
+                                                options=compile_options(self.device, case))
+        f = self._compiled[key]
+        if key in self.compile_seconds:
+            return lambda: f(*args)
+
+        def first():
+            # The first call compiles: its time is reported separately, not timed as a step.
+            t0 = time.perf_counter()
+            result = f(*args)
+            sync(self.device)
+            self.compile_seconds.setdefault(key, time.perf_counter() - t0)
+            return result
+
+        return first
 
 
 def first_call_seconds(fn, device: torch.device) -> float:
@@ -239,8 +337,3 @@ def first_call_seconds(fn, device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
-
-
-def x_prev_of(result) -> torch.Tensor:
-    """x_prev from a provider's result (a tensor, or a tuple whose first item is x_prev)."""
-    return result[0] if isinstance(result, tuple) else result

@@ -1,8 +1,10 @@
-"""The benchmark runner behind `python -m bench` and `ddim-fused bench`."""
+"""The benchmark runner behind `python -m bench`."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ddim_fused.atomic import OutputPathError, check_output_dir
 from ddim_fused.backend import interpreter_on
 
 # None of these imports ddim_fused.kernels. Its @triton.jit decorators read
@@ -18,21 +21,24 @@ from ddim_fused.backend import interpreter_on
 # variable. bench/test_run.py checks that importing this module leaves the kernels alone.
 from . import report
 from .loop import run_loops
+from .cases import shape_id
 from .matrix import plan
 from .parity import run_parity, summarize
 from .plot import plot
-from .providers import Providers, availability
+from .providers import ALL as PROVIDERS
+from .providers import BASELINES, CLAIM_BASELINES, Providers, availability
 from .step import run_steps
 from .timing import cache_bytes, copy_bandwidth, environment, tune_malloc
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+MAX_THREADS = 4 * (os.cpu_count() or 1)  # more only oversubscribes the cores (torch crashes on absurd counts)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Add the runner's options to `parser` (a new one if None) and return it."""
     parser = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small matrix (under 2 minutes on a CPU)")
-    parser.add_argument("--out-dir", type=Path, default=None,
+    parser.add_argument("--out-dir", type=_folder, default=None,
                         help="results folder (default bench/results/<cpu|gpu>-<date>[-quick])")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--budget", type=float, default=None, help="seconds spent timing each measurement")
@@ -47,6 +53,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+def _folder(text: str) -> Path:
+    """--out-dir: a folder name; an empty one would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    return Path(text)
+
+
 def main(argv=None) -> int:
     """Run the benchmark; returns the exit status (non-zero when parity fails).
 
@@ -56,8 +69,9 @@ def main(argv=None) -> int:
     Returns:
         0 on success, 1 if a parity check failed (timings are kept, speedups withheld).
     """
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = check_args(parser, args)
     malloc_tuned = False
     if device.type != "cuda":
         # On a CPU the kernel can only be parity-checked through the interpreter; set
@@ -69,12 +83,55 @@ def main(argv=None) -> int:
     return _run(args, device, malloc_tuned)
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> torch.device:
+    """Check every option before any work; a bad one ends in parser.error (exit status 2).
+
+    Returns:
+        the torch device to run on. --providers becomes a list of names and --out-dir is
+        created if needed.
+    """
+    device = _parse_device(parser, args.device)
+    if not 1 <= args.threads <= MAX_THREADS:
+        parser.error(f"argument --threads: expected 1 to {MAX_THREADS} (4 per CPU core here), got {args.threads}")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        parser.error(f"argument --budget: expected a positive number of seconds, got {args.budget}")
+    if args.providers is not None:
+        names = [name.strip() for name in args.providers.split(",") if name.strip()]
+        unknown = [name for name in names if name not in PROVIDERS]
+        if unknown or not names:
+            parser.error(f"argument --providers: expected a comma-separated subset of {','.join(PROVIDERS)}, "
+                         f"got {args.providers!r}")
+        args.providers = list(dict.fromkeys(names))
+    if args.out_dir is not None:
+        try:
+            check_output_dir(args.out_dir, "--out-dir")
+        except OutputPathError as exc:
+            parser.error(str(exc))
+    return device
+
+
+def _parse_device(parser: argparse.ArgumentParser, text) -> torch.device:
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        parser.error(f"argument --device: {text!r} is not a torch device (try cpu, cuda or cuda:0)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: {text!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {text!r} asks for CUDA, which is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"argument --device: {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _run(args, device, malloc_tuned: bool) -> int:
     started = time.perf_counter()
     matrix = plan(device.type, args.quick)
     if args.budget is not None:
         matrix.budget_s = args.budget
-    requested = args.providers.split(",") if args.providers else list(matrix.providers)
+    requested = args.providers or list(matrix.providers)
     env = environment(device, malloc_tuned)
     out_dir = args.out_dir or DEFAULT_OUT / _default_name(device, env, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,15 +148,14 @@ def _run(args, device, malloc_tuned: bool) -> int:
     for name, reason in skipped.items():
         print(f"provider {name}: not timed: {reason}")
     # Triton is parity-checked even where it is not timed (CPU interpreter, tiny input).
-    parity_names = list(timed) + (["triton"] if "triton" in skipped and interpreter_on() else [])
-    compile_pairs = [(c, d) for c, d in matrix.pairs() if c in matrix.compile_cases]
-    # One Providers for the whole run: the parity gate and the timings share its samplers
-    # and compiled functions.
+    # torch.compile compiles one graph per static shape, so it is checked at each shape it
+    # is timed at, in the timing stage (bench.step), not at the gate's small shape.
+    parity_names = [n for n in timed if n != "compile"]
+    parity_names += ["triton"] if "triton" in skipped and interpreter_on() else []
+    # One Providers for the whole run: the parity gate and the timings share its samplers.
     providers = Providers(device)
-    checks = []
-    for case_name, dtype_id in matrix.pairs():
-        names = [n for n in parity_names if n != "compile" or (case_name, dtype_id) in compile_pairs]
-        checks += run_parity(providers, names, device, [(case_name, dtype_id)])
+    load_before = _load_average()
+    checks = run_parity(providers, parity_names, device, matrix.pairs())
     gate = summarize(checks)
     print(gate)
     parity_ok = all(c.ok for c in checks)
@@ -113,20 +169,24 @@ def _run(args, device, malloc_tuned: bool) -> int:
     rows_path.write_text("")
     step_rows, compile_s = run_steps(providers, matrix, timed, device, copy["gbs"], cache, rows_path, parity_ok)
     loop_rows = [] if args.skip_loops else _loops(device, args.quick, rows_path)
-    parity_ok = parity_ok and all(r.get("parity_ok", True) for r in step_rows)
+    parity_ok = parity_ok and all(r.get("parity_ok", True) for r in step_rows + loop_rows)
     if not parity_ok:
         report.withhold_speedups(step_rows)
         print("PARITY FAILED: speedups are withheld; fix the failing provider first.")
 
     result = {
         "environment": env, "mode": "quick" if args.quick else "full",
+        # Set by bench/gpu.sh: whether the test suite passed before this run, on this machine.
+        "tests_status": os.environ.get("BENCH_TESTS_STATUS"),
+        "load_average": {"before": load_before, "after": _load_average(), "cpus": os.cpu_count()},
         "copy_bandwidth": copy, "cache_bytes": cache, "budget_s": matrix.budget_s,
         "parity": {"ok": parity_ok, "summary": gate, "checks": [vars(c) | {"ok": c.ok} for c in checks]},
         "providers": {"timed": timed, "skipped": skipped}, "omitted": matrix.omitted,
-        "compile_seconds": {f"{c}/{d}": s for (c, d), s in compile_s.items()},
-        "compile_note": "torch.compile(dynamic=True, fullgraph=True) of the reference step, with its noise "
-                        "sigmas as Python floats so that its `noise_sigma == 0.0` branch does not break the graph; "
-                        "compile_seconds is the first call (trace + codegen) at the parity input",
+        "compile_seconds": {f"{c}/{d}/{shape_id(shape)}": s for (c, d, shape), s in compile_s.items()},
+        "compile_note": "torch.compile of the minimal eager step: dynamic=False (one compile per shape), "
+                        "fullgraph=True, fp32 host coefficients as Python floats, mode max-autotune-no-cudagraphs "
+                        "on CUDA, fallback_random for drawn noise; compile_seconds is each shape's first call",
+        "baselines": {"claims": list(CLAIM_BASELINES), "context": [b for b in BASELINES if b not in CLAIM_BASELINES]},
         "steps": step_rows, "loops": loop_rows,
         "byte_model": "see bench/cases.py: x + model output (2x under CFG) + noise tensor + x_prev "
                       "(+ pred_x0; paint: + orig + orig_noise + (B,1,H,W) mask)",
@@ -138,9 +198,16 @@ def _run(args, device, malloc_tuned: bool) -> int:
     report.write(result, out_dir)
     rows_path.unlink()  # its rows are in results.json; it only matters for a run cut short
     if not args.no_plot:
-        print(f"plot: {plot(out_dir / 'results.json', out_dir / 'results.png')}")
+        print(f"plot: {draw_plot(out_dir)}")
     print(f"results in {out_dir} ({result['wall_s']:.0f} s)")
     return 0 if parity_ok else 1
+
+
+def draw_plot(out_dir: Path) -> str:
+    """Draw out_dir/results.png from its results.json; returns the PNG's path, or why it was skipped."""
+    if importlib.util.find_spec("matplotlib") is None:  # an optional extra: look for it without importing it
+        return "skipped: matplotlib is not installed (pip install 'ddim-fused[plots]')"
+    return str(plot(out_dir / "results.json", out_dir / "results.png"))
 
 
 def _loops(device, quick, rows_path):
@@ -150,6 +217,14 @@ def _loops(device, quick, rows_path):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return rows
+
+
+def _load_average():
+    """The 1-minute load average (None where the OS has none): a busy machine's timings are noise."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _default_name(device, env, quick) -> str:

@@ -6,8 +6,8 @@ import json
 import torch
 
 from .cases import CASES, DTYPES, make_inputs, min_bytes, n_elements, shape_id
-from .parity import check_output, exact_step
-from .providers import BASELINES, FUSED, Providers, first_call_seconds, x_prev_of
+from .parity import check_group
+from .providers import BASELINES, FUSED, Providers, first_call_seconds
 from .timing import time_interleaved, time_kernel
 
 CACHE_FACTOR = 2  # GB/s counts as memory bandwidth only for traffic >= CACHE_FACTOR x the last-level cache
@@ -29,30 +29,30 @@ def run_steps(providers: Providers, matrix, timed, device, copy_gbs, cache, rows
         parity_ok: whether the parity gate passed (speedups are None otherwise).
         log: progress printer.
 
-    For the first size of each (case, dtype) every provider's output is compared with the
-    float64 reference again (the full-size parity check).
+    Every output of every provider is compared with the float64 reference again at the
+    first size of each (case, dtype), and the compiled baseline at every size it is timed
+    at (static shapes: each size is its own compiled graph).
     """
     rows = []
     for case_name, dtype_id, shapes in matrix.groups:
         case, dtype = CASES[case_name], DTYPES[dtype_id]
-        names = [n for n in timed if n != "compile" or case_name in matrix.compile_cases]
         for k, shape in enumerate(shapes):
+            names = [n for n in timed if n != "compile" or matrix.times_compile(case_name, dtype_id, shape)]
             inputs = make_inputs(case, shape, dtype, device)
             group = []
-            exact = exact_step(providers, case, inputs) if k == 0 and case.deterministic else None
-            eager_out = None
-            if exact is not None:
-                eager_out = x_prev_of(providers.make("eager", case, inputs, dtype_id)())
             fns = {}
             for name in names:
                 fn = providers.make(name, case, inputs, dtype_id)
                 first = first_call_seconds(fn, device)
                 fns[name] = providers.make(name, case, inputs, dtype_id)  # compile's first-call wrapper is gone now
-                row = _row(case, dtype_id, shape, name, device, copy_gbs, cache, matrix.budget_s, first)
-                if exact is not None:
-                    check = check_output(name, case, dtype_id, x_prev_of(fns[name]()), exact, eager_out)
-                    row.update(parity_error=check.error, parity_bound=check.bound, parity_ok=check.ok)
-                group.append(row)
+                group.append(_row(case, dtype_id, shape, name, device, copy_gbs, cache, matrix.budget_s, first))
+            checked = names if k == 0 else [n for n in names if n == "compile"]
+            for check in check_group(providers, checked, case, dtype_id, inputs) if checked else []:
+                row = next(r for r in group if r["provider"] == check.provider)
+                row.setdefault("parity", []).append({"output": check.output, "error": check.error,
+                                                     "bound": check.bound, "ok": check.ok})
+                row["parity_ok"] = row.get("parity_ok", True) and check.ok
+                row["parity_error"] = max(row.get("parity_error", 0.0), check.error)
             for row, t in zip(group, _timings(fns, device, matrix.budget_s)):
                 gbs = row["bytes"] / t["p50"] / 1e9
                 row.update(p20_s=t["p20"], p50_s=t["p50"], p80_s=t["p80"], timer=t.get("timer"),
@@ -64,7 +64,7 @@ def run_steps(providers: Providers, matrix, timed, device, copy_gbs, cache, rows
                 with rows_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             log(_progress(group))
-            del inputs, exact, eager_out
+            del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows, dict(providers.compile_seconds)

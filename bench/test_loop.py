@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.cases import ETA
-from bench.loop import TrivialEps, loop_fns
+from bench.loop import TrivialEps, loop_fns, verify
 from bench.providers import availability
 from ddim_fused.schedules import make_alpha_bar
 
@@ -23,11 +23,13 @@ def test_loop(benchmark, device, provider, config):
             pytest.skip(reason)
     eta, cfg, noise_source = CONFIGS[config]
     model = TrivialEps(make_alpha_bar("scaled_linear", 1000))
-    fns, missing = loop_fns(model, (1, 4, 8, 8), device, torch.float32, eta=eta, cfg=cfg, noise_source=noise_source)
+    fns, missing, expected = loop_fns(model, (1, 4, 8, 8), device, torch.float32, eta=eta, cfg=cfg,
+                                      noise_source=noise_source)
     if provider in missing:
         pytest.skip(missing[provider])
-    out = fns[provider]()
-    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    # The loop's result against the reference run with the same noise, before any timing.
+    check = verify({provider: fns[provider]}, expected).get(provider)
+    assert check is None or check["parity_ok"], f"{provider} {config}: {check}"
     if device.type == "cuda":
         def run():
             fns[provider]()

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from bench.cases import CASES, DTYPES, make_inputs, shape_id
-from bench.parity import check_output, exact_step, noise_checks
-from bench.providers import Providers, availability, x_prev_of
+from bench.parity import check_group
+from bench.providers import ALL, Providers, availability
 
 SHAPES = [(1, 4, 64, 64), (8, 4, 64, 64), (16, 4, 128, 128)]
 STEP_CASES = ["eta0", "eta-noise", "eta-drawn", "cfg", "paint"]
-PROVIDERS = ["triton", "torch", "eager", "compile", "diffusers"]
+PROVIDERS = list(ALL)
 
 _factory = {}
 
@@ -35,13 +35,8 @@ def test_step(benchmark, device, provider, case_name, shape):
     case, dtype = CASES[case_name], DTYPES["fp32"]
     providers = _providers(device)
     inputs = make_inputs(case, shape, dtype, device)
-    fn = providers.make(provider, case, inputs, "fp32")
-    if case.deterministic:
-        check = check_output(provider, case, "fp32", x_prev_of(fn()), exact_step(providers, case, inputs), None)
-        assert check.ok, f"{provider} {case_name}: {check.what} = {check.error:.3e} > {check.bound:.1e}"
-    else:
-        for check in noise_checks(providers, [provider], case, "fp32", inputs):
-            assert check.ok, f"{provider} {case_name}: {check.what} = {check.error:.3e} > {check.bound:.1e}"
+    for check in check_group(providers, [provider], case, "fp32", inputs):
+        assert check.ok, f"{provider} {case_name} {check.output}: {check.what} = {check.error:.3e} > {check.bound:.1e}"
     fn = providers.make(provider, case, inputs, "fp32")
     if device.type == "cuda":
         def run():

@@ -70,6 +70,16 @@ def step_function(backend: str, device, dtype: torch.dtype) -> StepFn:
     return kernels().launch_ddim_step if uses_kernel(backend, device, dtype) else torch_ddim_step
 
 
+def bind_launches(step_fn: StepFn, shape, dtype: torch.dtype):
+    """A per-call lean launcher of the kernel (`kernels.bind_ddim_step`) for (B, *s) tensors of dtype.
+
+    None when step_fn is the torch path: it has its own (`torch_step_runner`).
+    """
+    if step_fn is torch_ddim_step:
+        return None
+    return kernels().bind_ddim_step(torch.empty(tuple(shape), dtype=dtype, device="meta"))
+
+
 @functools.cache
 def kernels() -> ModuleType:
     """`ddim_fused.kernels`, imported on first use (this imports triton)."""

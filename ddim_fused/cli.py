@@ -2,14 +2,17 @@
 
 Every command runs the public DDIMSampler API, on the shipped 8x8 digits model unless
 --model names a diffusers folder or a package.module:callable, and writes an upscaled PNG;
-`generate` writes sharded bulk runs. Bad arguments print one line `ddim-fused: error: ...`
-and exit 2; runtime failures (e.g. a full disk) exit 1.
+`generate` writes sharded bulk runs. Every argument is checked before any work starts.
+Bad arguments print one line `ddim-fused: error: ...` and exit 2; runtime failures (a
+full disk, NaN/Inf output) exit 1; Ctrl-C exits 130 and leaves no partial file. No
+traceback is printed unless --debug is given.
 
 The benchmark suite is not a subcommand: it runs from a source checkout as `python -m bench`.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
 import sys
@@ -20,20 +23,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import OutputPathError
+from .atomic import TEMP_SUFFIX, OutputPathError
+from .cli_errors import UserError, one_line, one_line_warnings, report
 from .cli_model import classes_from, conditioning, load_cli_model
+from .models import DIGITS
 from .cli_options import (
-    UserError,
     add_sampler_options,
     build_sampler,
+    check_at_most,
     check_positive,
     check_runtime,
     check_t_start,
+    check_threads,
+    nonfinite_hint,
 )
 from .digits import load_digits_classifier
 from .digits.images import default_scale, is_image_batch, save_grid
 from .digits.train import add_arguments as add_train_arguments
 from .digits.train import train_digits
+from .finite import check_finite
 from .generate_cli import add_parser as add_generate_parser
 from .generate_cli import cmd_generate
 from .interpolation import slerp
@@ -41,14 +49,18 @@ from .interpolation import slerp
 REGIONS = ("top", "bottom", "left", "right")
 PAINT_BLENDS = ("alpha", "alpha_prev")
 _SEED_LIMIT = 2**63  # Philox seeds lie in [0, 2**63)
+# Digits drawn into one PNG (72x72 pixels each: 10,000 make a 52 MB image); bulk runs use `generate`.
+MAX_GRID_DIGITS = 10_000
+DEFAULT_NUM = 10  # --num of paint and invert, which take --input instead
+# atomic_write's temporary name adds "." + 8 hex digits + TEMP_SUFFIX to the target's name.
+_TEMP_NAME_EXTRA = len(".") + len(".01234567") + len(TEMP_SUFFIX)
 
 
 class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors read `ddim-fused: error: ...` in every subcommand."""
+    """ArgumentParser whose errors are one line `ddim-fused: error: ...` in every subcommand."""
 
     def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"ddim-fused: error: {message}\n")
+        self.exit(2, f"ddim-fused: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Mask a region of generated (or given) digits and regenerate it with "
                                    "DDIMSampler.paint, keeping the rest.")
     add_sampler_options(p, eta=False)
-    p.add_argument("--input", default=None, metavar="NPY",
-                   help=".npy of shape (N, 8, 8) or (N, 1, 8, 8) in [-1, 1], (N, *shape) for another --model "
-                        "(default: generate --num samples)")
+    _add_input_option(p)
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
-                   help="class(es) of the generated digits (default 0..9 cycling); ignored with --input")
+                   help="class(es) of the generated digits (default 0..9 cycling); not with --input for the "
+                        "digits model; for another --model, the classes of its --input samples")
     p.add_argument("--paint-class", dest="paint_classes", nargs="+", default=None, metavar="C",
                    help="class(es) the region is regenerated as (default: the digits' own class, or the "
                         "classifier's reading of --input digits)")
@@ -91,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Spherically interpolate between two random initial latents and decode each "
                                    "with deterministic DDIM (eta 0): one row per pair.")
     add_sampler_options(p, guidance=1.0, num=4, eta=False)
+    p.set_defaults(guidance=None)  # None: not given; --guidance without --class is refused
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
                    help="class to decode every latent as (one per row, cycled; default: unconditional, so the "
-                        "latent alone decides the digit)")
+                        "latent alone decides the digit, and --guidance has no effect and is refused)")
     p.add_argument("--frames", type=int, default=10, help="points from the first latent to the second (default 10)")
     p.add_argument("--out", default="interpolate.png", help="PNG file to write (default interpolate.png)")
 
@@ -101,12 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode digits to x_T with DDIMSampler.invert, decode with sample(x_last=...), "
                                    "and print the RMS reconstruction error for each step count.")
     add_sampler_options(p, guidance=1.0, eta=False)
-    p.add_argument("--input", default=None, metavar="NPY",
-                   help=".npy of shape (N, 8, 8) or (N, 1, 8, 8) in [-1, 1], (N, *shape) for another --model "
-                        "(default: generate --num samples)")
+    _add_input_option(p)
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
-                   help="class(es) of the generated digits (default 0..9 cycling); --input digits use the "
-                        "classifier's reading")
+                   help="class(es) of the generated digits (default 0..9 cycling); not with --input for the "
+                        "digits model, whose digits use the classifier's reading")
     p.add_argument("--invert-steps", type=int, nargs="+", default=[10, 20, 50, 100], metavar="S",
                    help="step counts to invert and reconstruct with (default 10 20 50 100)")
     p.add_argument("--out", default="invert.png",
@@ -117,7 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
 
     add_generate_parser(sub)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    for command in sub.choices.values():
+        # SUPPRESS: given after the command it sets args.debug, else the main parser's value stands.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the traceback of an error")
     return parser
+
+
+def _add_input_option(p: argparse.ArgumentParser) -> None:
+    """paint's and invert's --input; it replaces --num, which defaults to None to tell when it is given."""
+    p.add_argument("--input", default=None, metavar="NPY",
+                   help=".npy of shape (N, 8, 8) or (N, 1, 8, 8) in [-1, 1], (N, *shape) for another --model "
+                        "(default: generate --num samples)")
+    p.set_defaults(num=None)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -127,10 +150,32 @@ def _check_common(args) -> dict:
     Returns:
         {"device": torch.device, "dtype": torch.dtype}.
     """
-    check_positive(args, "num", "batch_size")
-    env = check_runtime(args)
+    if args.num is not None:
+        check_positive(args, "num")
+        check_at_most(args, "num", MAX_GRID_DIGITS, "digits in one PNG; `ddim-fused generate` makes more")
+    check_positive(args, "batch_size")
     _check_out_png(args.out)
-    return env
+    return check_runtime(args)
+
+
+def _check_grid(n_digits: int, what: str) -> None:
+    """A PNG of n_digits digits is within MAX_GRID_DIGITS; `what` says which options made them."""
+    if n_digits > MAX_GRID_DIGITS:
+        raise UserError(f"{what} make {n_digits} digits; at most {MAX_GRID_DIGITS} fit in one PNG")
+
+
+def _check_input_or_num(args) -> None:
+    """paint/invert: --input replaces --num (and the digits model's --class); else --num defaults to 10."""
+    if args.input is None:
+        args.num = DEFAULT_NUM if args.num is None else args.num
+        return
+    # Another --model's --input samples take their classes from --class; the digits model's
+    # from the classifier's reading, so there --class could only contradict it.
+    classes_given = args.classes is not None and args.model == DIGITS
+    for given, flag in ((args.num is not None, "--num"), (classes_given, "--class")):
+        if given:
+            raise UserError(f"{flag} sets the digits to generate, so it cannot go with --input, whose digits "
+                            "are used instead")
 
 
 def _check_out_png(path: str) -> None:
@@ -138,30 +183,58 @@ def _check_out_png(path: str) -> None:
     out = Path(path)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got {path!r}")
-    if out.is_dir():
-        raise UserError(f"--out {path!r} is a directory")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write --out {path!r}: folder {str(parent)!r} does not exist")
+    name_max = _name_max(parent) - _TEMP_NAME_EXTRA
+    if len(os.fsencode(out.name)) > name_max:
+        raise UserError(f"--out file name is too long: {len(os.fsencode(out.name))} bytes, at most {name_max} here")
+    try:
+        if out.is_dir():
+            raise UserError(f"--out {path!r} is a directory")
+        if not parent.is_dir():
+            raise UserError(f"cannot write --out {path!r}: folder {str(parent)!r} does not exist")
+    except OSError as exc:  # a path the system refuses to look up (too long, a loop of links)
+        raise UserError(f"cannot write --out {path!r}: {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise UserError(f"cannot write --out {path!r}: permission denied")
 
 
-def _load_npy(path: str, shape: tuple, device, dtype) -> torch.Tensor:
-    """--input samples: an .npy of shape (N, *shape) in [-1, 1] ((N, H, W) for one channel)."""
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that `folder`'s file system takes (255 if it cannot say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder; no pathconf on Windows
+        return 255
+
+
+def _load_npy(path: str, shape: tuple, device, dtype, what: str = "samples") -> torch.Tensor:
+    """--input samples: an .npy of shape (N, *shape) in [-1, 1] ((N, H, W) too for one channel).
+
+    what: how messages name the samples ("digits" for the digits model).
+    """
+    one_channel = len(shape) == 3 and shape[0] == 1
+    want = f"(N, {', '.join(map(str, shape))})"
+    if one_channel:
+        want = f"(N, {shape[1]}, {shape[2]}) or {want}"
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read --input {path!r}: {exc}") from None
-    one_channel = len(shape) == 3 and shape[0] == 1
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise UserError(f"cannot read --input {path!r}: {exc.strerror}") from None
+    except Exception as exc:  # noqa: BLE001 - an empty or foreign file makes np.load raise nearly anything
+        detail = one_line(str(exc))[:200]
+        raise UserError(f"--input {path!r} is not a .npy file ({type(exc).__name__}: {detail})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens an .npz archive as an NpzFile
+        array.close()
+        raise UserError(f"--input {path!r} is an .npz archive; expected a .npy file of shape {want}")
+    given = array.shape
     if one_channel and array.ndim == 3:
         array = array[:, None]
-    if array.shape[1:] != tuple(shape) or array.shape[0] < 1:
-        want = f"(N, {', '.join(map(str, shape))})"
-        if one_channel:
-            want = f"(N, {shape[1]}, {shape[2]}) or {want}"
-        raise UserError(f"--input {path!r} has shape {array.shape}, expected {want}")
-    if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+    if array.ndim != 1 + len(shape) or array.shape[1:] != tuple(shape):
+        raise UserError(f"--input {path!r} has shape {given}, expected {want}")
+    if array.shape[0] == 0:
+        raise UserError(f"--input {path!r} holds no {what} (shape {given})")
+    if array.dtype.kind not in "iuf":
+        raise UserError(f"--input {path!r} holds {array.dtype} values, expected real numbers (float or int)")
+    if not np.all(np.isfinite(array)):
         raise UserError(f"--input {path!r} must hold finite numbers")
     if array.min() < -1.001 or array.max() > 1.001:
         raise UserError(f"--input {path!r} has values in [{array.min():.3g}, {array.max():.3g}], expected [-1, 1]")
@@ -206,6 +279,7 @@ class _Run:
                                device=self.device, dtype=self.dtype,
                                x_last=None if x_last is None else x_last[start:start + b],
                                callback=lambda _: bar.update(1), **extra)
+            check_finite(x, f"{desc}: {self.what}", first_index=start, hint=nonfinite_hint(self.args))
             out.append(x)
         bar.close()
         return torch.cat(out)
@@ -268,14 +342,19 @@ def _region_mask(region: str, shape, device, dtype) -> torch.Tensor:
 
 
 def cmd_paint(args) -> None:
+    _check_input_or_num(args)
     env = _check_common(args)
+    if args.input is None:
+        _check_grid(3 * args.num, "3 rows (before, mask, after) of --num samples")
     run = _Run(args, **env)
     classes = classes_from(args.classes, run.model)
     paint_classes = (classes_from(args.paint_classes, run.model, flag="--paint-class")
                      if args.paint_classes is not None else None)
     sampler = build_sampler(run.model, args, paint_blend=args.blend)
     t_start = len(sampler.time_steps) if args.t_start is None else check_t_start(sampler, args.t_start)
-    x0 = _load_npy(args.input, run.shape, run.device, run.dtype) if args.input else None
+    x0 = _load_npy(args.input, run.shape, run.device, run.dtype, run.what) if args.input is not None else None
+    if x0 is not None:
+        _check_grid(3 * x0.shape[0], "3 rows (before, mask, after) of the --input samples")
     if x0 is None:
         labels = None if classes is None else _cycle(classes, args.num)
         x0 = run.generate(sampler, run.inputs(classes, args.num), args.num, "generate")
@@ -294,6 +373,7 @@ def cmd_paint(args) -> None:
     after = sampler.paint(x, cond, t_start, orig=x0, mask=mask, seed=paint_seed,
                           callback=lambda _: bar.update(1), **extra)
     bar.close()
+    check_finite(after, f"paint: painted {run.what}", hint=nonfinite_hint(args))
     seconds = time.perf_counter() - start
     shown = torch.where(mask > 0, x0, torch.zeros_like(x0))  # the region to redraw shows as mid-grey
     size = run.save(torch.cat([x0, shown, after]), n)
@@ -305,9 +385,14 @@ def cmd_paint(args) -> None:
 
 
 def cmd_interpolate(args) -> None:
+    if args.guidance is not None and args.classes is None:
+        raise UserError("--guidance needs --class: without a class every latent is decoded unconditionally, "
+                        "so there is nothing to guide")
+    args.guidance = 1.0 if args.guidance is None else args.guidance
     env = _check_common(args)
     if args.frames < 2:
         raise UserError(f"--frames must be >= 2, got {args.frames}")
+    _check_grid(args.num * args.frames, "--num paths of --frames latents")
     run = _Run(args, **env)
     classes = classes_from(args.classes, run.model, unconditional=True)
     inputs = run.inputs(classes, args.num)
@@ -329,12 +414,18 @@ def cmd_interpolate(args) -> None:
 
 
 def cmd_invert(args) -> None:
+    _check_input_or_num(args)
     env = _check_common(args)
+    rows_per_sample = 1 + len(args.invert_steps)  # the originals, then one reconstruction per step count
+    if args.input is None:
+        _check_grid(rows_per_sample * args.num, "--num samples in 1 + len(--invert-steps) rows")
     run = _Run(args, **env)
     classes = classes_from(args.classes, run.model)
     sample_sampler = build_sampler(run.model, args)
     samplers = [build_sampler(run.model, args, s, steps_flag="--invert-steps") for s in args.invert_steps]
-    x0 = _load_npy(args.input, run.shape, run.device, run.dtype) if args.input else None
+    x0 = _load_npy(args.input, run.shape, run.device, run.dtype, run.what) if args.input is not None else None
+    if x0 is not None:
+        _check_grid(rows_per_sample * x0.shape[0], "the --input samples in 1 + len(--invert-steps) rows")
     if x0 is None:
         labels = None if classes is None else _cycle(classes, args.num)
         x0 = run.generate(sample_sampler, run.inputs(classes, args.num), args.num, "generate")
@@ -352,8 +443,10 @@ def cmd_invert(args) -> None:
         bar = run.progress(2 * len(sampler.time_steps), f"invert S={s}")
         start = time.perf_counter()
         x_t = sampler.invert(x0, cond, callback=lambda _: bar.update(1), **extra)
+        check_finite(x_t, f"invert S={s}: inverted latents", hint=nonfinite_hint(args))
         recon = sampler.sample(tuple(x0.shape), cond, x_last=x_t, callback=lambda _: bar.update(1), **extra)
         bar.close()
+        check_finite(recon, f"invert S={s}: reconstructions", hint=nonfinite_hint(args))
         err = (recon.double() - x0.double())
         rms, worst = err.pow(2).mean().sqrt().item(), err.abs().max().item()
         print(f"{s:>6} {rms:>10.4f} {worst:>9.4f} {time.perf_counter() - start:>8.2f}")
@@ -366,8 +459,7 @@ def cmd_invert(args) -> None:
 def cmd_train_digits(args) -> None:
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads, allow_zero=False)
     # scikit-learn (the digits data) is an optional extra: look for it without importing it.
     if importlib.util.find_spec("sklearn") is None:
         raise UserError("train-digits needs scikit-learn: pip install 'ddim-fused[train]'")
@@ -396,18 +488,31 @@ def main(argv=None) -> int:
         argv: argument list without the program name (default: sys.argv[1:]).
 
     Returns:
-        0 on success; bad arguments exit with status 2 and runtime failures (a file that
-        cannot be written) with status 1, through SystemExit, after one `ddim-fused: error:` line.
+        0 on success. Otherwise it raises SystemExit after one `ddim-fused: error: ...` line
+        on stderr (see ddim_fused.cli_errors): status 2 for bad arguments and unusable output
+        paths, 1 for runtime failures (a full disk, NaN/Inf output), 130 for Ctrl-C.
     """
     args = build_parser().parse_args(argv)
-    try:
-        # Sampling needs no autograd; training does.
-        with torch.inference_mode(args.command != "train-digits"):
-            COMMANDS[args.command](args)
-    except UserError as exc:
-        print(f"ddim-fused: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as exc:
-        print(f"ddim-fused: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    with one_line_warnings():
+        try:
+            # Sampling needs no autograd; training does.
+            with torch.inference_mode(args.command != "train-digits"):
+                COMMANDS[args.command](args)
+        except SystemExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and a status
+            status = report(exc, debug=args.debug)
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                _silence_stdout()
+            raise SystemExit(status) from None
     return 0
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe (`ddim-fused ... | head`), send stdout to devnull so that Python's
+    final flush does not print a second error."""
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (captured, or already closed)
+        pass

@@ -5,7 +5,6 @@ back as one-line UserErrors whose argument names are the flags the user typed.
 """
 from __future__ import annotations
 
-import pickle
 from typing import Optional
 
 import torch
@@ -34,7 +33,12 @@ def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedMode
         raise UserError(str(exc)) from None
     except ValueError as exc:
         raise UserError(flag_names(str(exc), MODEL_FLAGS)) from None
-    except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a foreign weights file makes the loader raise
+        # A truncated zip, another pickle (refused by weights_only), a dict without the
+        # expected keys: torch.load and load_state_dict raise nearly anything. For other
+        # models the error passes to ddim_fused.cli_errors as it is.
         if args.model != DIGITS:
             raise
         raise UserError(_digits_weights_error(args.weights, exc)) from None
@@ -44,7 +48,7 @@ def _digits_weights_error(weights, exc: BaseException) -> str:
     what = f"--weights {str(weights)!r}" if weights else f"the shipped weights {str(MODEL_FILE)!r}"
     if isinstance(exc, FileNotFoundError):
         return f"{what} not found (run ddim-fused train-digits)"
-    if isinstance(exc, OSError):
+    if isinstance(exc, (PermissionError, IsADirectoryError)):
         return f"cannot read {what}: {exc.strerror or exc}"
     # What torch.load and load_state_dict raise for a foreign or damaged file; their
     # messages run over many lines about torch internals, so only the kind is shown.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import re
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .backend import interpreter_on
+from .cli_errors import UserError  # noqa: F401 - part of this module's API, used by every command
 from .coefficients import PREDICTION_TYPES
 from .models import DIGITS, LoadedModel
 from .sampler import DDIMSampler
@@ -23,6 +26,11 @@ from .schedules import DISCRETIZATIONS
 from .validation import check_int
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# More threads than this only oversubscribes the cores (and torch crashes on absurd counts).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+# Guidance scales are 1 to 10 in practice. A larger one runs, and its NaN/Inf output is
+# refused with the cause named; one beyond float32 cannot even enter the float32 step.
+MAX_GUIDANCE = float(torch.finfo(torch.float32).max)
 
 # The sampler's (and its helpers') argument names -> the flag that sets each one.
 # `discretize` and `eta` are the names ddim_timesteps and ddim_coefficients use.
@@ -40,10 +48,6 @@ SAMPLER_FLAGS = {
     "prediction_type": "--prediction-type",
     "clip_sample_range": "--clip-sample",
 }
-
-
-class UserError(Exception):
-    """A bad argument: reported as one line `ddim-fused: error: ...`, exit status 2."""
 
 
 # ---------------------------------------------------------------------------- options
@@ -65,6 +69,15 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _guidance(text: str) -> float:
+    """--guidance: a finite float within +-MAX_GUIDANCE."""
+    value = _finite_float(text)
+    if abs(value) > MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"expected a scale within +-{MAX_GUIDANCE:.3g} (the float32 range; 1 to 10 "
+                                         f"is usual), got {text!r}")
     return value
 
 
@@ -126,7 +139,7 @@ def add_sampler_options(p: argparse.ArgumentParser, *, num: int = 10, guidance: 
                    help="how the S time steps are spread over the model's T training steps (default: uniform for "
                         "digits and callables, the scheduler config's timestep_spacing for diffusers models)")
     p.set_defaults(command_guidance=guidance)
-    p.add_argument("--guidance", type=_finite_float, default=None,
+    p.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance scale: 1 = plain conditional model, >1 sharpens the "
                         f"class, 0 = unconditional (default {guidance} for digits, 1 for other models)")
     p.add_argument("--seed", type=int, default=0, help="Philox noise seed: same seed, same digits (default 0)")
@@ -165,7 +178,8 @@ def parse_classes(values, n_classes: int | None = 10, model: str = "the digits m
             part = part.strip()
             if not part:
                 continue
-            if not part.lstrip("-").isdigit() or int(part) < 0 or (n_classes is not None and int(part) >= n_classes):
+            # ASCII digits only: str.isdigit also accepts '¹', which int() refuses.
+            if not re.fullmatch(r"[0-9]+", part) or (n_classes is not None and int(part) >= n_classes):
                 raise UserError(f"unknown class {part!r}: {model} knows {known}")
             out.append(int(part))
     if not out:
@@ -181,28 +195,52 @@ def check_positive(args, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+def check_at_most(args, name: str, limit: int, why: str) -> None:
+    """The named option (attribute name) is <= limit; `why` explains the limit in the message."""
+    value = getattr(args, name)
+    if value > limit:
+        raise UserError(f"--{name.replace('_', '-')} must be at most {limit} ({why}), got {value}")
+
+
+def check_threads(threads: int, *, allow_zero: bool) -> None:
+    """--threads in [1 (or 0 where 0 keeps torch's default), MAX_THREADS]."""
+    low = 0 if allow_zero else 1
+    if not low <= threads <= MAX_THREADS:
+        raise UserError(f"--threads must be in [{low}, {MAX_THREADS}] (4 per CPU core here), got {threads}")
+
+
 def check_runtime(args) -> dict:
     """Check threads, device, dtype, backend and weights, and apply --threads.
 
     Returns:
         {"device": torch.device, "dtype": torch.dtype}.
     """
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_threads(args.threads, allow_zero=True)
     device = parse_device(args.device)
     dtype = DTYPES[args.dtype]
     if args.backend == "triton":
-        if device.type == "cpu":
-            # Must be set before ddim_fused.kernels imports triton (the sampler imports it on first use).
-            os.environ.setdefault("TRITON_INTERPRET", "1")
-        if dtype == torch.float64:
-            # The sampler checks the dtype per call, i.e. in the middle of a run; this fails before it.
-            raise UserError("--backend triton supports float32, float16 and bfloat16, not float64")
+        _check_triton(device, dtype)
     if args.weights is not None and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights!r} is not a file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return {"device": device, "dtype": dtype}
+
+
+def _check_triton(device: torch.device, dtype: torch.dtype) -> None:
+    """--backend triton can run here; sets TRITON_INTERPRET=1 on a CPU unless the user set it."""
+    if importlib.util.find_spec("triton") is None:
+        raise UserError("--backend triton needs the triton package, which is not installed; use --backend torch")
+    if dtype == torch.float64:
+        # The sampler checks the dtype per call, i.e. in the middle of a run; this fails before it.
+        raise UserError("--backend triton supports float32, float16 and bfloat16, not float64")
+    if device.type == "cpu":
+        # Must be set before ddim_fused.kernels imports triton (the sampler imports it on first use).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if not interpreter_on():
+            raise UserError("--backend triton on a CPU runs through Triton's interpreter, which needs "
+                            f"TRITON_INTERPRET=1 (it is {os.environ['TRITON_INTERPRET']!r}); unset it or use "
+                            "--backend torch")
 
 
 def parse_device(text: str) -> torch.device:
@@ -213,10 +251,12 @@ def parse_device(text: str) -> torch.device:
         device = torch.device(text)
     except (RuntimeError, ValueError):
         raise UserError(f"--device {text!r} is not a torch device (try cpu, cuda or cuda:0)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {text!r} asks for CUDA, which is not available here; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {text!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {text!r} asks for CUDA, which is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -282,6 +322,18 @@ def build_sampler(model, args, n_steps: int | None = None, *, steps_flag: str = 
         return DDIMSampler(loaded.model if loaded is not None else model, n_steps, discretize,
                            getattr(args, "eta", 0.0), backend=args.backend, seed=args.seed,
                            **{**base, **schedule_overrides(args), **options})
+
+
+def nonfinite_hint(args) -> str:
+    """The likely causes of NaN/Inf output under these options, for the error message."""
+    causes = []
+    if args.guidance is not None and abs(args.guidance) > 20:
+        causes.append(f"--guidance {args.guidance:g} is far too large (1 to 10 is usual)")
+    if args.dtype == "float16":
+        causes.append("float16 overflowed (try --dtype float32 or bfloat16)")
+    model = getattr(args, "model", DIGITS)
+    causes.append("the model returns NaN or Inf (check " + ("--weights" if model == DIGITS else "--model") + ")")
+    return "likely cause: " + "; or ".join(causes) + "; nothing was written"
 
 
 def check_t_start(sampler: DDIMSampler, t_start: int) -> int:

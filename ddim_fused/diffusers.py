@@ -4,8 +4,25 @@
     pipe = use_fused(pipe)          # pipe.scheduler is now a FusedDDIMScheduler
 
 `FusedDDIMScheduler` and `FusedDDIMInverseScheduler` subclass diffusers' `DDIMScheduler`
-and `DDIMInverseScheduler`: same config, same `set_timesteps`, same `step()` signature and
-results. `set_timesteps` tabulates alpha_t, alpha_prev and the DDIM variance for every
+and `DDIMInverseScheduler`: same config, same `set_timesteps`, same `step()` signature.
+Results, per dtype of `sample` and `model_output`:
+- float32: within 5e-6 of diffusers' step (relative to the output's max), same rounding
+  noise, not bit-identical;
+- float64 (torch path): computed in float64 from float64 coefficients, where diffusers
+  computes its coefficients in float32: the two agree to ~1e-6 relative;
+- float16 / bfloat16: NOT diffusers' numbers by design. The fused step computes in
+  float32 and rounds once on store, where diffusers computes in the half dtype and rounds
+  after every operation, so the two differ by a few units in the last place of the
+  output. Against diffusers' step evaluated in float32 on the same inputs, the fused error
+  is at most diffusers' (0.12-0.73 of it over 20-step trajectories, see
+  tests/test_diffusers_scheduler.py).
+
+Saving: configs are written with the stock class name (`"_class_name": "DDIMScheduler"`)
+and `use_fused` records the stock class in a pipeline's model_index.json, so a saved
+pipeline loads with any diffusers install, with or without ddim_fused; the loaded
+pipeline has the stock schedulers, so call `use_fused` again after loading.
+
+`set_timesteps` tabulates alpha_t, alpha_prev and the DDIM variance for every
 training time step on the host (float64, from diffusers' own float32 alphas_cumprod);
 `step()` turns them into the coefficients of one linear update
 
@@ -28,6 +45,7 @@ Importing this module imports diffusers; `import ddim_fused` does not.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -47,6 +65,9 @@ from .backend import BACKENDS, check_backend, step_function
 from .coefficients import StepCoefficients, ddim_variance, step_coefficients
 from .step_args import StepArgs
 
+# Per-eta coefficient tables a scheduler keeps before starting over (eta is usually fixed).
+_MAX_ETA_TABLES = 8
+
 __all__ = ["BACKENDS", "FusedDDIMInverseScheduler", "FusedDDIMScheduler", "StepCoefficients",
            "step_coefficients", "use_fused"]
 
@@ -55,6 +76,33 @@ class _FusedStepMixin:
     """Host schedule tables, timestep lookup and the fused launches shared by both schedulers."""
 
     _backend = "auto"
+    # The diffusers class this one reproduces: its name is what saved configs carry.
+    _stock_scheduler: type
+
+    # --- identity towards diffusers: compatibles and saved configs ----------------------
+
+    @classmethod
+    def _get_compatibles(cls) -> list[type]:
+        """This class, then every class the stock scheduler lists (itself included).
+
+        diffusers resolves `_compatibles` names in its own namespace, where no fused
+        class lives, so the inherited lookup would drop this class (and list nothing at
+        all for the inverse scheduler).
+        """
+        stock = cls._stock_scheduler._get_compatibles()
+        return [cls] + sorted((c for c in stock if c is not cls), key=lambda c: c.__name__)
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it, but naming the stock class in `_class_name`.
+
+        Every save (`save_config`, `save_pretrained`, a pipeline's save) goes through
+        here, so a saved config loads as DDIMScheduler / DDIMInverseScheduler with any
+        diffusers install, even one without ddim_fused; `Fused*.from_pretrained` reads
+        it back as the fused class. The in-memory config keeps this class's name.
+        """
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = self._stock_scheduler.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @property
     def backend(self) -> str:
@@ -93,6 +141,34 @@ class _FusedStepMixin:
         self._timesteps_version = self.timesteps._version
         self._tables = self._schedule_tables(self._host_alphas_cumprod(),
                                              self.config.num_train_timesteps // self.num_inference_steps)
+        self._step_tables = {}
+        self._step_table(0.0)  # eta = 0, the pipelines' default: tabulated now, not in the first step
+
+    def _step_table(self, eta) -> dict:
+        """{training time step: (StepCoefficients, (x_coef, m_coef))} of the schedule for one eta.
+
+        Built once per eta and per set_timesteps (every time step of the schedule, in
+        float64 with `step_coefficients`), so a step is a dictionary lookup. A time step
+        outside the schedule is computed on the fly.
+        """
+        table = self._step_tables.get(eta)
+        if table is None:
+            eta = _check_eta(eta)
+            if len(self._step_tables) >= _MAX_ETA_TABLES:
+                self._step_tables.clear()
+            table = {t: self._coefficient_row(t, eta) for t in self._host_timesteps.tolist()}
+            self._step_tables[eta] = table
+        return table
+
+    def _coefficient_row(self, t: int, eta: float) -> tuple:
+        a_t, a_prev, variance = self._tables[:, t]
+        coefs = step_coefficients(a_t, a_prev, variance, eta, self.config.prediction_type)
+        return coefs, coefs.linear
+
+    def _coefficients(self, t: int, eta) -> tuple:
+        """(StepCoefficients, (x_coef, m_coef)) of the step from training time step t."""
+        row = self._step_table(eta).get(t)
+        return row if row is not None else self._coefficient_row(t, float(eta))
 
     def _timestep_value(self, timestep) -> int:
         """The training time step `timestep` names, as a host int, without a device sync if possible."""
@@ -137,7 +213,12 @@ class _FusedStepMixin:
                              "on the scheduler before step()")
 
     @staticmethod
-    def _check_inputs(model_output, sample) -> torch.dtype:
+    def _check_inputs(model_output, sample) -> None:
+        # The common case in one expression (it runs every step); the rest names the problem.
+        if (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)
+                and model_output.shape == sample.shape and model_output.dtype.is_floating_point
+                and sample.dtype.is_floating_point and model_output.device == sample.device):
+            return
         for name, t in (("model_output", model_output), ("sample", sample)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -148,7 +229,6 @@ class _FusedStepMixin:
                              f"{tuple(sample.shape)} (split a learned-variance output before step())")
         if model_output.device != sample.device:
             raise ValueError(f"model_output is on {model_output.device}, sample on {sample.device}")
-        return torch.promote_types(model_output.dtype, sample.dtype)
 
     def _launcher(self, sample, dtype, noise):
         """(step function, noise) for this step; see `ddim_fused.backend` for the policy.
@@ -157,15 +237,20 @@ class _FusedStepMixin:
         by the caller. Noise that does not have the kernel's (1 or B, *s) layout (e.g.
         broadcast over channels) is expanded once into it.
         """
-        run = step_function(self._backend, sample.device, dtype)
+        key = (self._backend, sample.device, dtype)
+        cache = self.__dict__.setdefault("_step_functions", {})
+        run = cache.get(key)
+        if run is None:
+            run = cache[key] = step_function(*key)
         if noise is not None and (noise.shape[1:] != sample.shape[1:] or noise.shape[0] not in (1, sample.shape[0])
                                   or noise.dim() != sample.dim()):
             noise = noise.expand(sample.shape)
         return run, None if noise is None else noise.contiguous()
 
-    def _fused_update(self, model_output, sample, coefs: StepCoefficients, noise, clip, use_clipped: bool):
+    def _fused_update(self, model_output, sample, coefs: StepCoefficients, linear, noise, clip, use_clipped: bool):
         """(prev_sample, pred_original_sample): one launch, or two around a torch clip of pred_x0."""
-        dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        dtype = sample.dtype if model_output.dtype is sample.dtype else torch.promote_types(model_output.dtype,
+                                                                                              sample.dtype)
         if dtype == torch.float64:
             # The torch path accumulates in sample's dtype; diffusers promotes to float64.
             sample, model_output = sample.double(), model_output.double()
@@ -178,7 +263,7 @@ class _FusedStepMixin:
         prev = torch.empty(sample.shape, dtype=dtype, device=sample.device)
         x0 = torch.empty_like(prev)
         if clip is None:
-            x_coef, m_coef = coefs.linear
+            x_coef, m_coef = linear
             run(sample, model_output, prev, StepArgs(x_coef, m_coef, noise_coef=std, noise=noise, x0_coefs=coefs.x0),
                 x0)
             return prev, x0
@@ -207,9 +292,16 @@ class _FusedStepMixin:
 class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
     """`diffusers.DDIMScheduler` whose step runs as the fused DDIM kernel (torch path off CUDA).
 
-    Same config, same `set_timesteps`, same `step()` arguments and results; every
-    DDIMScheduler option is supported. `scheduler.backend` picks `auto` / `triton` / `torch`.
+    Same config, same `set_timesteps`, same `step()` arguments; every DDIMScheduler option
+    is supported. Results equal diffusers' to float32 rounding in float32; in float16 /
+    bfloat16 they are computed in float32 and rounded once, so they differ from diffusers'
+    by a few units in the last place and are at least as close to a float32 evaluation
+    (see the module docstring). `scheduler.backend` picks `auto` / `triton` / `torch`.
+    `compatibles` lists this class and DDIMScheduler's compatibles; saved configs name
+    DDIMScheduler.
     """
+
+    _stock_scheduler = DDIMScheduler
 
     def _schedule_tables(self, alphas_cumprod: np.ndarray, ratio: int) -> np.ndarray:
         """(3, T) float64: alpha_t, alpha_prev, variance for a step from each training time step t.
@@ -247,10 +339,7 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
         self._check_ready()
         self._check_inputs(model_output, sample)
         t = self._timestep_value(timestep)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
-            raise TypeError(f"eta must be a float, got {type(eta).__name__}")
-        if not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        coefs, linear = self._coefficients(t, eta)  # checks eta the first time it is seen
         if self.config.thresholding and sample.dim() < 2:
             raise ValueError(f"thresholding needs sample of shape (B, C, ...), got {tuple(sample.shape)}")
         noise = None
@@ -264,8 +353,6 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
                 # diffusers draws the noise even where std is 0, so the generator advances identically.
                 noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                      dtype=model_output.dtype)
-        a_t, a_prev, variance = self._tables[:, t]
-        coefs = step_coefficients(a_t, a_prev, variance, eta, self.config.prediction_type)
         if self.config.thresholding:
             clip = self._threshold_sample
         elif self.config.clip_sample:
@@ -273,14 +360,20 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
             clip = lambda x0: x0.clamp_(-r, r)  # noqa: E731 - x0 is our own fresh buffer
         else:
             clip = None
-        prev, x0 = self._fused_update(model_output, sample, coefs, noise, clip, use_clipped_model_output)
+        prev, x0 = self._fused_update(model_output, sample, coefs, linear, noise, clip, use_clipped_model_output)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
 class FusedDDIMInverseScheduler(_FusedStepMixin, DDIMInverseScheduler):
-    """`diffusers.DDIMInverseScheduler` (DDIM inversion, x_t -> x_{t+1}) with the fused step."""
+    """`diffusers.DDIMInverseScheduler` (DDIM inversion, x_t -> x_{t+1}) with the fused step.
+
+    Same per-dtype meaning of "same results" as FusedDDIMScheduler. `compatibles` lists
+    this class and DDIMInverseScheduler; saved configs name DDIMInverseScheduler.
+    """
+
+    _stock_scheduler = DDIMInverseScheduler
 
     def _schedule_tables(self, alphas_cumprod: np.ndarray, ratio: int) -> np.ndarray:
         """(3, T) float64: alpha_t, alpha_prev, variance (0) for an inversion step named by t.
@@ -311,14 +404,21 @@ class FusedDDIMInverseScheduler(_FusedStepMixin, DDIMInverseScheduler):
         self._check_ready()
         self._check_inputs(model_output, sample)
         t = self._timestep_value(timestep)
-        a_t, a_prev, _ = self._tables[:, t]
-        coefs = step_coefficients(a_t, a_prev, 0.0, 0.0, self.config.prediction_type)
+        coefs, linear = self._coefficients(t, 0.0)  # the table's variance is 0: no eta
         r = self.config.clip_sample_range
         clip = (lambda x0: x0.clamp_(-r, r)) if self.config.clip_sample else None
-        prev, x0 = self._fused_update(model_output, sample, coefs, None, clip, False)
+        prev, x0 = self._fused_update(model_output, sample, coefs, linear, None, clip, False)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def _check_eta(eta) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    return float(eta)
 
 
 def _check_noise(noise, sample: torch.Tensor) -> None:
@@ -351,7 +451,10 @@ def use_fused(pipe, *, backend: str = "auto", convert: bool = False):
 
     Every scheduler component that is a DDIMScheduler or DDIMInverseScheduler (e.g.
     `scheduler`, `inverse_scheduler`) is replaced by FusedDDIMScheduler /
-    FusedDDIMInverseScheduler built `from_config` of its config.
+    FusedDDIMInverseScheduler built `from_config` of its config (a fused one is kept).
+    The pipeline's config (model_index.json once saved) keeps naming the stock class, so
+    `pipe.save_pretrained` writes a pipeline that any diffusers install loads, with the
+    stock schedulers: call `use_fused` again after `from_pretrained`.
 
     Args:
         pipe: a diffusers pipeline (anything with a `scheduler` attribute).
@@ -392,4 +495,18 @@ def use_fused(pipe, *, backend: str = "auto", convert: bool = False):
         replaced[name] = new
     for name, new in replaced.items():
         setattr(pipe, name, new)
+        _record_stock_class(pipe, name, new)
     return pipe
+
+
+def _record_stock_class(pipe, name: str, scheduler) -> None:
+    """Make the pipeline's config entry for `name` name the stock diffusers class.
+
+    Assigning a component makes diffusers record (its module, its class name), here
+    ("ddim_fused.diffusers", "FusedDDIMScheduler"), and `from_pretrained` refuses that
+    entry in any process that has not imported ddim_fused itself.
+    """
+    config, register = getattr(pipe, "config", None), getattr(pipe, "register_to_config", None)
+    if register is None or not hasattr(config, "get") or not isinstance(config.get(name), (list, tuple)):
+        return  # not a DiffusionPipeline: nothing is saved for it
+    register(**{name: ("diffusers", scheduler._stock_scheduler.__name__)})

@@ -1,14 +1,16 @@
 """`ddim-fused generate`: bulk generation with the digits model or any --model (see generate.py)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
 from . import generate as gen
+from .atomic import check_output_dir
+from .cli_errors import EXIT_FAILURE, Interrupted, RuntimeFailure, classify
 from .cli_model import classes_from, conditioning, guidance, load_cli_model, run_identity
-from .cli_options import UserError, add_sampler_options, build_sampler, check_positive, check_runtime
+from .cli_options import UserError, add_sampler_options, build_sampler, check_at_most, check_positive, check_runtime
+
+# Sample i's noise is keyed by its index, which the Philox stream holds in 32 bits.
+MAX_SAMPLES = 2**32
 
 
 def add_parser(sub) -> None:
@@ -32,7 +34,10 @@ def add_parser(sub) -> None:
 
 def cmd_generate(args) -> None:
     """Run `ddim-fused generate` from parsed arguments (see add_parser)."""
+    if not args.out.strip():
+        raise UserError("--out must name a folder, got an empty path (use --out . for the current folder)")
     check_positive(args, "num", "batch_size", "shard_size")
+    check_at_most(args, "num", MAX_SAMPLES, "the noise stream's sample index space")
     env = check_runtime(args)
     # The sampler checks steps, eta, discretize, seed and backend: build the one the run
     # builds, before any file is written. The model goes on the CPU here because under
@@ -57,18 +62,18 @@ def cmd_generate(args) -> None:
             return cpu_inputs
         return conditioning(load_cli_model(args, device, env["dtype"]), args, classes, args.num)
 
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")  # the engine checks it too; this names the flag
+    kept = f"finished shards in {out} are kept: rerun the same command to resume"
+    # Usage errors (a locked or foreign folder, an unusable --out) and NaN output pass to
+    # ddim_fused.cli_errors as they are; these two say what a rerun will do.
     try:
         summary = gen.run_generation(args.out, config, make_model, info, progress=not args.no_progress, preview=True)
-    except (gen.RunMismatchError, gen.RunLockedError, gen.OutputPathError) as exc:
-        raise UserError(str(exc)) from None
-    except (gen.NonFiniteError, gen.RankFailedError) as exc:
-        print(f"ddim-fused: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {kept}") from None
     except OSError as exc:
-        print(f"ddim-fused: error: {exc}; finished shards in {out} are kept: rerun the same command to resume",
-              file=sys.stderr)
-        raise SystemExit(1) from None
+        if classify(exc)[0] != EXIT_FAILURE:
+            raise
+        raise RuntimeFailure(f"{exc}; {kept}") from None
     if summary["rank"] != 0:
         return
     print(f"generated {summary['samples_written']} samples in {summary['seconds']:.1f} s "

@@ -1,14 +1,95 @@
-"""`ddim_step`: one validated fused DDIM update on tensors, for code with its own loop."""
+"""`ddim_step`: one validated fused DDIM update on tensors, for code with its own loop.
+
+The step is also a torch operator, `torch.ops.ddim_fused.ddim_step`, so that a user's
+loop calling it runs under `torch.compile(fullgraph=True)` without a graph break:
+
+    ddim_step(Tensor x, Tensor model_out, Tensor(a!) out, Tensor(b!)? x0_out,
+              Tensor(c!)? eps_out, *, <the StepArgs fields>) -> ()
+
+Its keyword arguments are the fields of `ddim_fused.step_args.StepArgs`, typed from
+StepArgs' annotations (the one definition of them); `mask` is the raw mask tensor
+(StepArgs holds its layout). It writes out (and x0_out, eps_out) and returns nothing:
+an operator may not return an alias of an input. Implementations: CUDA runs the Triton
+kernel (the torch path for float64), CPU the torch path (`ddim_fused.torch_step`), and a
+fake one (shape propagation: nothing to allocate) serves torch.compile and meta tensors.
+It is a `torch.library` custom operator, opaque to the compiler: the compiled graph
+calls it as one node.
+"""
 from __future__ import annotations
 
-from dataclasses import replace
+import dataclasses
+import numbers
+import typing
+from typing import Optional
 
 import torch
 
 from .backend import KERNEL_DTYPES, check_backend, step_function, uses_kernel
-from .masks import mask_layout
+from .masks import MaskLayout, mask_layout
 from .step_args import StepArgs
-from .validation import FLOAT_DTYPES
+from .validation import FLOAT_DTYPES, check_int
+
+OP_NAME = "ddim_fused::ddim_step"
+# Schema type of each StepArgs annotation; mask is passed as the tensor, not its layout.
+_SCHEMA_TYPES = {
+    float: "float",
+    Optional[float]: "float?",
+    int: "int",
+    Optional[int]: "int?",
+    bool: "bool",
+    Optional[torch.Tensor]: "Tensor?",
+    tuple[float, float]: "float[]",
+    Optional[MaskLayout]: "Tensor?",
+}
+STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepArgs))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StepArgs) if f.default is not dataclasses.MISSING}
+_REQUIRED = tuple(name for name in STEP_FIELDS if name not in _DEFAULTS)
+
+
+def _schema_default(value) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(float(v)) for v in value) + "]"
+    return repr(value)
+
+
+def op_schema() -> str:
+    """The operator's schema, derived from StepArgs' fields, types and defaults."""
+    hints = typing.get_type_hints(StepArgs)
+    keywords = []
+    for name in STEP_FIELDS:
+        arg = f"{_SCHEMA_TYPES[hints[name]]} {name}"
+        if name in _DEFAULTS:
+            arg += "=" + _schema_default(_DEFAULTS[name])
+        keywords.append(arg)
+    return ("(Tensor x, Tensor model_out, Tensor(a!) out, Tensor(b!)? x0_out, Tensor(c!)? eps_out, *, "
+            + ", ".join(keywords) + ") -> ()")
+
+
+def _step_args(x: torch.Tensor, fields: dict) -> StepArgs:
+    """StepArgs from the operator's keyword arguments (the raw mask becomes its layout).
+
+    The dispatcher leaves out keywords equal to their schema default: StepArgs' defaults.
+    """
+    fields = {**_DEFAULTS, **fields}
+    mask = fields["mask"]
+    fields = dict(fields, x0_coefs=tuple(fields["x0_coefs"]),
+                  mask=None if mask is None else mask_layout(mask, tuple(x.shape)))
+    return StepArgs(**fields)
+
+
+def _run_step(x, model_out, out, x0_out, eps_out, **fields) -> None:
+    # "auto" on the operator's device: the kernel for CUDA kernel dtypes, torch ops otherwise.
+    step_function("auto", x.device, x.dtype)(x, model_out, out, _step_args(x, fields), x0_out, eps_out)
+
+
+def _fake_step(x, model_out, out, x0_out, eps_out, **fields) -> None:
+    return None  # writes its outputs in place: no tensor to describe
+
+
+torch.library.define(OP_NAME, op_schema())
+torch.library.impl(OP_NAME, "cpu")(_run_step)
+torch.library.impl(OP_NAME, "cuda")(_run_step)
+torch.library.register_fake(OP_NAME)(_fake_step)
 
 
 def ddim_step(
@@ -24,6 +105,10 @@ def ddim_step(
 ) -> torch.Tensor:
     """One fused DDIM update, validated, in a single kernel launch (or torch ops off CUDA).
 
+    With backend="auto" it calls the operator `torch.ops.ddim_fused.ddim_step` (which
+    dispatches on x's device), so it runs under torch.compile(fullgraph=True); "triton"
+    and "torch" call that step function directly.
+
     Args:
         x: (B, *s) latent at the current step, contiguous.
         model_out: (B, *s) eps, or (2B, *s) [uncond; cond] halves when `guidance` is set.
@@ -36,7 +121,8 @@ def ddim_step(
             guidance, noise_coef, noise (B or 1, *s), seed, step_key, sample_offset,
             repeat_noise, x0_coefs, orig (B or 1, *s), orig_coef, orig_noise_coef,
             orig_noise (B or 1, *s). Noise that is needed and not given is drawn from the
-            keyed Philox stream of `seed`.
+            keyed Philox stream of `seed`: seed an int in [0, 2**63), step_key in
+            [0, 2**32), sample_offset + B <= 2**32 (TypeError/ValueError otherwise).
 
     Returns:
         out: (B, *s) x_prev, in out's dtype.
@@ -50,15 +136,13 @@ def ddim_step(
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension, got a 0-d tensor")
     uses_kernel(backend, x.device, x.dtype)  # a clear error where the kernel cannot run x
-    try:
-        args = StepArgs(**step)
-    except TypeError as exc:
-        raise TypeError(f"ddim_step: {exc}") from None
+    fields = _step_fields(step)
     B, sample_shape = x.shape[0], tuple(x.shape[1:])
+    guided = fields["guidance"] is not None
     _check_tensor("model_out", model_out, x.device, allowed)
-    want = ((2 * B) if args.guidance is not None else B,) + sample_shape
+    want = ((2 * B) if guided else B,) + sample_shape
     if tuple(model_out.shape) != want:
-        cfg = " (batch-doubled for guidance)" if args.guidance is not None else ""
+        cfg = " (batch-doubled for guidance)" if guided else ""
         raise ValueError(f"model_out has shape {tuple(model_out.shape)}, expected {want}{cfg}")
     if out is None:
         out = torch.empty_like(x)
@@ -70,22 +154,66 @@ def ddim_step(
     if x0_out is not None and "x0_coefs" not in step:
         raise ValueError("x0_out needs x0_coefs=(x0_x_coef, x0_eps_coef)")
     for name in ("noise", "orig", "orig_noise"):
-        t = getattr(args, name)
+        t = fields[name]
         if t is not None:
             _check_tensor(name, t, x.device, allowed)
             if tuple(t.shape[1:]) != sample_shape or t.shape[0] not in (1, B):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected (1 or {B}, *{sample_shape})")
-    if (mask is None) != (args.orig is None):
+    if (mask is None) != (fields["orig"] is None):
         raise ValueError("mask and orig must be given together")
     if mask is not None:
         _check_tensor("mask", mask, x.device, allowed + (torch.bool,))
-        args = replace(args, mask=mask_layout(mask, tuple(x.shape)))
-    if args.seed is not None and not (0 <= int(args.seed) < 2**63):
-        raise ValueError(f"seed must be in [0, 2**63), got {args.seed}")
-    if args.seed is None and (args.draws_noise or args.draws_orig_noise):
+        mask_layout(mask, tuple(x.shape))  # a clear error for a mask that does not broadcast
+    seed = fields["seed"]
+    # Noise keys are Philox words: a value past its word would wrap onto another key's noise.
+    if seed is not None:
+        check_int("seed", seed, 0, 2**63 - 1)
+    check_int("step_key", fields["step_key"], 0, 2**32 - 1)
+    check_int("sample_offset", fields["sample_offset"], 0, 2**32 - max(B, 1))
+    draws = fields["noise_coef"] != 0.0 and fields["noise"] is None
+    draws_orig = mask is not None and fields["orig_noise_coef"] != 0.0 and fields["orig_noise"] is None
+    if seed is None and (draws or draws_orig):
         raise ValueError("noise_coef != 0 needs either a noise tensor or a seed for in-kernel noise "
                          "(and orig_noise_coef != 0 an orig_noise tensor or a seed)")
+    if backend == "auto":
+        torch.ops.ddim_fused.ddim_step(x, model_out, out, x0_out, eps_out, **dict(fields, mask=mask))
+        return out
+    args = _step_args(x, dict(fields, mask=mask))
     return step_function(backend, x.device, x.dtype)(x, model_out, out, args, x0_out, eps_out)
+
+
+def _step_fields(step: dict) -> dict:
+    """Every StepArgs field from the keyword arguments, defaults filled in; TypeError for unknown ones."""
+    unknown = [name for name in step if name not in _DEFAULTS and name not in _REQUIRED or name == "mask"]
+    if unknown:
+        raise TypeError(f"ddim_step: unexpected keyword argument {unknown[0]!r}; expected the StepArgs fields "
+                        f"{', '.join(n for n in STEP_FIELDS if n != 'mask')}")
+    missing = [name for name in _REQUIRED if name not in step]
+    if missing:
+        raise TypeError(f"ddim_step: missing required keyword argument {missing[0]!r}")
+    fields = dict(_DEFAULTS)
+    fields.update(step)
+    for name in ("x_coef", "eps_coef", "noise_coef", "orig_coef", "orig_noise_coef"):
+        fields[name] = _as_float(name, fields[name])
+    if fields["guidance"] is not None:
+        fields["guidance"] = _as_float("guidance", fields["guidance"])
+    coefs = fields["x0_coefs"]
+    if not isinstance(coefs, (tuple, list)) or len(coefs) != 2:
+        raise TypeError(f"x0_coefs must be a pair of floats, got {coefs!r}")
+    fields["x0_coefs"] = (_as_float("x0_coefs[0]", coefs[0]), _as_float("x0_coefs[1]", coefs[1]))
+    for name in ("step_key", "sample_offset") + (() if fields["seed"] is None else ("seed",)):
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        fields[name] = int(value)
+    fields["repeat_noise"] = bool(fields["repeat_noise"])
+    return fields
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
 
 
 def _check_tensor(name: str, t, device, dtypes=FLOAT_DTYPES) -> None:

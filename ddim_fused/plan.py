@@ -16,7 +16,7 @@ import torch
 from .backend import keyed_normal
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
-from .torch_step import torch_ddim_step
+from .torch_step import torch_ddim_step, torch_step_runner
 from .validation import FLOAT_DTYPES, check_float, check_int, check_shape
 
 NOISE_SOURCES = ("philox", "torch")
@@ -54,10 +54,13 @@ class Guide(NamedTuple):
 
     def model_out(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's output for x (B, *s) at time steps t (B,): (B, *s), or (2B, *s) guided."""
+        return self.call(x, t if self.scale is None else torch.cat([t, t]))
+
+    def call(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
+        """model_out with the model's time steps given: t_model (B,), or (2B,) under guidance."""
         if self.scale is None:
-            return check_model_out(self.model(x, t, self.cond), x, 1)
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), self.cond)
-        return check_model_out(out, x, 2)
+            return check_model_out(self.model(x, t_model, self.cond), x, 1)
+        return check_model_out(self.model(torch.cat([x, x]), t_model, self.cond), x, 2)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided eps (B, *s), combined with torch ops."""
@@ -70,15 +73,22 @@ class Guide(NamedTuple):
 
 def check_model_out(out, x: torch.Tensor, factor: int) -> torch.Tensor:
     """The model output as a contiguous (factor * B, *s) float tensor on x's device."""
+    # The common case in one expression: it runs once per step.
+    if (not isinstance(out, torch.Tensor) or out.device != x.device or out.dtype not in FLOAT_DTYPES
+            or (out.shape != x.shape if factor == 1 else (out.shape[0] != factor * x.shape[0]
+                                                          or out.shape[1:] != x.shape[1:]))):
+        _bad_model_out(out, x, factor)
+    # A strided model output (e.g. a transposed view) is copied once per step here.
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def _bad_model_out(out, x: torch.Tensor, factor: int) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model returned {type(out).__name__}, expected a tensor of eps")
     want = (factor * x.shape[0],) + tuple(x.shape[1:])
     if tuple(out.shape) != want:
         raise ValueError(f"the model returned eps of shape {tuple(out.shape)}, expected {want}")
-    if out.device != x.device or out.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"the model returned a {out.dtype} tensor on {out.device}; expected a float tensor on {x.device}")
-    # A strided model output (e.g. a transposed view) is copied once per step here.
-    return out.contiguous()
+    raise ValueError(f"the model returned a {out.dtype} tensor on {out.device}; expected a float tensor on {x.device}")
 
 
 def initial_noise(shape, seed: int, sample_offset: int = 0, *, device=None,
@@ -133,21 +143,23 @@ class KeyedNoise:
         noise = keyed_normal_torch(x0.shape[0], numel, self.seed, index, "orig", self.sample_offset, device=x0.device)
         return noise.view(x0.shape)
 
-    def predraw(self, steps: Sequence[StepArgs], shape, device, step_fn) -> Optional[list]:
-        """Every step's noise (B, *s) drawn in one call for a small torch-path loop, else None.
+    def predraw(self, step_keys: Sequence[int], shape, device, step_fn) -> Optional[dict]:
+        """{step key: noise (B, *s)} for the noisy steps of a small torch-path loop, else None.
 
-        Per step, the keyed stream costs about 130 small integer-tensor ops, which dominates
-        the step for small latents; drawn for all steps at once it costs that once. The
-        values are the same as the step would draw.
+        Per step, the keyed stream costs a call (the C kernel) or about 130 small
+        integer-tensor ops, which dominates the step for small latents; drawn for all
+        steps at once it costs that once. The values are the same as the step would draw.
         """
-        noisy = [s.step_key for s in steps if s.noise_coef != 0.0]
         numel = int(np.prod(shape[1:]))
-        if step_fn is not torch_ddim_step or not noisy or len(noisy) * shape[0] * numel > _PREDRAW_LIMIT:
+        if step_fn is not torch_ddim_step or not step_keys or len(step_keys) * shape[0] * numel > _PREDRAW_LIMIT:
             return None
-        drawn = keyed_normal_torch(shape[0], numel, self.seed, noisy, "step", self.sample_offset,
+        drawn = keyed_normal_torch(shape[0], numel, self.seed, list(step_keys), "step", self.sample_offset,
                                    repeat=self.repeat, device=device)
-        by_key = dict(zip(noisy, drawn))
-        return [by_key[s.step_key].view(shape) if s.noise_coef != 0.0 else None for s in steps]
+        return {key: noise.view(shape) for key, noise in zip(step_keys, drawn.unbind(0))}
+
+    def fills(self, step: StepArgs) -> bool:
+        """Whether `fill` adds noise to the step: never, it draws from its keys."""
+        return False
 
     def fill(self, step: StepArgs, x: torch.Tensor) -> StepArgs:
         return step  # the step draws what it needs from its keys
@@ -168,8 +180,12 @@ class TorchNoise:
     def orig(self, x0: torch.Tensor, index: int) -> torch.Tensor:
         return torch.randn_like(x0)
 
-    def predraw(self, steps, shape, device, step_fn) -> None:
+    def predraw(self, step_keys, shape, device, step_fn) -> None:
         return None
+
+    def fills(self, step: StepArgs) -> bool:
+        """Whether `fill` draws torch.randn noise for the step (so it must run per step, in order)."""
+        return (step.noise is None and step.noise_coef != 0.0) or (step.mask is not None and step.orig_noise is None)
 
     def fill(self, step: StepArgs, x: torch.Tensor) -> StepArgs:
         """The step with this step's torch.randn noise (step noise first, then paint's)."""
@@ -203,9 +219,14 @@ class SplitStep(NamedTuple):
     x0_divisor: float  # 1.0 except for epsilon models
     eps_is_output: bool  # epsilon models: launch 1 writes the x0 numerator, eps_out is pred_eps
 
-    def run(self, step_fn, x: torch.Tensor, model_out: torch.Tensor, want_output: bool):
-        """Launch 1: (pred_x0, pred_eps, guided model output | None), each (B, *s)."""
-        x0, eps = torch.empty_like(x), torch.empty_like(x)
+    def run(self, step_fn, x: torch.Tensor, model_out: torch.Tensor, want_output: bool,
+            x0_out: Optional[torch.Tensor] = None):
+        """Launch 1: (pred_x0, pred_eps, guided model output | None), each (B, *s).
+
+        pred_x0 is written into x0_out when given (a (B, *s) buffer), else a new tensor.
+        """
+        x0 = torch.empty_like(x) if x0_out is None else x0_out
+        eps = torch.empty_like(x)
         if self.eps_is_output:
             step_fn(x, model_out, x0, self.first, None, eps)
             if self.x0_divisor != 1.0:
@@ -217,16 +238,58 @@ class SplitStep(NamedTuple):
 
 
 class StepPlan(NamedTuple):
-    """One step of a plan: DDIM index, training time step (int and (B,) tensor), arguments.
+    """One step of a plan: DDIM index, training time step, the model's time steps, arguments.
 
-    With `split`, args is the step's second launch (see SplitStep).
+    t_batch is the time-step tensor the model is called with: (B,), or (2B,) under
+    guidance (the batch-doubled call). run(x, model_out, out, x0_out=None) -> out is the
+    plan's step function bound to args (and to the call's noise policy), see `step_runner`.
+    With `split`, args is the step's second launch and run does both (see SplitStep).
     """
 
     index: int
     t: int
     t_batch: torch.Tensor
     args: StepArgs
+    run: Callable
     split: Optional[SplitStep] = None
+
+
+def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype, launches=None,
+                split: Optional[SplitStep] = None, limit: Optional[Callable] = None) -> Callable:
+    """run(x, model_out, out, x0_out=None) -> out: one step of a plan, decided once per call.
+
+    The torch path gets `torch_step_runner` (a few torch ops, same bits as torch_ddim_step)
+    and the kernel path the step bound in `launches` (the call's `backend.bind_launches`:
+    arguments fixed once, the compiled kernel launched directly), unless the step draws
+    torch.randn noise; every other step calls step_fn with the args its noise policy fills in.
+    A split step (with `split` and its X0Limit `limit`) runs launch 1, the limit, launch 2.
+    """
+    if split is not None:
+        return _split_runner(step_fn, policy, args, split, limit)
+    if not policy.fills(args):
+        if step_fn is torch_ddim_step:
+            return torch_step_runner(args, dtype)
+        bound = launches.step(args) if launches is not None else None
+        if bound is not None:
+            return bound
+    fill = policy.fill
+
+    def run(x, model_out, out, x0_out=None):
+        return step_fn(x, model_out, out, fill(args, x), x0_out)
+
+    return run
+
+
+def _split_runner(step_fn: Callable, policy, args: StepArgs, split: SplitStep, limit: Callable) -> Callable:
+    """run(x, model_out, out, x0_out=None) -> out for a step that limits pred_x0 (x0_out gets the limited one)."""
+    fill = policy.fill
+
+    def run(x, model_out, out, x0_out=None):
+        x0, pred_eps, _ = split.run(step_fn, x, model_out, False, x0_out)
+        limit(x0)
+        return step_fn(x0, pred_eps, out, fill(args, x0))
+
+    return run
 
 
 @dataclass(frozen=True)

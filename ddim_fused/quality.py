@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .coefficients import SIGMA_HAT
 from .metrics import frechet_distance
 from .oracle import GaussianMixture
@@ -139,8 +140,10 @@ def plot(data: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -167,13 +170,19 @@ def main(argv=None) -> int:
     data.update(n=n, dim=dim, n_components=k, std=std, seed=args.seed, seconds=time.perf_counter() - start,
                 torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 date=time.strftime("%Y-%m-%d"))
-    (out / "quality.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / "quality_table.md").write_text(markdown_table(data))
+    _write_text(out / "quality.json", json.dumps(data, indent=1) + "\n")
+    _write_text(out / "quality_table.md", markdown_table(data))
     plot(data, out / "quality.png")
     print(markdown_table(data))
     print(f"wrote {out / 'quality.json'}, {out / 'quality_table.md'}, {out / 'quality.png'} "
           f"in {data['seconds']:.0f} s")
     return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write text (UTF-8) whole or not at all."""
+    body = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(body))
 
 
 if __name__ == "__main__":

@@ -52,8 +52,13 @@ class ReferenceDDIMSampler:
 
     @torch.no_grad()
     def sample(self, shape, cond, repeat_noise=False, temperature=1.0, x_last=None,
-               uncond_scale=1.0, uncond_cond=None, skip_steps=0, *, device=None, dtype=torch.float32):
-        """Sample from noise (or x_last), stepping from time_steps[-1 - skip_steps] down."""
+               uncond_scale=1.0, uncond_cond=None, skip_steps=0, *, device=None, dtype=torch.float32,
+               step_noise=None):
+        """Sample from noise (or x_last), stepping from time_steps[-1 - skip_steps] down.
+
+        step_noise: optional callable index -> (B or 1, *s) noise of that DDIM step, used
+        instead of torch.randn (to feed the reference the fused sampler's keyed noise).
+        """
         device = device or model_device(self.model) or torch.device("cpu")
         bs = shape[0]
         x = x_last if x_last is not None else torch.randn(shape, device=device).to(dtype)
@@ -63,7 +68,8 @@ class ReferenceDDIMSampler:
             ts = x.new_full((bs,), int(step), dtype=torch.long)
             x, pred_x0, e_t = self.p_sample(x, cond, ts, step, index=index, repeat_noise=repeat_noise,
                                             temperature=temperature, uncond_scale=uncond_scale,
-                                            uncond_cond=uncond_cond)
+                                            uncond_cond=uncond_cond,
+                                            noise=step_noise(index) if step_noise is not None else None)
         return x
 
     @torch.no_grad()
@@ -110,21 +116,27 @@ class ReferenceDDIMSampler:
 
     @torch.no_grad()
     def paint(self, x, cond, t_start, *, orig=None, mask=None, orig_noise=None,
-              uncond_scale=1.0, uncond_cond=None):
-        """Denoise x from step t_start, blending in `orig` where mask is 1 after each step."""
+              uncond_scale=1.0, uncond_cond=None, step_noise=None):
+        """Denoise x from step t_start, blending in `orig` where mask is 1 after each step.
+
+        orig_noise: a tensor (the same noise every step), or a callable index -> tensor;
+        step_noise: as in `sample`. Both replace torch.randn where given.
+        """
         bs = x.shape[0]
         time_steps = np.flip(self.time_steps[:t_start])
         for i, step in enumerate(time_steps):
             index = len(time_steps) - i - 1
             ts = x.new_full((bs,), int(step), dtype=torch.long)
             x, _, _ = self.p_sample(x, cond, ts, step, index=index, uncond_scale=uncond_scale,
-                                    uncond_cond=uncond_cond)
+                                    uncond_cond=uncond_cond,
+                                    noise=step_noise(index) if step_noise is not None else None)
             if orig is not None:
+                noise = orig_noise(index) if callable(orig_noise) else orig_noise
                 if self.paint_blend == "alpha":
-                    orig_t = self.q_sample(orig, index, noise=orig_noise)
+                    orig_t = self.q_sample(orig, index, noise=noise)
                 else:  # blend at the level x now has; the clean original after the last step
                     a = self.ddim_alpha_prev[index] if index > 0 else torch.ones((), dtype=torch.float64)
-                    noise = orig_noise if orig_noise is not None else torch.randn_like(orig)
+                    noise = noise if noise is not None else torch.randn_like(orig)
                     orig_t = a**0.5 * orig + (1 - a) ** 0.5 * noise
                 x = orig_t * mask + x * (1 - mask)
         return x

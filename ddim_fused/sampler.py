@@ -1,17 +1,18 @@
 """DDIMSampler: labml's DDIM sampler API, one model call and one fused step per step."""
 from __future__ import annotations
 
-from dataclasses import replace
+import functools
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .backend import check_backend, step_function
+from . import graph
+from .backend import bind_launches, check_backend, step_function
 from .coefficients import ddim_coefficients
 from .masks import mask_layout
 from .model import model_device, resolve_model
-from .plan import NOISE_SOURCES, Guide, Plan, SplitStep, StepPlan, check_model_out, make_noise_policy
+from .plan import NOISE_SOURCES, Guide, Plan, SplitStep, StepPlan, check_model_out, make_noise_policy, step_runner
 from .schedules import ddim_timesteps
 from .step_args import StepArgs
 from .validation import FLOAT_DTYPES, broadcast_batch, check_float, check_int, check_shape, check_tensor
@@ -126,6 +127,7 @@ class DDIMSampler:
         callback: Optional[Callable[[dict], None]] = None,
         device=None,
         dtype: Optional[torch.dtype] = None,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Generate samples, from x_last or fresh noise at time_steps[-1 - skip_steps].
 
@@ -145,6 +147,10 @@ class DDIMSampler:
                 the sampler's buffers: clone what you keep).
             device, dtype: of the drawn latent when x_last is None (default: the model's
                 device, float32).
+            cuda_graph: capture the whole loop, model included, in a CUDA graph on the
+                first call for a given shape, dtype and options, then replay it; see
+                `ddim_fused.graph` (warm-up, memory pool, what invalidates a capture).
+                CUDA and noise_source="philox" only, no callback.
 
         Returns:
             x: (B, *s) the sample x_0 (the latent at alpha_prev of index 0).
@@ -155,9 +161,15 @@ class DDIMSampler:
             check_tensor("x_last", x_last, shape=shape)
             device, dtype = x_last.device, x_last.dtype
         else:
-            device = torch.device(device) if device is not None else (model_device(self.model) or torch.device("cpu"))
+            device = _check_device(device) if device is not None else (model_device(self.model) or torch.device("cpu"))
             dtype = dtype or torch.float32
         temperature = check_float("temperature", temperature, low=0.0)
+        if cuda_graph:
+            graph.check_graph_call(self, device, callback)
+            return graph.sample_captured(self, shape, device, dtype, cond, repeat_noise=repeat_noise,
+                                         temperature=temperature, x_last=x_last, uncond_scale=uncond_scale,
+                                         uncond_cond=uncond_cond, skip_steps=skip_steps, seed=seed,
+                                         sample_offset=sample_offset)
         plan = self._plan(range(self.coefs.n_steps - 1 - skip_steps, -1, -1), shape, device, dtype, cond,
                           uncond_scale, uncond_cond, seed=seed, sample_offset=sample_offset,
                           repeat_noise=repeat_noise, temperature=temperature)
@@ -179,6 +191,7 @@ class DDIMSampler:
         seed: Optional[int] = None,
         sample_offset: int = 0,
         callback: Optional[Callable[[dict], None]] = None,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Denoise x from DDIM index t_start - 1 down, keeping `orig` where mask is 1.
 
@@ -190,6 +203,7 @@ class DDIMSampler:
             mask: broadcastable to x with batch B or 1 (e.g. (B, 1, H, W)); float in [0, 1]
                 or bool. After each step x = orig_t * mask + x * (1 - mask).
             orig_noise: (B or 1, *s) fixed noise for orig_t; else fresh noise each step.
+            cuda_graph: capture the loop in a CUDA graph and replay it, as in `sample`.
 
         Returns:
             x: (B, *s).
@@ -205,6 +219,11 @@ class DDIMSampler:
                      "orig_noise": None if orig_noise is None else broadcast_batch("orig_noise", orig_noise, x)}
         elif orig_noise is not None:
             raise ValueError("orig_noise given without orig and mask")
+        if cuda_graph:
+            graph.check_graph_call(self, x.device, callback)
+            return graph.paint_captured(self, x, cond, t_start, orig=orig, mask=mask, orig_noise=orig_noise,
+                                        uncond_scale=uncond_scale, uncond_cond=uncond_cond, seed=seed,
+                                        sample_offset=sample_offset)
         plan = self._plan(range(t_start - 1, -1, -1), x.shape, x.device, x.dtype, cond, uncond_scale, uncond_cond,
                           seed=seed, sample_offset=sample_offset, paint=paint)
         return self._denoise(x.contiguous(), plan, callback)
@@ -314,27 +333,36 @@ class DDIMSampler:
         step_fn = step_function(self.backend, device, dtype)
         guide = Guide.checked(self.model, cond, uncond_scale, uncond_cond, batch)
         policy = make_noise_policy(self.noise_source, self._call_seed(seed), sample_offset, bool(repeat_noise))
-        c, paint = self.coefs, paint or {}
+        c, paint, table = self.coefs, paint or {}, self._coef_table
+        indices = list(indices)
+        # Every step's model time steps from one tensor: (S, B) rows, (S, 2B) under guidance.
+        per_call = batch if guide.scale is None else 2 * batch
+        t_rows = (torch.as_tensor(c.time_steps[indices], device=device).view(-1, 1)
+                  .expand(len(indices), per_call).contiguous().unbind(0))
+        drawn = None
+        if not invert and noise is None:
+            noisy = [i for i in indices if table["noise_scale"][i] * temperature != 0.0]
+            drawn = policy.predraw(noisy, shape, device, step_fn)
+        fields = policy.step_fields()
+        launches = bind_launches(step_fn, shape, dtype)
         records = []
-        for i in indices:
+        for i, t_batch in zip(indices, t_rows):
             split = None
             if invert:
-                args = StepArgs(float(c.inv_x_coef[i]), float(c.inv_eps_coef[i]), guide.scale)
+                args = StepArgs(table["inv_x_coef"][i], table["inv_eps_coef"][i], guide.scale)
             else:
-                fields = dict(noise_coef=float(c.noise_scale[i]) * temperature, noise=noise, step_key=i,
-                              **policy.step_fields(), **paint, **self._paint_coefs(i, paint))
+                noise_coef = table["noise_scale"][i] * temperature
+                step_noise = drawn[i] if drawn is not None and noise_coef != 0.0 else noise
+                step_fields = dict(noise_coef=noise_coef, noise=step_noise, step_key=i, **fields, **paint,
+                                   **self._paint_coefs(i, paint))
                 if self.limit is None:
-                    args = StepArgs(float(c.x_coef[i]), float(c.eps_coef[i]), guide.scale,
-                                    x0_coefs=(float(c.x0_x_coef[i]), float(c.x0_eps_coef[i])), **fields)
+                    args = StepArgs(table["x_coef"][i], table["eps_coef"][i], guide.scale,
+                                    x0_coefs=(table["x0_x_coef"][i], table["x0_eps_coef"][i]), **step_fields)
                 else:
                     split = self._split_first(i, guide.scale)
-                    args = StepArgs(float(np.sqrt(c.alpha_prev[i])), float(c.dir_coef[i]), **fields)
-            t = int(c.time_steps[i])
-            records.append(StepPlan(i, t, torch.full((batch,), t, dtype=torch.long, device=device), args, split))
-        if not invert and noise is None:
-            drawn = policy.predraw([r.args for r in records], shape, device, step_fn)
-            if drawn is not None:
-                records = [r._replace(args=replace(r.args, noise=n)) for r, n in zip(records, drawn)]
+                    args = StepArgs(table["sqrt_alpha_prev"][i], table["dir_coef"][i], **step_fields)
+            run = step_runner(step_fn, policy, args, dtype, launches, split, self.limit)
+            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, run, split))
         return Plan(step_fn, guide, policy, tuple(records), has_x0=not invert, limit=self.limit)
 
     def _split_first(self, index: int, guidance) -> SplitStep:
@@ -347,6 +375,16 @@ class DDIMSampler:
                          x0_coefs=(float(c.x0_x_coef[index]), float(c.x0_eps_coef[index])))
         return SplitStep(first, 1.0, False)
 
+    @functools.cached_property
+    def _coef_table(self) -> dict:
+        """The coefficient arrays as lists of Python floats (time steps as ints), built once."""
+        c = self.coefs
+        names = ("x_coef", "eps_coef", "noise_scale", "x0_x_coef", "x0_eps_coef", "inv_x_coef", "inv_eps_coef",
+                 "dir_coef", "time_steps")
+        table = {name: getattr(c, name).tolist() for name in names}
+        table["sqrt_alpha_prev"] = np.sqrt(c.alpha_prev).tolist()
+        return table
+
     def _paint_coefs(self, index: int, paint: dict) -> dict:
         if not paint:
             return {}
@@ -354,11 +392,22 @@ class DDIMSampler:
         return {"orig_coef": orig_coef, "orig_noise_coef": orig_noise_coef}
 
     def _denoise(self, x: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
-        """The denoising loop of sample, paint and invert: model call, one fused step, callback."""
+        """The denoising loop of sample, paint and invert: model call, one fused step, callback.
+
+        Without a callback the steps alternate between two output buffers (nothing outside
+        sees them but the model, which gets each as its input x); with one, every step
+        writes fresh tensors, so the callback may keep what it is given.
+        """
         want_x0 = callback is not None and plan.has_x0
-        for step in plan.steps:
-            model_out = plan.guide.model_out(x, step.t_batch)
-            x, pred_x0, _ = self._step(x, model_out, plan, step, want_x0=want_x0)
+        buffers = (torch.empty_like(x), torch.empty_like(x)) if callback is None else None
+        call_model = plan.guide.call
+        for n, step in enumerate(plan.steps):
+            model_out = call_model(x, step.t_batch)
+            out = buffers[n & 1] if buffers is not None else torch.empty_like(x)
+            if model_out.data_ptr() == out.data_ptr():  # the model returned an earlier step's input
+                out = torch.empty_like(x)
+            pred_x0 = torch.empty_like(x) if want_x0 else None
+            x = step.run(x, model_out, out, pred_x0)
             if callback is not None:
                 info = {"index": step.index, "t": step.t, "x": x}
                 if plan.has_x0:
@@ -404,6 +453,19 @@ class DDIMSampler:
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_device(device) -> torch.device:
+    """device as a torch.device that exists here, else ValueError (torch would raise an AssertionError)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} needs CUDA, which is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _check_batched(name: str, x) -> torch.Tensor:

@@ -65,3 +65,50 @@ def _keyed(x: torch.Tensor, step: StepArgs, stream: str, repeat: bool) -> torch.
     return keyed_normal_torch(x.shape[0], numel, step.seed, step.step_key, stream, step.sample_offset,
                               repeat=repeat, device=x.device).view(x.shape)
 
+
+
+def torch_step_runner(step: StepArgs, dtype: torch.dtype):
+    """A step function bound to one step's arguments, for a loop that knows them in advance.
+
+    run(x, model_out, out, x0_out=None) -> out computes what
+    `torch_ddim_step(x, model_out, out, step, x0_out)` computes, with the same torch ops
+    in the same order (so the same bits), minus its per-call decisions: for x, out and
+    x0_out of `dtype` float32 or float64, no mask, and noise either given or not needed,
+    a step is 2 to 5 torch ops. Otherwise, or when the model's output comes in another
+    dtype, it calls torch_ddim_step.
+
+    Args:
+        step: the step's StepArgs (a noise tensor is converted to `dtype` once here).
+        dtype: of x, out and x0_out.
+
+    Returns:
+        run(x (B, *s), model_out (B or 2B, *s), out (B, *s), x0_out (B, *s) | None) -> out.
+        out must not share memory with x or model_out (the torch_ddim_step fallback allows it).
+    """
+
+    def generic(x, model_out, out, x0_out=None):
+        return torch_ddim_step(x, model_out, out, step, x0_out)
+
+    if dtype not in (torch.float32, torch.float64) or step.mask is not None or step.draws_noise:
+        return generic
+    x_coef, eps_coef, guidance = step.x_coef, step.eps_coef, step.guidance
+    x0_x, x0_eps = step.x0_coefs
+    noise_coef = step.noise_coef
+    noise = step.noise.to(dtype) if noise_coef != 0.0 else None
+
+    def run(x, model_out, out, x0_out=None):
+        if model_out.dtype is not dtype or x.dtype is not dtype:
+            return generic(x, model_out, out, x0_out)
+        if guidance is None:
+            eps = model_out
+        else:
+            uncond, cond = model_out.tensor_split(2)
+            eps = torch.lerp(uncond, cond, guidance)
+        if x0_out is not None:
+            torch.mul(x, x0_x, out=x0_out).add_(eps, alpha=x0_eps)
+        torch.mul(x, x_coef, out=out).add_(eps, alpha=eps_coef)
+        if noise is not None:
+            out.add_(noise, alpha=noise_coef)
+        return out
+
+    return run

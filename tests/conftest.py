@@ -1,7 +1,15 @@
-"""Without CUDA, run the Triton kernels through Triton's CPU interpreter.
+"""Where the Triton kernel runs in this test run: one decision, one fixture.
 
-TRITON_INTERPRET must be set before triton is imported, so it happens here, before
-any test module imports ddim_fused.kernels.
+- CUDA present: tests of the Triton backend take CUDA tensors (the real compiler).
+- No CUDA: TRITON_INTERPRET=1 (set here unless the caller set it; it must be set before
+  triton is imported, hence here, before any test module imports ddim_fused.kernels)
+  runs the same kernel on CPU tensors through Triton's interpreter.
+- No CUDA and TRITON_INTERPRET set to anything but 1 (a GPU-style run without a GPU,
+  e.g. `TRITON_INTERPRET=0 pytest`): the kernel has nowhere to run, so every test of
+  the Triton backend skips, with that reason, instead of failing on CPU tensors.
+
+Every test that runs the Triton backend takes its tensors from `device` (or from
+`backend_device` when it is parametrized over backends).
 """
 import os
 
@@ -12,9 +20,34 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def _triton_route() -> tuple[torch.device | None, str]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu"), ""
+    return None, (f"the Triton kernel cannot run here: no CUDA device, and TRITON_INTERPRET="
+                  f"{os.environ.get('TRITON_INTERPRET')!r} is not '1' (the CPU interpreter is off)")
+
+
+TRITON_DEVICE, NO_TRITON_REASON = _triton_route()
 
 
 @pytest.fixture
-def device():
-    return DEVICE
+def device() -> torch.device:
+    """The device of every tensor a Triton-backend test makes: CUDA if present, else the
+    CPU under the interpreter; the test skips when neither is available."""
+    if TRITON_DEVICE is None:
+        pytest.skip(NO_TRITON_REASON)
+    return TRITON_DEVICE
+
+
+@pytest.fixture
+def backend_device(backend) -> torch.device:
+    """For tests parametrized over `backend`: the Triton device for "triton" (skipping
+    where there is none), the CPU for "torch" and "auto"."""
+    if backend == "triton":
+        if TRITON_DEVICE is None:
+            pytest.skip(NO_TRITON_REASON)
+        return TRITON_DEVICE
+    return torch.device("cpu")

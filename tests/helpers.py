@@ -48,19 +48,27 @@ def _first(mask: torch.Tensor, k: int = 3):
 
 
 class ToyModel:
-    """A cheap nonlinear eps-model following labml's protocol, conditioned by a scalar per sample."""
+    """A cheap nonlinear eps-model following labml's protocol, conditioned by a scalar per sample.
+
+    `device` (None: the CPU) is where the samplers draw a latent when none is given;
+    conditioning may be a host tensor, the model moves it to x's device. `times` records
+    the (B,) time steps of every call, as host lists.
+    """
 
     n_steps = 1000
 
-    def __init__(self, schedule: str = "linear"):
+    def __init__(self, schedule: str = "linear", device=None):
         self.alpha_bar = torch.from_numpy(make_alpha_bar(schedule, self.n_steps))
+        self.device = device
         self.calls = 0
+        self.times = []
 
     def __call__(self, x, t, cond):
         self.calls += 1
+        self.times.append(t.tolist())
         view = (-1,) + (1,) * (x.dim() - 1)
         t = (t.to(torch.float64) / self.n_steps).view(view)
-        c = cond.to(torch.float64).view(view) if cond is not None else 0.0
+        c = cond.to(x.device, torch.float64).view(view) if cond is not None else 0.0
         h = torch.tanh(0.6 * x.to(torch.float64) + t + 0.5 * c)
         return h.to(x.dtype)
 

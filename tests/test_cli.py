@@ -137,7 +137,9 @@ def test_bad_arguments_exit_with_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         main(argv + extra)
     assert info.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines  # no usage block above it
+    line = lines[0]
     assert line.startswith("ddim-fused: error: ")
     assert all(part in line for part in message), line
     assert not re.search(r"\b(n_steps|ddim_\w+|uncond_scale|t_start|paint_blend)\b", line), line

@@ -174,12 +174,12 @@ def test_backend_is_validated():
     assert s.backend == "torch" and FusedDDIMScheduler().backend == "auto"
 
 
-def test_noise_the_kernel_cannot_read_is_expanded_once_for_it():
+def test_noise_the_kernel_cannot_read_is_expanded_once_for_it(device):
     # One strided-input policy for every caller (ddim_fused.backend): the kernel gets a
     # contiguous copy of noise broadcast over channels, and computes what torch computes.
     _, fused = _pair(clip_sample=False)
-    x, m = _inputs()
-    noise = torch.randn(2, 1, 4, 4)
+    x, m = (t.to(device) for t in _inputs())
+    noise = torch.randn(2, 1, 4, 4).to(device)
     fused.backend = "torch"
     want = fused.step(m, 901, x, eta=0.5, variance_noise=noise).prev_sample
     fused.backend = "triton"

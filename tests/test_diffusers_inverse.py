@@ -28,11 +28,11 @@ CONFIGS = {
 }
 
 
-def paired_inversion(config, steps=10, shape=(2, 3, 8, 8), backend="torch", return_dict=True):
+def paired_inversion(config, steps=10, shape=(2, 3, 8, 8), backend="torch", return_dict=True, device="cpu"):
     """Invert along diffusers' trajectory, comparing both outputs at every step within FP32_RTOL."""
     gen = torch.Generator().manual_seed(0)
-    x = 0.5 * torch.randn(shape, generator=gen)
-    w = torch.randn(shape[1:], generator=gen)
+    x = 0.5 * torch.randn(shape, generator=gen).to(device)
+    w = torch.randn(shape[1:], generator=gen).to(device)
     stock, fused = DDIMInverseScheduler(**config), FusedDDIMInverseScheduler(**config)
     fused.backend = backend
     stock.set_timesteps(steps)
@@ -56,12 +56,12 @@ def test_inversion_matches_diffusers(config):
     paired_inversion(config, steps=25, return_dict=False)
 
 
-def test_inversion_with_triton_kernel(monkeypatch):
+def test_inversion_with_triton_kernel(monkeypatch, device):
     def no_torch_path(*args, **kwargs):
         raise AssertionError("backend='triton' fell back to the torch path")
 
     monkeypatch.setattr(backend_module, "torch_ddim_step", no_torch_path)
-    paired_inversion(dict(), steps=3, shape=(1, 3, 8, 8), backend="triton")
+    paired_inversion(dict(), steps=3, shape=(1, 3, 8, 8), backend="triton", device=device)
 
 
 def test_inverse_errors():

@@ -140,9 +140,12 @@ def test_use_fused_replaces_inverse_scheduler_and_round_trips(tmp_path):
     same = pipe.scheduler
     assert use_fused(pipe).scheduler is same  # already fused: kept
     pipe.save_pretrained(tmp_path)
-    loaded = _InversionPipe.from_pretrained(tmp_path)
+    loaded = _InversionPipe.from_pretrained(tmp_path)  # saved under the stock names: loads as stock
+    assert type(loaded.scheduler) is DDIMScheduler and type(loaded.inverse_scheduler) is DDIMInverseScheduler
+    use_fused(loaded)
     assert type(loaded.scheduler) is FusedDDIMScheduler and type(loaded.inverse_scheduler) is FusedDDIMInverseScheduler
-    _same_config(loaded.scheduler.config, pipe.scheduler.config)
+    for name in ("scheduler", "inverse_scheduler"):
+        _same_config(getattr(loaded, name).config, getattr(pipe, name).config)
 
 
 def test_use_fused_refuses_non_ddim_scheduler_unless_converting():

@@ -74,7 +74,7 @@ def _rel(actual, expected):
 
 
 def paired_errors(config, steps=12, eta=0.0, noise=None, use_clipped_model_output=False, return_dict=True,
-                  shape=(2, 3, 8, 8), fused_backend="torch", check=True):
+                  shape=(2, 3, 8, 8), fused_backend="torch", check=True, device="cpu"):
     """Step both schedulers from the same inputs along diffusers' own trajectory.
 
     Returns (max rel err of prev_sample, of pred_original_sample) over all steps, each
@@ -82,8 +82,8 @@ def paired_errors(config, steps=12, eta=0.0, noise=None, use_clipped_model_outpu
     at FP32_RTOL. Generator noise comes from two identically seeded generators.
     """
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen)
-    model = model_fn(torch.randn(shape[1:], generator=gen))
+    x = torch.randn(shape, generator=gen).to(device)
+    model = model_fn(torch.randn(shape[1:], generator=gen).to(device))
     stock, fused = DDIMScheduler(**config), FusedDDIMScheduler(**config)
     fused.backend = fused_backend
     stock.set_timesteps(steps)
@@ -97,7 +97,7 @@ def paired_errors(config, steps=12, eta=0.0, noise=None, use_clipped_model_outpu
         if noise == "generator":
             kws["generator"], kwf["generator"] = gens
         elif noise is not None:
-            kws["variance_noise"] = kwf["variance_noise"] = _draw_noise(noise, shape, gen, x.dtype)
+            kws["variance_noise"] = kwf["variance_noise"] = _draw_noise(noise, shape, gen, x.dtype).to(device)
         m = model(x, t)
         # stock gets its own tensor of the schedule, fused the loop variable (a view).
         out_s = stock.step(m, stock.timesteps[i], x, **kws)
@@ -210,24 +210,82 @@ def test_variance_noise_broadcast_over_channels_matches_diffusers():
                  stock.step(m, 501, x, eta=0.8, variance_noise=n).prev_sample)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_low_precision_at_most_twice_diffusers_error(dtype):
-    """In fp16/bf16 the fused step's error vs a float64 run is <= 2x diffusers' own error."""
-    config = dict(clip_sample=False)
-    x64, m64 = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    stock, fused = DDIMScheduler(**config), FusedDDIMScheduler(**config)
-    for s in (stock, fused):
-        s.set_timesteps(20)
-    for t in (stock.timesteps[0], stock.timesteps[10], stock.timesteps[-1]):
-        exact = stock.step(m64, t, x64, eta=0.5, variance_noise=m64.flip(0))
-        lo = dict(eta=0.5, variance_noise=m64.flip(0).to(dtype))
-        got_s = stock.step(m64.to(dtype), t, x64.to(dtype), **lo)
-        got_f = fused.step(m64.to(dtype), t, x64.to(dtype), **lo)
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The configurations whose arithmetic differs: the one-launch path (eps / v / sample,
+# two beta schedules) and the two-launch path around a clip or a threshold.
+HALF_CONFIGS = {
+    "eps-clip": dict(),
+    "eps": dict(clip_sample=False),
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+    "v": dict(prediction_type="v_prediction", clip_sample=False),
+    "v-clip": dict(prediction_type="v_prediction"),
+    "sample-clip": dict(prediction_type="sample"),
+    "threshold": dict(thresholding=True, sample_max_value=1.5),
+}
+
+
+def _half_model(x, t, w):
+    """The test model, evaluated in float32 and returned in x's dtype (as a half-precision UNet does)."""
+    return (torch.tanh(0.8 * x.float() + w * (t / T)) + 0.1 * x.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7], ids=["eta0", "eta0.7"])
+@pytest.mark.parametrize("config", list(HALF_CONFIGS.values()), ids=list(HALF_CONFIGS))
+@pytest.mark.parametrize("dtype", list(HALF_DTYPES.values()), ids=list(HALF_DTYPES))
+def test_half_precision_error_vs_float32_at_most_diffusers(dtype, config, eta):
+    """What "same as diffusers" means in fp16/bf16: no worse than diffusers, not equal to it.
+
+    diffusers computes a half-precision step in the half dtype, rounding after each
+    operation; the fused step computes in float32 and rounds once. Along diffusers' own
+    half-precision trajectory both get the same inputs at every step, and each output is
+    compared with diffusers' step evaluated in float32 on those inputs: the fused error,
+    summed over the 20 steps and both outputs, must be at most diffusers'. (Measured: 0.12-0.73
+    of diffusers'; single elements differ from diffusers' by a few units in the last place.)
+    """
+    shape, steps = (2, 4, 16, 16), 20
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape[1:], generator=gen)
+    stock, fused, exact = DDIMScheduler(**config), FusedDDIMScheduler(**config), DDIMScheduler(**config)
+    for s in (stock, fused, exact):
+        s.set_timesteps(steps)
+    sq_err_stock = sq_err_fused = sq_ref = 0.0
+    for t in stock.timesteps:
+        m, noise = _half_model(x, t, w), torch.randn(shape, generator=gen).to(dtype)
+        ref = exact.step(m.float(), t, x.float(), eta=eta, variance_noise=noise.float())
+        got_s = stock.step(m, t, x, eta=eta, variance_noise=noise)
+        got_f = fused.step(m, t, x, eta=eta, variance_noise=noise)
         for name in ("prev_sample", "pred_original_sample"):
-            e, s, f = (getattr(o, name).double() for o in (exact, got_s, got_f))
+            r = getattr(ref, name).double()
             assert getattr(got_f, name).dtype == dtype
-            err_s, err_f = (e - s).norm() / e.norm(), (e - f).norm() / e.norm()
-            assert err_f <= 2 * err_s + 1e-6, f"t={int(t)} {name}: fused {err_f:.2e} vs diffusers {err_s:.2e}"
+            sq_err_stock += (getattr(got_s, name).double() - r).pow(2).sum().item()
+            sq_err_fused += (getattr(got_f, name).double() - r).pow(2).sum().item()
+            sq_ref += r.pow(2).sum().item()
+        x = got_s.prev_sample
+    err_s, err_f = (sq_err_stock / sq_ref) ** 0.5, (sq_err_fused / sq_ref) ** 0.5
+    assert err_f <= err_s, f"fused rel RMS err {err_f:.3e} vs float32, diffusers {err_s:.3e}"
+
+
+@pytest.mark.parametrize("dtype", list(HALF_DTYPES.values()), ids=list(HALF_DTYPES))
+def test_half_precision_own_loop_close_to_float32_loop(dtype):
+    """Each running its own 20-step half-precision loop, the fused final sample is as close
+    to a float32 diffusers loop as diffusers' half loop is, within a factor 2 (the loops
+    drift apart by rounding; measured ratios 0.33-1.0)."""
+    shape = (2, 4, 16, 16)
+    for config in HALF_CONFIGS.values():
+        gen = torch.Generator().manual_seed(1)
+        x0, w = torch.randn(shape, generator=gen), torch.randn(shape[1:], generator=gen)
+        noises = [torch.randn(shape, generator=gen) for _ in range(20)]
+        finals = []
+        for cls, dt in ((DDIMScheduler, torch.float32), (DDIMScheduler, dtype), (FusedDDIMScheduler, dtype)):
+            s = cls(**config)
+            s.set_timesteps(20)
+            x = x0.to(dt)
+            for t, n in zip(s.timesteps, noises):
+                x = s.step(_half_model(x, t, w), t, x, eta=0.7, variance_noise=n.to(dt)).prev_sample
+            finals.append(x.double())
+        ref, stock, fused = finals
+        err_s, err_f = ((stock - ref).norm() / ref.norm()).item(), ((fused - ref).norm() / ref.norm()).item()
+        assert err_f <= 2 * err_s, f"{config}: fused {err_f:.2e} vs float32 loop, diffusers {err_s:.2e}"
 
 
 # diffusers' published full-loop figures for DDIMScheduler, from
@@ -293,7 +351,7 @@ KERNEL_CASES = {
 
 
 @pytest.mark.parametrize("case", list(KERNEL_CASES.values()), ids=list(KERNEL_CASES))
-def test_triton_kernel_matches_diffusers(case, monkeypatch):
+def test_triton_kernel_matches_diffusers(case, monkeypatch, device):
     import ddim_fused.backend as backend_module
 
     def no_torch_path(*args, **kwargs):
@@ -302,4 +360,4 @@ def test_triton_kernel_matches_diffusers(case, monkeypatch):
     monkeypatch.setattr(backend_module, "torch_ddim_step", no_torch_path)
     config, step_args = case
     shape = (2, 3, 8, 8) if step_args.get("noise") == "variance_noise_b1" else (1, 3, 8, 8)
-    paired_errors(config, steps=3, shape=shape, fused_backend="triton", **step_args)
+    paired_errors(config, steps=3, shape=shape, fused_backend="triton", device=device, **step_args)

@@ -69,6 +69,25 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert not [p for p in out.iterdir() if gen.TMP_MARK in p.name]
 
 
+def test_ctrl_c_exits_130_with_one_line_and_keeps_whole_shards_only(tmp_path):
+    args = ["--num", "150", "--shard-size", "5", "--batch-size", "5", "--steps", "20", "--seed", "2", "--no-progress"]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ddim_fused", "generate", *args, "--out", str(out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("shard-*.npz"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert not (out / "manifest.json").exists(), "the run finished before it could be interrupted"
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        f"ddim-fused: interrupted; finished shards in {out} are kept: rerun the same command to resume"]
+    assert not [p for p in out.iterdir() if gen.TMP_MARK in p.name]
+    for shard in out.glob("shard-*.npz"):
+        gen.read_shard(shard)  # whole and verified, or it raises
+
+
 def test_corrupt_shard_is_regenerated_with_a_warning(tmp_path):
     out = tmp_path / "run"
     assert cli(*ARGS, "--out", str(out)).returncode == 0
@@ -110,7 +129,7 @@ def test_config_mismatch_and_unwritable_dir(tmp_path, capsys):
     blocker.write_text("")
     with pytest.raises(SystemExit) as info:
         main(["generate", *ARGS, "--out", str(blocker / "sub")])
-    assert info.value.code == 2 and "cannot create output directory" in capsys.readouterr().err
+    assert info.value.code == 2 and "cannot create --out" in capsys.readouterr().err
 
 
 def test_full_disk_exits_non_zero_and_keeps_finished_shards(tmp_path, capsys, monkeypatch):

@@ -1,13 +1,15 @@
-"""DDIMSampler.invert on the exact oracle: reconstruction, convergence in S, closed form, backends."""
+"""DDIMSampler.invert: each step against the inversion formula and diffusers, and on the exact
+oracle (reconstruction, convergence in S, closed form, backends)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from ddim_fused import DDIMSampler
 from ddim_fused.oracle import GaussianMixture
 from ddim_fused.quality import make_oracle
-from tests.helpers import assert_close, error_vs
+from tests.helpers import ToyModel, assert_close, error_vs
 
 
 def _roundtrip(oracle, x0, n_steps, backend="torch"):
@@ -65,15 +67,66 @@ def test_inversion_of_one_gaussian_matches_the_probability_flow():
     assert errors[-1] < 0.08 and errors[0] > errors[1] > errors[2], f"errors by S: {errors}"
 
 
-def test_triton_backend_matches_torch_backend():
+def test_triton_backend_matches_torch_backend(device):
     # Tiny on purpose: each interpreted kernel launch costs ~0.1-0.2 s on CPU.
     gen = torch.Generator().manual_seed(5)
-    oracle = GaussianMixture(torch.randn(2, 2, 5, generator=gen), 0.3)
+    means = torch.randn(2, 2, 5, generator=gen)
+    oracle = GaussianMixture(means, 0.3)
     x0 = oracle.sample(3, gen).float()
     x_torch, recon_torch = _roundtrip(oracle, x0, 4, backend="torch")
-    x_triton, recon_triton = _roundtrip(oracle, x0, 4, backend="triton")
+    x_triton, recon_triton = _roundtrip(GaussianMixture(means.to(device), 0.3), x0.to(device), 4,
+                                        backend="triton")
     assert_close(x_triton, x_torch, rtol=1e-5, name="inverted latent")
     assert_close(recon_triton, recon_torch, rtol=1e-5, name="reconstruction")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("set_alpha_to_one", [False, True], ids=["alpha0-first", "alpha-one-first"])
+def test_each_inversion_step_is_the_inversion_formula(set_alpha_to_one, backend, backend_device):
+    # DDIM inversion written out from alpha_bar, independent of ddim_fused.coefficients:
+    # step i takes x from level a_prev (alpha_bar of the previous time step, or of t = 0 /
+    # 1 for the first step) to level a = alpha_bar[tau_i], with eps evaluated at tau_i:
+    #   x' = sqrt(a) * (x - sqrt(1 - a_prev) * eps) / sqrt(a_prev) + sqrt(1 - a) * eps.
+    # Checked per step on the sampler's own trajectory, and the model's time steps too.
+    model = ToyModel(device=backend_device)
+    sampler = DDIMSampler(model, 7, "quad", 0.0, backend=backend, set_alpha_to_one=set_alpha_to_one)
+    x0 = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(6)).to(backend_device)
+    cond = torch.tensor([0.3, -0.8])
+    xs = [x0]
+    sampler.invert(x0, cond, callback=lambda info: xs.append(info["x"].clone()))
+    taus = [int(t) for t in sampler.time_steps]
+    assert model.times == [[t] * 2 for t in taus], "the model must see tau_i at inversion step i"
+    alpha_bar = model.alpha_bar.double()
+    for i, tau in enumerate(taus):
+        a = float(alpha_bar[tau])
+        a_prev = float(alpha_bar[taus[i - 1]]) if i else (1.0 if set_alpha_to_one else float(alpha_bar[0]))
+        x = xs[i].double()
+        eps = ToyModel()(x.cpu(), torch.full((2,), tau), cond).to(x.device)
+        want = math.sqrt(a) * (x - math.sqrt(1 - a_prev) * eps) / math.sqrt(a_prev) + math.sqrt(1 - a) * eps
+        assert_close(xs[i + 1], want, name=f"inversion step {i} (tau {tau})")
+
+
+def test_invert_matches_diffusers_inverse_scheduler():
+    # labml's "uniform" time steps (range(0, T, T // S) + 1) are diffusers' "leading" ones
+    # with steps_offset=1, and DDIMInverseScheduler starts from alpha_bar[0] when
+    # set_alpha_to_one=False, as DDIMSampler(set_alpha_to_one=False) does.
+    pytest.importorskip("diffusers", reason="diffusers is not installed: the [test] extra brings it")
+    from diffusers import DDIMInverseScheduler  # noqa: PLC0415 - after the importorskip above
+
+    model = ToyModel()
+    sampler = DDIMSampler(model, 10, "uniform", 0.0, backend="torch")
+    alpha_bar = model.alpha_bar.numpy()
+    betas = 1.0 - alpha_bar / np.concatenate(([1.0], alpha_bar[:-1]))
+    sched = DDIMInverseScheduler(num_train_timesteps=1000, trained_betas=betas.tolist(), clip_sample=False,
+                                 set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    sched.set_timesteps(10)
+    assert sched.timesteps.tolist() == sampler.time_steps.tolist()
+    x0 = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(8))
+    cond = torch.tensor([0.5, -0.5])
+    x = x0
+    for t in sched.timesteps:
+        x = sched.step(model(x, torch.full((2,), int(t)), cond), t, x).prev_sample
+    assert_close(sampler.invert(x0, cond), x, name="inverted latent")
 
 
 def test_invert_bad_input():

@@ -137,9 +137,9 @@ def test_step_level_errors(model):
     assert model.calls == 0
 
 
-def test_strided_inputs_are_read_correctly_and_left_untouched(model):
-    s = sampler(model, backend="triton", eta=0.0)
-    base = torch.randn(2, 5, 4, 3)
+def test_strided_inputs_are_read_correctly_and_left_untouched(device):
+    s = sampler(ToyModel(device=device), backend="triton", eta=0.0)
+    base = torch.randn(2, 5, 4, 3, device=device)
     x_last = base.permute(0, 3, 2, 1)  # (2, 3, 4, 5), not contiguous
     before = x_last.clone()
     out = s.sample(SHAPE, torch.zeros(2), x_last=x_last)
@@ -147,21 +147,31 @@ def test_strided_inputs_are_read_correctly_and_left_untouched(model):
     assert torch.equal(out, s.sample(SHAPE, torch.zeros(2), x_last=x_last.contiguous()))
 
 
-@pytest.mark.parametrize(
-    "kwargs,err,match",
-    [
-        (dict(model_out=torch.zeros(2, 3, 4, 5)), ValueError, r"model_out has shape \(2, 3, 4, 5\), expected \(4, 3, 4, 5\) \(batch-doubled"),
-        (dict(x=torch.zeros(5, 3, 4).transpose(0, 1), model_out=torch.zeros(3, 5, 4), guidance=None), ValueError, "contiguous"),
-        (dict(x=torch.zeros(SHAPE, dtype=torch.float64), guidance=None, model_out=torch.zeros(SHAPE)), TypeError, "x has dtype"),
-        (dict(noise_coef=0.5, guidance=None, model_out=torch.zeros(SHAPE)), ValueError, "noise tensor or a seed"),
-        (dict(out=torch.zeros(2, 3, 4), guidance=None, model_out=torch.zeros(SHAPE)), ValueError, "out has shape"),
-        (dict(seed=-3, guidance=None, model_out=torch.zeros(SHAPE)), ValueError, "seed"),
-        (dict(model_out=torch.zeros(SHAPE, device="meta"), guidance=None), ValueError, "model_out is on meta"),
-    ],
-)
-def test_kernel_launcher_validation(kwargs, err, match):
-    args = dict(x=torch.zeros(SHAPE), model_out=torch.zeros(4, 3, 4, 5), guidance=2.0, x_coef=1.0, eps_coef=0.5)
-    args.update(kwargs)
+# Each case builds its tensors on the Triton device `d` (a callable, so nothing is made at import).
+LAUNCHER_CASES = {
+    "model_out-not-doubled": (lambda d: dict(model_out=torch.zeros(2, 3, 4, 5, device=d)), ValueError,
+                              r"model_out has shape \(2, 3, 4, 5\), expected \(4, 3, 4, 5\) \(batch-doubled"),
+    "x-strided": (lambda d: dict(x=torch.zeros(5, 3, 4, device=d).transpose(0, 1),
+                                 model_out=torch.zeros(3, 5, 4, device=d), guidance=None), ValueError, "contiguous"),
+    "x-float64": (lambda d: dict(x=torch.zeros(SHAPE, dtype=torch.float64, device=d), guidance=None,
+                                 model_out=torch.zeros(SHAPE, device=d)), TypeError, "x has dtype"),
+    "noise-without-seed": (lambda d: dict(noise_coef=0.5, guidance=None, model_out=torch.zeros(SHAPE, device=d)),
+                           ValueError, "noise tensor or a seed"),
+    "out-shape": (lambda d: dict(out=torch.zeros(2, 3, 4, device=d), guidance=None,
+                                 model_out=torch.zeros(SHAPE, device=d)), ValueError, "out has shape"),
+    "seed-negative": (lambda d: dict(seed=-3, guidance=None, model_out=torch.zeros(SHAPE, device=d)), ValueError,
+                      "seed"),
+    "model_out-on-meta": (lambda d: dict(model_out=torch.zeros(SHAPE, device="meta"), guidance=None), ValueError,
+                          "model_out is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", LAUNCHER_CASES.values(), ids=LAUNCHER_CASES.keys())
+def test_kernel_launcher_validation(case, device):
+    make, err, match = case
+    args = dict(x=torch.zeros(SHAPE, device=device), model_out=torch.zeros(4, 3, 4, 5, device=device), guidance=2.0,
+                x_coef=1.0, eps_coef=0.5)
+    args.update(make(device))
     with pytest.raises(err, match=match):
         ddim_step(args.pop("x"), args.pop("model_out"), backend="triton", **args)
 
@@ -178,3 +188,19 @@ def test_triton_backend_on_cpu_without_the_interpreter_is_a_clear_error(tmp_path
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "ERR backend='triton' needs CUDA tensors" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("device, match", [
+    ("cuda", "needs CUDA"), ("cuda:99", "CUDA"), ("nonsense", "must be a torch device"), (3.5, "must be a torch device"),
+])
+def test_sample_on_a_device_that_is_not_here_is_a_value_error(model, device, match):
+    if torch.cuda.is_available() and device == "cuda":
+        pytest.skip("CUDA is present: 'cuda' is a valid device here")
+    with pytest.raises(ValueError, match=match):
+        sampler(model).sample(SHAPE, None, device=device)
+    assert model.calls == 0
+
+
+def test_q_sample_of_a_0d_tensor_is_a_value_error(model):
+    with pytest.raises(ValueError, match="x0 must have a batch dimension"):
+        sampler(model).q_sample(torch.tensor(1.0), 0)

@@ -1,10 +1,15 @@
 """Class adherence of generated digits per guidance scale (the README's guidance table).
 
     python -m ddim_fused.digits.evaluate [--num 500] [--steps 50] [--scales 1 2 3 5] [--grid-dir DIR]
+                                         [--json docs/adherence.json]
+
+`--json` writes the measured table (the README's table is `markdown_table` of that file).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 
@@ -47,6 +52,15 @@ def guidance_accuracy(model, classifier, scale: float, *, num: int = 500, steps:
     return accuracy, prob, x, labels
 
 
+def markdown_table(data: dict) -> str:
+    """The adherence table of a `--json` file: one row per guidance scale."""
+    lines = ["| guidance scale | accuracy | mean p(requested class) |", "| ---: | ---: | ---: |"]
+    for row in data["rows"]:
+        label = {0.0: "0 (unconditional)", 1.0: "1 (no guidance)"}.get(row["scale"], f"{row['scale']:g}")
+        lines.append(f"| {label} | {row['accuracy']:.3f} | {row['prob']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     """Print a markdown table of accuracy per guidance scale (and optionally write sample grids)."""
     parser = argparse.ArgumentParser(prog="python -m ddim_fused.digits.evaluate", description=__doc__,
@@ -59,6 +73,7 @@ def main(argv=None) -> None:
                         help="guidance scales; 0 is the unconditional model (default 0 1 2 3 5)")
     parser.add_argument("--grid-dir", default=None, help="folder for one PNG grid per scale (first 100 digits)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--json", default=None, help="also write the table's data to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, classifier = load_digits_model(), load_digits_classifier()
@@ -66,16 +81,31 @@ def main(argv=None) -> None:
     print(f"{args.num} digits per scale, {args.steps} DDIM steps, eta {args.eta}, seed {args.seed}\n")
     print("| guidance scale | accuracy | mean p(requested class) | seconds |")
     print("| ---: | ---: | ---: | ---: |")
+    rows = []
     for scale in args.scales:
         start = time.perf_counter()
         acc, prob, x, _ = guidance_accuracy(model, classifier, scale, num=args.num, steps=args.steps, eta=args.eta,
                                       seed=args.seed)
+        rows.append({"scale": float(scale), "accuracy": acc, "prob": prob})
         print(f"| {scale:g} | {acc:.3f} | {prob:.3f} | {time.perf_counter() - start:.1f} |", flush=True)
         if args.grid_dir:
             from .images import save_grid  # noqa: PLC0415
 
             Path(args.grid_dir).mkdir(parents=True, exist_ok=True)
             save_grid(x[:100], Path(args.grid_dir) / f"guidance_{scale:g}.png", 10)
+    if args.json:
+        data = {"num": args.num, "steps": args.steps, "eta": args.eta, "seed": args.seed, "threads": args.threads,
+                "classifier_test_accuracy": classifier.test_accuracy, "torch": torch.__version__, "rows": rows}
+        _write_json(Path(args.json), data)
+        print(f"wrote {args.json}")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write to a temporary file opened exclusively, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "x", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Host cost per step: the fused diffusers step and the fused sampler against their baselines.
+
+Targets (CPU, 1 thread):
+- `FusedDDIMScheduler.step` <= 0.5x `DDIMScheduler.step`, timed inside a denoising loop
+  (a small conv model runs between steps; timesteps come from `scheduler.timesteps`),
+  at 1x4x32x32 and 1x4x64x64, eta 0 and 1;
+- `DDIMSampler.sample` per step <= 0.25x `ReferenceDDIMSampler.sample`, trivial model
+  (returns x), 1x4x8x8, at eta 0, eta 1 (keyed noise) and with guidance.
+
+Each measurement alternates the two providers (A/B, many rounds) and reports medians of
+thread CPU time, which leaves out time the thread spent waiting for a shared core.
+
+    python -m bench.host [--rounds N] [--out-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ddim_fused import DDIMSampler, ReferenceDDIMSampler
+from ddim_fused.schedules import make_alpha_bar
+
+SCHEDULER_CASES = (((1, 4, 32, 32), 0.0), ((1, 4, 32, 32), 1.0), ((1, 4, 64, 64), 0.0), ((1, 4, 64, 64), 1.0))
+SAMPLER_CASES = (("eta0", 0.0, False), ("eta1-keyed", 1.0, False), ("guidance", 0.0, True))
+SCHEDULER_TARGET, SAMPLER_TARGET = 0.5, 0.25
+STEPS = 50
+
+
+class _TrivialEps:
+    n_steps = 1000
+
+    def __init__(self):
+        self.alpha_bar = make_alpha_bar("linear", 1000)
+
+    def __call__(self, x, t, cond):
+        return x
+
+
+def _scheduler_loop(scheduler, model, latent, eta, record):
+    """A pipeline's loop: model call, then scheduler.step timed on its own (thread CPU time)."""
+    scheduler.set_timesteps(STEPS)
+    x = latent
+    gen = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps:
+        eps = model(x)
+        start = time.thread_time()
+        x = scheduler.step(eps, t, x, eta=eta, generator=gen, return_dict=False)[0]
+        record.append(time.thread_time() - start)
+    return x
+
+
+def scheduler_rows(rounds: int) -> list[dict]:
+    """Median step cost of DDIMScheduler vs FusedDDIMScheduler inside a loop, per case."""
+    from diffusers import DDIMScheduler  # noqa: PLC0415 - optional dependency
+
+    from ddim_fused.diffusers import FusedDDIMScheduler  # noqa: PLC0415 - imports diffusers
+
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    rows = []
+    for shape, eta in SCHEDULER_CASES:
+        conv = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1).eval()
+        latent = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        schedulers = {"stock": DDIMScheduler(**config), "fused": FusedDDIMScheduler(**config)}
+        times = {name: [] for name in schedulers}
+        with torch.no_grad():
+            for _ in range(rounds):
+                for name, scheduler in schedulers.items():
+                    _scheduler_loop(scheduler, conv, latent, eta, times[name])
+        stock, fused = statistics.median(times["stock"]), statistics.median(times["fused"])
+        rows.append({"kind": "scheduler-step", "shape": list(shape), "eta": eta, "stock_us": stock * 1e6,
+                     "fused_us": fused * 1e6, "ratio": fused / stock, "target": SCHEDULER_TARGET})
+    return rows
+
+
+def sampler_rows(rounds: int) -> list[dict]:
+    """Per-step cost of whole 50-step samples, fused vs reference, trivial model, 1x4x8x8."""
+    model, shape = _TrivialEps(), (1, 4, 8, 8)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    cond, uncond = torch.ones(1), torch.zeros(1)
+    rows = []
+    for name, eta, guided in SAMPLER_CASES:
+        scale, un = (3.0, uncond) if guided else (1.0, None)
+        fused = DDIMSampler(model, STEPS, "uniform", eta, seed=5)
+        ref = ReferenceDDIMSampler(model, STEPS, "uniform", eta)
+        fns = {"fused": lambda s=fused: s.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un),
+               "reference": lambda s=ref: s.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un)}
+        times = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                start = time.thread_time()
+                fn()
+                times[k].append((time.thread_time() - start) / STEPS)
+        f, r = statistics.median(times["fused"]), statistics.median(times["reference"])
+        rows.append({"kind": "sampler-step", "case": name, "shape": list(shape), "fused_us": f * 1e6,
+                     "reference_us": r * 1e6, "ratio": f / r, "target": SAMPLER_TARGET})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        label = (f"scheduler.step {'x'.join(map(str, row['shape']))} eta {row['eta']:g}" if row["kind"] == "scheduler-step"
+                 else f"sampler/step {row['case']} {'x'.join(map(str, row['shape']))}")
+        base = row.get("stock_us", row.get("reference_us"))
+        verdict = "meets" if row["ratio"] <= row["target"] else "MISSES"
+        lines.append(f"{label:40s} fused {row['fused_us']:8.1f} us  baseline {base:8.1f} us  "
+                     f"ratio {row['ratio']:.2f} ({verdict} <= {row['target']})")
+    return "\n".join(lines)
+
+
+def _write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20, help="A/B rounds per case (default 20)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="write host.json and host.txt here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = sampler_rows(args.rounds) + scheduler_rows(max(1, args.rounds // 4))
+    text = format_rows(rows)
+    print(text)
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        _write(args.out_dir / "host.json", json.dumps(rows, indent=2) + "\n")
+        _write(args.out_dir / "host.txt", text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

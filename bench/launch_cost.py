@@ -1,0 +1,86 @@
+"""Python-side cost per step of the kernel launchers, with the kernel launch itself stubbed out.
+
+Compares `launch_ddim_step` (everything decided per launch) with a step bound by
+`bind_ddim_step` (see kernels/bound_step.py), both ordinary-launch and direct-runner
+dispatch. The Triton kernel object is replaced by a stand-in whose launch does nothing,
+so this measures only the launchers' own Python work: not Triton's binder, not the
+driver, not the GPU. Runs on a CPU (thread CPU time, best of 5 rounds).
+
+    python -m bench.launch_cost [--launches N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # import the kernels without a GPU
+
+import torch  # noqa: E402
+
+from ddim_fused.backend import kernels  # noqa: E402
+from ddim_fused.step_args import StepArgs  # noqa: E402
+
+SHAPE = (4, 4, 64, 64)
+
+
+class _StubCompiled:
+    """Stands in for a CompiledKernel: its runner does nothing."""
+
+    function = None
+
+    def __getitem__(self, grid):
+        return lambda *args: None
+
+
+class _StubKernel:
+    """Stands in for the JIT kernel: an ordinary launch does nothing and returns `compiled`."""
+
+    def __init__(self, arg_names, compiled):
+        self.arg_names, self._compiled = arg_names, compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._compiled
+
+
+def _per_call_us(fn, n: int) -> float:
+    best = float("inf")
+    for _ in range(5):
+        start = time.thread_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.thread_time() - start) / n)
+    return best * 1e6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.launch_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--launches", type=int, default=20000, help="launches per round (default 20000)")
+    args = parser.parse_args(argv)
+    ks = kernels()
+    step_mod, bound_mod = ks.ddim_step, ks.bound_step
+    x, eps = torch.randn(SHAPE), torch.randn(SHAPE)
+    out = torch.empty_like(x)
+    step = StepArgs(1.1, -0.3, noise_coef=0.2, seed=5, step_key=7, x0_coefs=(1.0, 2.0))
+    meta = torch.empty(SHAPE, device="meta")
+    rows = {}
+    step_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, None)
+    bound_mod._ddim_step_kernel = step_mod._ddim_step_kernel
+    rows["launch_ddim_step"] = _per_call_us(lambda: step_mod.launch_ddim_step(x, eps, out, step), args.launches)
+    bound_mod.DIRECT_LAUNCH = False
+    run = bound_mod.bind_ddim_step(meta).step(step)
+    rows["bound step, ordinary launch"] = _per_call_us(lambda: run(x, eps, out), args.launches)
+    bound_mod.DIRECT_LAUNCH = True
+    bound_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, _StubCompiled())
+    run = bound_mod.bind_ddim_step(meta).step(step)
+    rows["bound step, direct runner"] = _per_call_us(lambda: run(x, eps, out), args.launches)
+    rows["binding a call and one step"] = _per_call_us(lambda: bound_mod.bind_ddim_step(meta).step(step),
+                                                       args.launches // 10)
+    for name, us in rows.items():
+        print(f"{name:32s} {us:8.2f} us (Python only, kernel launch stubbed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The lean per-step paths: bound steps compute what the unbound step functions compute.
+
+- torch path: `torch_step_runner` against `torch_ddim_step`, bit for bit, in every mode
+  it binds (and the ones it hands back to torch_ddim_step);
+- kernel path: `bind_ddim_step` against `launch_ddim_step`, bit for bit, through the
+  interpreter (the direct-runner dispatch is checked with a stand-in compiled kernel);
+- the sampler's ping-pong buffers never alias what it returns.
+"""
+import itertools
+
+import pytest
+import torch
+
+from ddim_fused import DDIMSampler
+from ddim_fused.backend import kernels
+from ddim_fused.masks import mask_layout
+from ddim_fused.step_args import StepArgs
+from ddim_fused.torch_step import torch_ddim_step, torch_step_runner
+
+SHAPE = (2, 3, 5, 7)
+COEFS = dict(x_coef=1.37, eps_coef=-0.41, x0_coefs=(2.1, -1.3))
+
+
+def randn(shape, dtype=torch.float32, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def step_variants(dtype):
+    """StepArgs of every mode a plan builds: guidance, noise given / drawn / none, paint."""
+    noise = randn(SHAPE, dtype, 5)
+    one_noise = randn((1,) + SHAPE[1:], dtype, 6)
+    mask = (randn((SHAPE[0], 1) + SHAPE[2:], seed=7) > 0).to(dtype)
+    orig = randn(SHAPE, dtype, 8)
+    for guidance, noise_case, paint in itertools.product((None, 3.5), ("none", "tensor", "one", "keyed"),
+                                                         (False, True)):
+        fields = dict(COEFS, guidance=guidance, step_key=3, seed=11, sample_offset=4)
+        if noise_case != "none":
+            fields["noise_coef"] = 0.23
+        if noise_case in ("tensor", "one"):
+            fields["noise"] = noise if noise_case == "tensor" else one_noise
+        if paint:
+            fields.update(mask=mask_layout(mask, SHAPE), orig=orig, orig_coef=0.8, orig_noise_coef=0.6)
+        yield f"g{guidance}-{noise_case}-{'paint' if paint else 'plain'}", StepArgs(**fields)
+
+
+def inputs(dtype, guided):
+    x = randn(SHAPE, dtype, 1)
+    model_out = randn(((2 if guided else 1) * SHAPE[0],) + SHAPE[1:], dtype, 2)
+    return x, model_out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("want_x0", [False, True], ids=["no-x0", "x0"])
+def test_torch_runner_is_bit_identical(dtype, want_x0):
+    for name, step in step_variants(dtype):
+        x, model_out = inputs(dtype, step.guidance is not None)
+        x_before, model_before = x.clone(), model_out.clone()
+        expected, expected_x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
+        torch_ddim_step(x, model_out, expected, step, expected_x0)
+        got, got_x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
+        returned = torch_step_runner(step, dtype)(x, model_out, got, got_x0)
+        assert returned is got, name
+        assert torch.equal(got, expected), name
+        if want_x0:
+            assert torch.equal(got_x0, expected_x0), name
+        assert torch.equal(x, x_before) and torch.equal(model_out, model_before), name
+
+
+def test_torch_runner_falls_back_for_another_model_dtype():
+    step = StepArgs(**COEFS)
+    x, model_out = inputs(torch.float32, False)
+    expected = torch_ddim_step(x, model_out.double(), torch.empty_like(x), step)
+    got = torch_step_runner(step, torch.float32)(x, model_out.double(), torch.empty_like(x))
+    assert torch.equal(got, expected)
+
+
+def run_bound(dtype, step, x, model_out, want_x0):
+    call = kernels().bind_ddim_step(torch.empty(SHAPE, dtype=dtype, device="meta"))
+    run = call.step(step)
+    out, x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
+    assert run(x, model_out, out, x0) is out
+    return out, x0
+
+
+@pytest.mark.parametrize("want_x0", [False, True], ids=["no-x0", "x0"])
+def test_bound_kernel_step_is_bit_identical(want_x0):
+    for name, step in step_variants(torch.float32):
+        x, model_out = inputs(torch.float32, step.guidance is not None)
+        expected, expected_x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
+        kernels().launch_ddim_step(x, model_out, expected, step, expected_x0)
+        got, got_x0 = run_bound(torch.float32, step, x, model_out, want_x0)
+        assert torch.equal(got, expected), name
+        if want_x0:
+            assert torch.equal(got_x0, expected_x0), name
+
+
+def test_bound_steps_of_one_call_share_layout_but_not_coefficients():
+    call = kernels().bind_ddim_step(torch.empty(SHAPE, device="meta"))
+    x, model_out = inputs(torch.float32, False)
+    first = StepArgs(**COEFS, noise_coef=0.2, seed=3, step_key=5)
+    second = StepArgs(x_coef=0.5, eps_coef=0.25, x0_coefs=(1.0, 2.0), noise_coef=0.1, seed=3, step_key=4)
+    runs = [call.step(s) for s in (first, second)]
+    for step, run in zip((first, second), runs):
+        expected = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
+        assert torch.equal(run(x, model_out, torch.empty_like(x)), expected)
+
+
+def test_bound_steps_read_their_own_noise_tensors():
+    call = kernels().bind_ddim_step(torch.empty(SHAPE, device="meta"))
+    x, model_out = inputs(torch.float32, False)
+    steps = [StepArgs(**COEFS, noise_coef=0.3, noise=randn(SHAPE, seed=20 + k), step_key=k) for k in range(2)]
+    runs = [call.step(s) for s in steps]
+    for step, run in zip(steps, runs):
+        expected = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
+        assert torch.equal(run(x, model_out, torch.empty_like(x)), expected)
+
+
+class _StandInCompiled:
+    """Plays a Triton CompiledKernel: records the arguments its runner is launched with."""
+
+    function = object()
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launches.append((grid, args))
+
+
+def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
+    """After the first ordinary launch, launches go to the compiled kernel's runner with the same arguments."""
+    bound_step = kernels().bound_step
+    ordinary, direct = [], []
+
+    class StandInKernel:
+        arg_names = bound_step._ARG_NAMES
+
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                ordinary.append((grid, args, options))
+                return _StandInCompiled(direct)
+            return launch
+
+    monkeypatch.setattr(bound_step, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(bound_step, "_ddim_step_kernel", StandInKernel())
+    x, model_out = inputs(torch.float32, False)
+    run = bound_step.bind_ddim_step(torch.empty(SHAPE, device="meta")).step(StepArgs(**COEFS))
+    out = torch.empty_like(x)
+    for _ in range(3):
+        run(x, model_out, out)
+    assert len(ordinary) == 1 and len(direct) == 2
+    assert all(args == ordinary[0][1] and grid == ordinary[0][0] for grid, args in direct)
+    assert ordinary[0][1][bound_step._X] is x and ordinary[0][1][bound_step._OUT] is out
+    # A misaligned view is a different specialisation: one more ordinary launch.
+    storage = torch.empty(x.numel() + 1)
+    shifted = storage[1:].view(SHAPE)
+    run(x, model_out, shifted)
+    assert len(ordinary) == 2 and len(direct) == 2
+
+
+class _Recorder:
+    """eps-model returning a tensor of its own; remembers every x it was called with."""
+
+    alpha_bar = torch.linspace(0.999, 0.01, 50, dtype=torch.float64)
+
+    def __init__(self):
+        self.inputs = []
+
+    def __call__(self, x, t, cond):
+        self.inputs.append(x)
+        return 0.1 * x + 0.01 * t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+@pytest.mark.parametrize("n_steps", [1, 2, 5])
+def test_ping_pong_buffers_never_alias_the_result(n_steps):
+    model = _Recorder()
+    sampler = DDIMSampler(model, n_steps, ddim_eta=0.5, backend="torch")
+    x_last = randn(SHAPE, seed=3)
+    before = x_last.clone()
+    first = sampler.sample(SHAPE, None, x_last=x_last, seed=1)
+    kept = first.clone()
+    second = sampler.sample(SHAPE, None, x_last=x_last, seed=2)
+    assert torch.equal(x_last, before)
+    assert torch.equal(first, kept), "a later call wrote into an earlier result"
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() != x_last.untyped_storage().data_ptr()
+    # The model's inputs after the first are the loop's buffers; the result is not the
+    # one the last step read (which the caller never gets).
+    if n_steps > 1:
+        assert second.untyped_storage().data_ptr() != model.inputs[-1].untyped_storage().data_ptr()
+
+
+def test_model_returning_an_earlier_input_gets_a_fresh_output():
+    """A model handing back the buffer the step is about to write must not alias x_prev with eps."""
+
+    class EchoesEarlierInput(_Recorder):
+        def __call__(self, x, t, cond):
+            self.inputs.append(x)
+            return self.inputs[-2] if len(self.inputs) > 1 else x.clone()
+
+    x_last = randn(SHAPE, seed=3)
+    results = []
+    for callback in (None, lambda info: None):
+        model = EchoesEarlierInput()
+        sampler = DDIMSampler(model, 6, backend="torch")
+        results.append(sampler.sample(SHAPE, None, x_last=x_last, callback=callback))
+    assert torch.equal(results[0], results[1])

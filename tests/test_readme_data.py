@@ -1,0 +1,96 @@
+"""The README's numbers against the committed data they come from.
+
+Tables live in data blocks (`<!-- data: KIND PATH -->`) that `python -m bench.readme`
+renders from their JSON files; these tests fail when a table and its data disagree, and
+check the README's prose statements about the tables against the same data.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.readme import BLOCK, README, regenerate
+from ddim_fused.digits.classifier import load_digits_classifier
+from ddim_fused.digits.pretrained import load_digits_model
+from ddim_fused.digits.train import DEFAULTS
+from ddim_fused.coefficients import SIGMA_HAT
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = README.read_text(encoding="utf-8")
+PROSE = re.sub(r"\s+", " ", TEXT)  # line breaks and indentation folded, for phrase lookups
+
+
+def _data(kind):
+    paths = [m.group(2) for m in BLOCK.finditer(TEXT) if m.group(1) == kind]
+    assert len(paths) == 1, f"expected one {kind} block in README.md, found {len(paths)}"
+    return json.loads((ROOT / paths[0]).read_text(encoding="utf-8"))
+
+
+def test_every_data_block_is_rendered_from_its_file():
+    kinds = [m.group(1) for m in BLOCK.finditer(TEXT)]
+    assert sorted(kinds) == ["adherence", "bench", "quality"], kinds
+    _, changed = regenerate(TEXT)
+    assert not changed, f"README blocks differ from their data: {changed}; run python -m bench.readme"
+
+
+def test_the_performance_block_comes_from_a_run_that_passed_its_parity_gate():
+    result = _data("bench")
+    assert result["parity"]["ok"], result["parity"]["summary"]
+    baselines = {r["provider"] for r in result["steps"]}
+    assert {"minimal", "compile", "labml"} <= baselines, baselines
+
+
+def test_quality_statements_hold_on_the_data():
+    data = _data("quality")
+    fd = {(c["eta"], c["steps"]): c["frechet"] for c in data["cells"]}
+    floor = data["floor"]
+    etas = {eta for eta, _ in fd}
+    # "at 50 steps deterministic DDIM is closer to the data than 50 eta = 1 steps and about as
+    # close as 100 of them"
+    assert fd[0.0, 50] < fd[1.0, 50]
+    assert 0.8 <= fd[0.0, 50] / fd[1.0, 100] <= 1.25
+    # "eta = 0 is the best of all etas at every S up to 50"
+    for s in (10, 20, 50):
+        assert fd[0.0, s] == min(fd[eta, s] for eta in etas), f"S={s}"
+    # "1000 eta = 1 steps reach the noise floor; 50 DDIM steps stay several times above it;
+    # about 100 DDIM steps come within 2.5x of it"
+    assert fd[1.0, 1000] <= 1.2 * floor
+    assert fd[0.0, 50] >= 3 * floor
+    assert fd[0.0, 100] <= 2.5 * floor
+    # "Sigma-hat is the worst of all at 10 steps"
+    assert fd[SIGMA_HAT, 10] == max(fd[eta, 10] for eta in etas)
+    assert f"between {data['n']:,} DDIM samples and {data['n']:,} exact samples" in PROSE
+
+
+def test_adherence_statements_hold_on_the_data():
+    data = _data("adherence")
+    acc = {row["scale"]: row["accuracy"] for row in data["rows"]}
+    assert f"{data['num']} digits ({data['num'] // 10} per class), {data['steps']} DDIM steps, " \
+           f"eta {data['eta']:g}, seed {data['seed']}" in PROSE
+    # "Without guidance the conditional model is already class-faithful, guidance keeps it so,
+    # and with no class the samples fall to chance"
+    assert acc[1.0] >= 0.95
+    assert all(a >= 0.95 for s, a in acc.items() if s > 1)
+    assert acc[0.0] <= 0.2
+    assert f"reads {data['classifier_test_accuracy']:.1%} of the other 20%" in PROSE
+
+
+def test_digits_model_figures():
+    model = load_digits_model()
+    n_params = sum(p.numel() for p in model.net.parameters())
+    assert f"{round(n_params / 1000)}k parameters" in PROSE
+    weights = ROOT / "ddim_fused" / "digits" / "weights" / "digits_unet.pt"
+    assert f"in a {weights.stat().st_size / 1e6:.1f} MB float16 file" in PROSE
+    assert f"{DEFAULTS['epochs']} epochs of batch {DEFAULTS['batch_size']}" in PROSE
+    assert f"{DEFAULTS['label_dropout']:.0%} of training labels" in PROSE
+    clf = load_digits_classifier()
+    assert f"reads {clf.test_accuracy:.1%} of the other 20%" in PROSE
+
+
+@pytest.mark.parametrize("pattern", [r"\d+(\.\d+)? samples/s", r"\d+(\.\d+)? ms per step", r"about \d+ minutes"])
+def test_no_unbacked_timing_claims_in_prose(pattern):
+    # Timings in prose cannot be checked; the only timings are the generated tables'.
+    outside = BLOCK.sub("", TEXT)
+    found = re.search(pattern, outside)
+    assert found is None, f"README states {found.group(0)!r} outside a data block"
