@@ -4,6 +4,7 @@ from .interpolation import slerp
 from .metrics import frechet_distance
 from .ops import ddim_step
 from .oracle import GaussianMixture
+from .plan import initial_noise
 from .reference import ReferenceDDIMSampler
 from .sampler import DDIMSampler
 from .schedules import (
@@ -27,6 +28,7 @@ __all__ = [
     "ddim_step",
     "ddim_timesteps",
     "frechet_distance",
+    "initial_noise",
     "make_alpha_bar",
     "make_betas",
     "rescale_zero_terminal_snr",

@@ -1,10 +1,11 @@
-"""`ddim-fused` command line: sample, paint, interpolate and invert with the embedded digits model.
+"""`ddim-fused` command line: sample, paint, interpolate and invert with the digits model or any --model.
 
-Every command runs the public DDIMSampler API on the shipped 8x8 digits model and
-writes an upscaled PNG; `generate` writes sharded bulk runs. Every argument is checked
-before any work starts. Bad arguments print one line `ddim-fused: error: ...` and exit 2;
-runtime failures (a full disk, NaN/Inf output) exit 1; Ctrl-C exits 130 and leaves no
-partial file. No traceback is printed unless --debug is given.
+Every command runs the public DDIMSampler API, on the shipped 8x8 digits model unless
+--model names a diffusers folder or a package.module:callable, and writes an upscaled PNG;
+`generate` writes sharded bulk runs. Every argument is checked before any work starts.
+Bad arguments print one line `ddim-fused: error: ...` and exit 2; runtime failures (a
+full disk, NaN/Inf output) exit 1; Ctrl-C exits 130 and leaves no partial file. No
+traceback is printed unless --debug is given.
 
 The benchmark suite is not a subcommand: it runs from a source checkout as `python -m bench`.
 """
@@ -24,6 +25,8 @@ from tqdm import tqdm
 
 from .atomic import TEMP_SUFFIX, OutputPathError
 from .cli_errors import UserError, one_line, one_line_warnings, report
+from .cli_model import classes_from, conditioning, load_cli_model
+from .models import DIGITS
 from .cli_options import (
     add_sampler_options,
     build_sampler,
@@ -32,12 +35,10 @@ from .cli_options import (
     check_runtime,
     check_t_start,
     check_threads,
-    load_model,
     nonfinite_hint,
-    parse_classes,
 )
 from .digits import load_digits_classifier
-from .digits.images import save_grid
+from .digits.images import default_scale, is_image_batch, save_grid
 from .digits.train import add_arguments as add_train_arguments
 from .digits.train import train_digits
 from .finite import check_finite
@@ -67,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddim-fused", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("sample", help="generate a grid of digits (PNG)",
-                       description="Generate digits with DDIM and write them as an upscaled PNG grid.")
+    p = sub.add_parser("sample", help="generate a grid of digits or --model samples (PNG)",
+                       description="Generate digits (or samples of --model) with DDIM and write them as an upscaled "
+                                   "PNG grid.")
     add_sampler_options(p, num=100)
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
-                   help="class(es) to generate, e.g. --class 3 or --class 1 4 7 (cycled over the digits; "
-                        "default: 0..9 cycling, one class per column)")
+                   help="class(es) to generate, e.g. --class 3 or --class 1 4 7 (cycled over the samples; "
+                        "default: all of a class-conditional model's classes cycling, 0..9 for digits, one class "
+                        "per column)")
     p.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
 
     p = sub.add_parser("paint", help="regenerate a masked region of digits (before/mask/after PNG)",
@@ -81,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_options(p, eta=False)
     _add_input_option(p)
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
-                   help="class(es) of the generated digits (default 0..9 cycling); not with --input")
+                   help="class(es) of the generated digits (default 0..9 cycling); not with --input for the "
+                        "digits model; for another --model, the classes of its --input samples")
     p.add_argument("--paint-class", dest="paint_classes", nargs="+", default=None, metavar="C",
                    help="class(es) the region is regenerated as (default: the digits' own class, or the "
                         "classifier's reading of --input digits)")
@@ -111,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_options(p, guidance=1.0, eta=False)
     _add_input_option(p)
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
-                   help="class(es) of the generated digits (default 0..9 cycling); not with --input, whose "
-                        "digits use the classifier's reading")
+                   help="class(es) of the generated digits (default 0..9 cycling); not with --input for the "
+                        "digits model, whose digits use the classifier's reading")
     p.add_argument("--invert-steps", type=int, nargs="+", default=[10, 20, 50, 100], metavar="S",
                    help="step counts to invert and reconstruct with (default 10 20 50 100)")
     p.add_argument("--out", default="invert.png",
@@ -134,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_input_option(p: argparse.ArgumentParser) -> None:
     """paint's and invert's --input; it replaces --num, which defaults to None to tell when it is given."""
     p.add_argument("--input", default=None, metavar="NPY",
-                   help=".npy of shape (N, 8, 8) or (N, 1, 8, 8) in [-1, 1] (default: generate --num digits)")
+                   help=".npy of shape (N, 8, 8) or (N, 1, 8, 8) in [-1, 1], (N, *shape) for another --model "
+                        "(default: generate --num samples)")
     p.set_defaults(num=None)
 
 
@@ -160,11 +165,14 @@ def _check_grid(n_digits: int, what: str) -> None:
 
 
 def _check_input_or_num(args) -> None:
-    """paint/invert: --input replaces --num and the generated digits' --class; else --num defaults to 10."""
+    """paint/invert: --input replaces --num (and the digits model's --class); else --num defaults to 10."""
     if args.input is None:
         args.num = DEFAULT_NUM if args.num is None else args.num
         return
-    for given, flag in ((args.num is not None, "--num"), (args.classes is not None, "--class")):
+    # Another --model's --input samples take their classes from --class; the digits model's
+    # from the classifier's reading, so there --class could only contradict it.
+    classes_given = args.classes is not None and args.model == DIGITS
+    for given, flag in ((args.num is not None, "--num"), (classes_given, "--class")):
         if given:
             raise UserError(f"{flag} sets the digits to generate, so it cannot go with --input, whose digits "
                             "are used instead")
@@ -198,8 +206,15 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
-def _load_npy(path: str, device, dtype) -> torch.Tensor:
-    """--input digits: an .npy of shape (N, 8, 8) or (N, 1, 8, 8) in [-1, 1], as (N, 1, 8, 8)."""
+def _load_npy(path: str, shape: tuple, device, dtype, what: str = "samples") -> torch.Tensor:
+    """--input samples: an .npy of shape (N, *shape) in [-1, 1] ((N, H, W) too for one channel).
+
+    what: how messages name the samples ("digits" for the digits model).
+    """
+    one_channel = len(shape) == 3 and shape[0] == 1
+    want = f"(N, {', '.join(map(str, shape))})"
+    if one_channel:
+        want = f"(N, {shape[1]}, {shape[2]}) or {want}"
     try:
         array = np.load(path, allow_pickle=False)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
@@ -209,15 +224,14 @@ def _load_npy(path: str, device, dtype) -> torch.Tensor:
         raise UserError(f"--input {path!r} is not a .npy file ({type(exc).__name__}: {detail})") from None
     if not isinstance(array, np.ndarray):  # np.load opens an .npz archive as an NpzFile
         array.close()
-        raise UserError(f"--input {path!r} is an .npz archive; expected a .npy file of shape (N, 8, 8) or "
-                        "(N, 1, 8, 8)")
-    shape = array.shape
-    if array.ndim == 3:
+        raise UserError(f"--input {path!r} is an .npz archive; expected a .npy file of shape {want}")
+    given = array.shape
+    if one_channel and array.ndim == 3:
         array = array[:, None]
-    if array.ndim != 4 or array.shape[1:] != (1, 8, 8):
-        raise UserError(f"--input {path!r} has shape {shape}, expected (N, 8, 8) or (N, 1, 8, 8)")
+    if array.ndim != 1 + len(shape) or array.shape[1:] != tuple(shape):
+        raise UserError(f"--input {path!r} has shape {given}, expected {want}")
     if array.shape[0] == 0:
-        raise UserError(f"--input {path!r} holds no digits (shape {shape})")
+        raise UserError(f"--input {path!r} holds no {what} (shape {given})")
     if array.dtype.kind not in "iuf":
         raise UserError(f"--input {path!r} holds {array.dtype} values, expected real numbers (float or int)")
     if not np.all(np.isfinite(array)):
@@ -229,44 +243,55 @@ def _load_npy(path: str, device, dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- helpers
 class _Run:
-    """The loaded model, a progress bar and batched sampling shared by the commands."""
+    """The loaded --model, a progress bar, batched sampling and PNG output shared by the commands."""
 
     def __init__(self, args, device, dtype):
         self.args, self.device, self.dtype = args, device, dtype
-        self.model = load_model(args.weights, device, dtype)
+        self.model = load_cli_model(args, device, dtype)
+        self.shape = self.model.sample_shape
+        if not is_image_batch((1,) + tuple(self.shape)):
+            raise UserError(f"{args.command} writes a PNG grid, which needs grey or RGB images (1 or 3, H, W); the "
+                            f"model makes samples of shape {self.shape}: use ddim-fused generate")
+        self.what = "digits" if self.model.is_digits else "samples"
 
     def progress(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="step", leave=False, disable=self.args.no_progress,
                     file=sys.stderr)
 
-    def guidance_args(self, n: int) -> dict:
-        """sample/paint/invert keyword arguments of --guidance for a batch of n."""
-        if self.args.guidance == 1.0:
-            return {}
-        return {"uncond_scale": self.args.guidance, "uncond_cond": self.model.null_cond(n)}
+    def inputs(self, classes, num: int):
+        """The Conditioning of num samples of these classes (with --cond/--uncond/--guidance)."""
+        return conditioning(self.model, self.args, classes, num)
 
-    def generate(self, sampler, labels, n: int, desc: str, x_last=None) -> torch.Tensor:
-        """n digits (N, 1, 8, 8) of the given labels (None: unconditional), batched, Philox-seeded.
+    def generate(self, sampler, inputs, n: int, desc: str, x_last=None, indices=None) -> torch.Tensor:
+        """n samples (n, *shape), batched, Philox-seeded by global index.
 
-        x_last: (n, 1, 8, 8) starting latents, or None for the seed's noise.
+        inputs: the Conditioning; indices: (n,) its index of each sample (default 0..n-1).
+        x_last: (n, *shape) starting latents, or None for the seed's noise.
         """
         bs = self.args.batch_size
+        indices = np.arange(n) if indices is None else np.asarray(indices)
         bar = self.progress(len(sampler.time_steps) * -(-n // bs), desc)
         out = []
         for start in range(0, n, bs):
             b = min(bs, n - start)
-            if labels is None:
-                cond, extra = self.model.null_cond(b), {}
-            else:
-                cond, extra = self.model.cond(labels[start:start + b]), self.guidance_args(b)
-            x = sampler.sample((b, 1, 8, 8), cond, seed=self.args.seed, sample_offset=start,
+            cond, extra = inputs.inputs(indices[start:start + b])
+            x = sampler.sample((b,) + tuple(self.shape), cond, seed=self.args.seed, sample_offset=start,
                                device=self.device, dtype=self.dtype,
                                x_last=None if x_last is None else x_last[start:start + b],
                                callback=lambda _: bar.update(1), **extra)
-            check_finite(x, f"{desc}: digits", first_index=start, hint=nonfinite_hint(self.args))
+            check_finite(x, f"{desc}: {self.what}", first_index=start, hint=nonfinite_hint(self.args))
             out.append(x)
         bar.close()
         return torch.cat(out)
+
+    def save(self, x: torch.Tensor, ncols: int) -> tuple[int, int]:
+        return save_grid(x, self.args.out, ncols, scale=default_scale(*self.shape[-2:]))
+
+    def classifier_line(self, x: torch.Tensor, labels, what: str) -> None:
+        """For the digits model: print how many of x the shipped classifier reads as labels."""
+        if self.model.is_digits and labels is not None:
+            agree = int((_classify(x) == torch.as_tensor(labels)).sum())
+            print(f"classifier reads the requested class in {agree}/{len(labels)} {what}")
 
 
 def _cycle(classes, n):
@@ -277,36 +302,42 @@ def _classify(x: torch.Tensor) -> torch.Tensor:
     return load_digits_classifier().predict(x.float().cpu())
 
 
+def _class_text(args, classes) -> str:
+    if classes is None:
+        return "unconditional" if args.cond is None else f"cond {Path(args.cond).name}"
+    return "class " + ("0..9 cycling" if args.classes is None and len(classes) == 10 else ",".join(map(str, classes)))
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_sample(args) -> None:
     env = _check_common(args)
-    classes = parse_classes(args.classes) if args.classes is not None else list(range(10))
     run = _Run(args, **env)
+    classes = classes_from(args.classes, run.model)
+    inputs = run.inputs(classes, args.num)
     sampler = build_sampler(run.model, args)
-    labels = _cycle(classes, args.num)
     start = time.perf_counter()
-    x = run.generate(sampler, labels, args.num, "sample")
+    x = run.generate(sampler, inputs, args.num, "sample")
     seconds = time.perf_counter() - start
-    ncols = min(args.num, len(classes) if len(classes) > 1 else max(1, int(np.ceil(np.sqrt(args.num)))))
-    size = save_grid(x, args.out, ncols)
+    ncols = min(args.num, len(classes) if classes and len(classes) > 1 else max(1, int(np.ceil(np.sqrt(args.num)))))
+    size = run.save(x, ncols)
     n_steps = len(sampler.time_steps)
-    agree = int((_classify(x) == torch.tensor(labels)).sum())
-    class_text = "0..9 cycling" if args.classes is None else ",".join(map(str, classes))
-    print(f"sampled {args.num} digits (class {class_text}) with {n_steps} DDIM steps ({args.discretize}), "
-          f"eta {args.eta}, guidance {args.guidance}, seed {args.seed}, {run.device} {args.dtype}, "
-          f"backend {args.backend}")
+    print(f"sampled {args.num} {run.what} ({_class_text(args, classes)}) with {n_steps} DDIM steps "
+          f"({args.discretize or run.model.discretize}), eta {args.eta}, guidance {inputs.guidance:g}, "
+          f"seed {args.seed}, "
+          f"{run.device} {args.dtype}, backend {args.backend}")
     print(f"time: {seconds:.2f} s, {1000 * seconds / n_steps:.1f} ms per step "
-          f"(all {args.num} digits, batch size {args.batch_size})")
-    print(f"classifier reads the requested class in {agree}/{args.num} digits")
+          f"(all {args.num} {run.what}, batch size {args.batch_size})")
+    run.classifier_line(x, None if classes is None else _cycle(classes, args.num), run.what)
     print(f"wrote {args.out} ({size[0]}x{size[1]})")
 
 
-def _region_mask(region: str, n: int, device, dtype) -> torch.Tensor:
-    """(n, 1, 8, 8) mask: 1 keeps the original, 0 marks the half to regenerate."""
-    mask = torch.ones(n, 1, 8, 8, device=device, dtype=dtype)
-    half = {"top": (slice(None), slice(0, 4), slice(None)), "bottom": (slice(None), slice(4, 8), slice(None)),
-            "left": (slice(None), slice(None), slice(0, 4)), "right": (slice(None), slice(None), slice(4, 8))}[region]
-    mask[(slice(None),) + half] = 0
+def _region_mask(region: str, shape, device, dtype) -> torch.Tensor:
+    """(n, 1, H, W) mask for samples of shape (n, C, H, W): 1 keeps the original, 0 marks the half to regenerate."""
+    n, _, h, w = shape
+    mask = torch.ones(n, 1, h, w, device=device, dtype=dtype)
+    half = {"top": (slice(0, h // 2), slice(None)), "bottom": (slice(h // 2, h), slice(None)),
+            "left": (slice(None), slice(0, w // 2)), "right": (slice(None), slice(w // 2, w))}[region]
+    mask[(slice(None), slice(None)) + half] = 0
     return mask
 
 
@@ -314,39 +345,42 @@ def cmd_paint(args) -> None:
     _check_input_or_num(args)
     env = _check_common(args)
     if args.input is None:
-        _check_grid(3 * args.num, "3 rows (before, mask, after) of --num digits")
-    paint_classes = parse_classes(args.paint_classes) if args.paint_classes is not None else None
-    classes = parse_classes(args.classes) if args.classes is not None else list(range(10))
+        _check_grid(3 * args.num, "3 rows (before, mask, after) of --num samples")
     run = _Run(args, **env)
+    classes = classes_from(args.classes, run.model)
+    paint_classes = (classes_from(args.paint_classes, run.model, flag="--paint-class")
+                     if args.paint_classes is not None else None)
     sampler = build_sampler(run.model, args, paint_blend=args.blend)
     t_start = len(sampler.time_steps) if args.t_start is None else check_t_start(sampler, args.t_start)
-    x0 = _load_npy(args.input, run.device, run.dtype) if args.input is not None else None
+    x0 = _load_npy(args.input, run.shape, run.device, run.dtype, run.what) if args.input is not None else None
     if x0 is not None:
-        _check_grid(3 * x0.shape[0], "3 rows (before, mask, after) of the --input digits")
+        _check_grid(3 * x0.shape[0], "3 rows (before, mask, after) of the --input samples")
     if x0 is None:
-        labels = _cycle(classes, args.num)
-        x0 = run.generate(sampler, labels, args.num, "generate")
-    else:
+        labels = None if classes is None else _cycle(classes, args.num)
+        x0 = run.generate(sampler, run.inputs(classes, args.num), args.num, "generate")
+    elif run.model.is_digits:
         labels = _classify(x0).tolist()
+    else:
+        labels = None if classes is None else _cycle(classes, len(x0))
     n = x0.shape[0]
     paint_labels = _cycle(paint_classes, n) if paint_classes is not None else labels
-    mask = _region_mask(args.region, n, run.device, run.dtype)
-    paint_seed = (args.seed + 1) % _SEED_LIMIT  # a stream apart from the one that drew the digits
+    cond, extra = run.inputs(paint_labels, n).inputs(np.arange(n))
+    mask = _region_mask(args.region, x0.shape, run.device, run.dtype)
+    paint_seed = (args.seed + 1) % _SEED_LIMIT  # a stream apart from the one that drew the samples
     start = time.perf_counter()
     bar = run.progress(t_start, "paint")
     x = sampler.q_sample(x0, t_start - 1, seed=paint_seed)
-    after = sampler.paint(x, run.model.cond(paint_labels), t_start, orig=x0, mask=mask, seed=paint_seed,
-                          callback=lambda _: bar.update(1), **run.guidance_args(n))
+    after = sampler.paint(x, cond, t_start, orig=x0, mask=mask, seed=paint_seed,
+                          callback=lambda _: bar.update(1), **extra)
     bar.close()
-    check_finite(after, "paint: painted digits", hint=nonfinite_hint(args))
+    check_finite(after, f"paint: painted {run.what}", hint=nonfinite_hint(args))
     seconds = time.perf_counter() - start
     shown = torch.where(mask > 0, x0, torch.zeros_like(x0))  # the region to redraw shows as mid-grey
-    size = save_grid(torch.cat([x0, shown, after]), args.out, n)
-    agree = int((_classify(after) == torch.tensor(paint_labels)).sum())
-    print(f"painted the {args.region} half of {n} digits: {t_start} of {len(sampler.time_steps)} DDIM steps, "
-          f"blend {args.blend}, guidance {args.guidance}, seed {args.seed}; {seconds:.2f} s, "
+    size = run.save(torch.cat([x0, shown, after]), n)
+    print(f"painted the {args.region} half of {n} {run.what}: {t_start} of {len(sampler.time_steps)} DDIM steps, "
+          f"blend {args.blend}, guidance {extra.get('uncond_scale', 1.0):g}, seed {args.seed}; {seconds:.2f} s, "
           f"{1000 * seconds / t_start:.1f} ms per step")
-    print(f"classifier reads the requested class in {agree}/{n} painted digits")
+    run.classifier_line(after, paint_labels, f"painted {run.what}")
     print(f"wrote {args.out} ({size[0]}x{size[1]}; rows: before, mask, after)")
 
 
@@ -359,21 +393,22 @@ def cmd_interpolate(args) -> None:
     if args.frames < 2:
         raise UserError(f"--frames must be >= 2, got {args.frames}")
     _check_grid(args.num * args.frames, "--num paths of --frames latents")
-    classes = parse_classes(args.classes) if args.classes is not None else None
     run = _Run(args, **env)
+    classes = classes_from(args.classes, run.model, unconditional=True)
+    inputs = run.inputs(classes, args.num)
     sampler = build_sampler(run.model, args)
     gen = torch.Generator().manual_seed(args.seed)
-    ends = torch.randn((args.num, 2, 1, 8, 8), generator=gen, dtype=torch.float64)
+    ends = torch.randn((args.num, 2) + tuple(run.shape), generator=gen, dtype=torch.float64)
     weights = torch.linspace(0, 1, args.frames, dtype=torch.float64)
     latents = torch.cat([slerp(pair[0], pair[1], weights) for pair in ends])
     latents = latents.to(device=run.device, dtype=run.dtype)
-    labels = None if classes is None else [c for c in _cycle(classes, args.num) for _ in range(args.frames)]
     start = time.perf_counter()
-    x = run.generate(sampler, labels, len(latents), "interpolate", x_last=latents)
+    # Every frame of path i is fed path i's inputs (class, cond row).
+    x = run.generate(sampler, inputs, len(latents), "interpolate", x_last=latents,
+                     indices=np.repeat(np.arange(args.num), args.frames))
     seconds = time.perf_counter() - start
-    size = save_grid(x, args.out, args.frames)
-    cond_text = "unconditional" if classes is None else f"class {','.join(map(str, classes))}"
-    print(f"decoded {args.num} slerp path(s) of {args.frames} latents ({cond_text}, eta 0, "
+    size = run.save(x, args.frames)
+    print(f"decoded {args.num} slerp path(s) of {args.frames} latents ({_class_text(args, classes)}, eta 0, "
           f"{len(sampler.time_steps)} steps) in {seconds:.2f} s")
     print(f"wrote {args.out} ({size[0]}x{size[1]})")
 
@@ -381,40 +416,42 @@ def cmd_interpolate(args) -> None:
 def cmd_invert(args) -> None:
     _check_input_or_num(args)
     env = _check_common(args)
-    rows_per_digit = 1 + len(args.invert_steps)  # the originals, then one reconstruction per step count
+    rows_per_sample = 1 + len(args.invert_steps)  # the originals, then one reconstruction per step count
     if args.input is None:
-        _check_grid(rows_per_digit * args.num, "--num digits in 1 + len(--invert-steps) rows")
-    classes = parse_classes(args.classes) if args.classes is not None else list(range(10))
+        _check_grid(rows_per_sample * args.num, "--num samples in 1 + len(--invert-steps) rows")
     run = _Run(args, **env)
-    digits_sampler = build_sampler(run.model, args)
+    classes = classes_from(args.classes, run.model)
+    sample_sampler = build_sampler(run.model, args)
     samplers = [build_sampler(run.model, args, s, steps_flag="--invert-steps") for s in args.invert_steps]
-    x0 = _load_npy(args.input, run.device, run.dtype) if args.input is not None else None
+    x0 = _load_npy(args.input, run.shape, run.device, run.dtype, run.what) if args.input is not None else None
     if x0 is not None:
-        _check_grid(rows_per_digit * x0.shape[0], "the --input digits in 1 + len(--invert-steps) rows")
+        _check_grid(rows_per_sample * x0.shape[0], "the --input samples in 1 + len(--invert-steps) rows")
     if x0 is None:
-        labels = _cycle(classes, args.num)
-        x0 = run.generate(digits_sampler, labels, args.num, "generate")
-    else:
+        labels = None if classes is None else _cycle(classes, args.num)
+        x0 = run.generate(sample_sampler, run.inputs(classes, args.num), args.num, "generate")
+    elif run.model.is_digits:
         labels = _classify(x0).tolist()
+    else:
+        labels = None if classes is None else _cycle(classes, len(x0))
     n = x0.shape[0]
-    cond = run.model.cond(labels)
+    cond, extra = run.inputs(labels, n).inputs(np.arange(n))
     rows = [x0]
-    print(f"DDIM inversion of {n} digits (guidance {args.guidance}), then reconstruction with sample(x_last=x_T):")
+    print(f"DDIM inversion of {n} {run.what} (guidance {extra.get('uncond_scale', 1.0):g}), then reconstruction "
+          "with sample(x_last=x_T):")
     print(f"{'steps':>6} {'RMS error':>10} {'max abs':>9} {'seconds':>8}")
     for s, sampler in zip(args.invert_steps, samplers):
         bar = run.progress(2 * len(sampler.time_steps), f"invert S={s}")
         start = time.perf_counter()
-        x_t = sampler.invert(x0, cond, callback=lambda _: bar.update(1), **run.guidance_args(n))
+        x_t = sampler.invert(x0, cond, callback=lambda _: bar.update(1), **extra)
         check_finite(x_t, f"invert S={s}: inverted latents", hint=nonfinite_hint(args))
-        recon = sampler.sample(tuple(x0.shape), cond, x_last=x_t, callback=lambda _: bar.update(1),
-                               **run.guidance_args(n))
+        recon = sampler.sample(tuple(x0.shape), cond, x_last=x_t, callback=lambda _: bar.update(1), **extra)
         bar.close()
         check_finite(recon, f"invert S={s}: reconstructions", hint=nonfinite_hint(args))
         err = (recon.double() - x0.double())
         rms, worst = err.pow(2).mean().sqrt().item(), err.abs().max().item()
         print(f"{s:>6} {rms:>10.4f} {worst:>9.4f} {time.perf_counter() - start:>8.2f}")
         rows.append(recon)
-    size = save_grid(torch.cat(rows), args.out, n)
+    size = run.save(torch.cat(rows), n)
     print(f"wrote {args.out} ({size[0]}x{size[1]}; rows: originals, then reconstructions for "
           f"{', '.join(map(str, args.invert_steps))} steps)")
 
@@ -458,7 +495,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with one_line_warnings():
         try:
-            COMMANDS[args.command](args)
+            # Sampling needs no autograd; training does.
+            with torch.inference_mode(args.command != "train-digits"):
+                COMMANDS[args.command](args)
         except SystemExit:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and a status

@@ -1,9 +1,9 @@
-"""What the ddim-fused subcommands share: options, checks, the model and sampler, PNG output.
+"""What the ddim-fused subcommands share: options, checks, the sampler, PNG output.
 
 `cli` (sample, paint, interpolate, invert, train-digits) and `generate_cli` (generate) both
-import this module and nothing from each other. Sampler arguments are checked by
-DDIMSampler itself; this module only renames the arguments in its messages to the flags
-the user typed (SAMPLER_FLAGS).
+import this module and nothing from each other; `cli_model` loads the --model they name.
+Sampler arguments are checked by DDIMSampler itself; this module only renames the
+arguments in its messages to the flags the user typed (SAMPLER_FLAGS).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import torch
 
 from .backend import interpreter_on
 from .cli_errors import UserError  # noqa: F401 - part of this module's API, used by every command
-from .digits import DigitsModel, load_digits_model
-from .digits.pretrained import MODEL_FILE
+from .coefficients import PREDICTION_TYPES
+from .models import DIGITS, LoadedModel
 from .sampler import DDIMSampler
 from .schedules import DISCRETIZATIONS
 from .validation import check_int
@@ -45,6 +45,8 @@ SAMPLER_FLAGS = {
     "paint_blend": "--blend",
     "uncond_scale": "--guidance",
     "t_start": "--t-start",
+    "prediction_type": "--prediction-type",
+    "clip_sample_range": "--clip-sample",
 }
 
 
@@ -79,31 +81,71 @@ def _guidance(text: str) -> float:
     return value
 
 
+def _clip_sample(text: str):
+    """--clip-sample as 'off' (no limit on pred_x0) or a positive range."""
+    if text == "off":
+        return text
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected 'off' or a range > 0, got {text!r}")
+    return value
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Add --model and what goes with it: scheduler config, shape, conditioning, schedule overrides."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DIGITS, metavar="SOURCE",
+                   help="what to sample: 'digits' (the embedded model, default); a local diffusers pipeline "
+                        "folder (model_index.json, unet/, scheduler/); a UNet2DModel/UNet2DConditionModel folder "
+                        "with --scheduler-config; or package.module:callable returning a sampler-protocol model")
+    g.add_argument("--scheduler-config", default=None, metavar="FILE",
+                   help="diffusers scheduler_config.json giving the schedule of a --model folder (overrides a "
+                        "pipeline's scheduler/)")
+    g.add_argument("--shape", type=int, nargs="+", default=None, metavar="N",
+                   help="shape of one sample, e.g. 3 32 32 (default: the model's in_channels and sample_size)")
+    g.add_argument("--cond", default=None, metavar="FILE",
+                   help="conditioning tensor for a UNet2DConditionModel (encoder hidden states), .pt/.npy/"
+                        ".safetensors: one row per sample (--num rows) or one for all")
+    g.add_argument("--uncond", default=None, metavar="FILE",
+                   help="unconditional tensor for classifier-free guidance with --cond (same row shape)")
+    g.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                   help="what the model predicts (default: the model's scheduler config; epsilon for digits)")
+    g.add_argument("--clip-sample", type=_clip_sample, default=None, metavar="RANGE|off",
+                   help="clip pred_x0 to [-RANGE, RANGE] in every step, or 'off' (default: the scheduler "
+                        "config's clip_sample / thresholding; off for digits)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model's network (pays off on a GPU)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="run the network in channels_last memory format (faster convolutions on GPUs)")
+
+
 def add_sampler_options(p: argparse.ArgumentParser, *, num: int = 10, guidance: float = 3.0,
                         eta: bool = True) -> None:
-    """Add the options every sampling subcommand takes (steps, eta, guidance, seed, device, ...).
+    """Add the options every sampling subcommand takes (model, steps, eta, guidance, seed, device, ...).
 
     Args:
         p: the subcommand's parser.
         num: default of --num.
-        guidance: default of --guidance.
+        guidance: default of --guidance for the digits model (other models: 1, no guidance).
         eta: whether the command takes --eta (commands that need eta 0 do not).
     """
+    add_model_options(p)
     p.add_argument("--steps", type=int, default=50,
                    help="number of DDIM steps S, at most the model's training steps T (1000 for the shipped "
                         "model) (default 50)")
     if eta:
         p.add_argument("--eta", type=_eta, default=0.0,
                        help="DDIM eta: 0 deterministic, 1 DDPM-like noise, or 'sigma_hat' (default 0)")
-    p.add_argument("--discretize", choices=DISCRETIZATIONS, default="uniform",
-                   help="how the S time steps are spread over the model's T training steps (default uniform)")
-    p.add_argument("--guidance", type=_guidance, default=guidance,
+    p.add_argument("--discretize", choices=DISCRETIZATIONS, default=None,
+                   help="how the S time steps are spread over the model's T training steps (default: uniform for "
+                        "digits and callables, the scheduler config's timestep_spacing for diffusers models)")
+    p.set_defaults(command_guidance=guidance)
+    p.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance scale: 1 = plain conditional model, >1 sharpens the "
-                        f"class, 0 = unconditional (default {guidance})")
+                        f"class, 0 = unconditional (default {guidance} for digits, 1 for other models)")
     p.add_argument("--seed", type=int, default=0, help="Philox noise seed: same seed, same digits (default 0)")
-    p.add_argument("--num", type=int, default=num, help=f"number of digits (default {num})")
+    p.add_argument("--num", type=int, default=num, help=f"number of samples (default {num})")
     p.add_argument("--batch-size", type=int, default=100,
-                   help="digits per model batch; results do not depend on it (default 100)")
+                   help="samples per model batch; results do not depend on it (default 100)")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="precision of the latent and the model (default float32)")
@@ -118,15 +160,18 @@ def add_sampler_options(p: argparse.ArgumentParser, *, num: int = 10, guidance: 
 
 
 # ---------------------------------------------------------------------------- checks
-def parse_classes(values) -> list[int]:
-    """--class values ('3', '3 5', '3,5') as a list of ints in [0, 10).
+def parse_classes(values, n_classes: int | None = 10, model: str = "the digits model") -> list[int]:
+    """--class values ('3', '3 5', '3,5') as a list of ints in [0, n_classes).
 
     Args:
         values: the strings argparse collected for the option.
+        n_classes: the model's number of classes (None: any class >= 0).
+        model: how messages name the model.
 
     Returns:
         the classes in order, at least one.
     """
+    known = "classes >= 0" if n_classes is None else f"classes 0 to {n_classes - 1}"
     out = []
     for value in values:
         for part in str(value).split(","):
@@ -134,11 +179,11 @@ def parse_classes(values) -> list[int]:
             if not part:
                 continue
             # ASCII digits only: str.isdigit also accepts '¹', which int() refuses.
-            if not re.fullmatch(r"[0-9]+", part) or not 0 <= int(part) <= 9:
-                raise UserError(f"unknown class {part!r}: the digits model knows classes 0 to 9")
+            if not re.fullmatch(r"[0-9]+", part) or (n_classes is not None and int(part) >= n_classes):
+                raise UserError(f"unknown class {part!r}: {model} knows {known}")
             out.append(int(part))
     if not out:
-        raise UserError("--class needs at least one class in 0..9")
+        raise UserError(f"--class needs at least one class ({known})")
     return out
 
 
@@ -215,25 +260,7 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
-# ---------------------------------------------------------------------------- model and sampler
-def load_model(weights, device, dtype) -> DigitsModel:
-    """The digits model from --weights (None: the shipped file) on device in dtype."""
-    what = f"--weights {str(weights)!r}" if weights else f"the shipped weights {str(MODEL_FILE)!r}"
-    try:
-        return load_digits_model(device=device, dtype=dtype, path=weights)
-    except FileNotFoundError:
-        raise UserError(f"{what} not found (run ddim-fused train-digits)") from None
-    except (PermissionError, IsADirectoryError) as exc:
-        raise UserError(f"cannot read {what}: {exc.strerror or exc}") from None
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever a foreign file makes the loader raise
-        # A truncated zip, another pickle (refused by weights_only), a dict without the
-        # expected keys: torch.load and load_state_dict raise nearly anything, with messages
-        # that run over many lines about torch internals, so only the kind is shown.
-        raise UserError(f"{what} is not a digits model weights file ({type(exc).__name__})") from None
-
-
+# ---------------------------------------------------------------------------- sampler
 def flag_names(message: str, flags: dict[str, str]) -> str:
     """message with each argument name in `flags` replaced by its flag.
 
@@ -258,13 +285,28 @@ def sampler_errors(**renames: str):
         raise UserError(flag_names(str(exc), {**SAMPLER_FLAGS, **renames})) from None
 
 
+def schedule_overrides(args) -> dict:
+    """DDIMSampler keyword arguments that --prediction-type and --clip-sample set (empty if not given)."""
+    out = {}
+    if getattr(args, "prediction_type", None) is not None:
+        out["prediction_type"] = args.prediction_type
+    clip = getattr(args, "clip_sample", None)
+    if clip == "off":
+        out.update(clip_sample=False, thresholding=False)
+    elif clip is not None:
+        out.update(clip_sample=True, clip_sample_range=clip, thresholding=False)
+    return out
+
+
 def build_sampler(model, args, n_steps: int | None = None, *, steps_flag: str = "--steps",
                   **options) -> DDIMSampler:
     """The DDIMSampler a command runs, built from the shared options; it checks them itself.
 
     Args:
-        model: eps-model with alpha_bar (the digits model).
-        args: parsed options: discretize, backend, seed and, if the command has it, eta.
+        model: a LoadedModel (its schedule options and spacing apply), or a bare
+            sampler-protocol model.
+        args: parsed options: discretize, backend, seed and, if the command has them, eta,
+            --prediction-type and --clip-sample.
         n_steps: S (default --steps).
         steps_flag: the flag that set n_steps, named in errors about it.
         options: further DDIMSampler keyword arguments (e.g. paint_blend).
@@ -273,19 +315,24 @@ def build_sampler(model, args, n_steps: int | None = None, *, steps_flag: str = 
         the sampler; bad arguments raise UserError naming the flag.
     """
     n_steps = args.steps if n_steps is None else n_steps
+    loaded = model if isinstance(model, LoadedModel) else None
+    base = loaded.sampler_options if loaded is not None else {}
+    discretize = args.discretize or (loaded.discretize if loaded is not None else "uniform")
     with sampler_errors(n_steps=steps_flag):
-        return DDIMSampler(model, n_steps, args.discretize, getattr(args, "eta", 0.0), backend=args.backend,
-                           seed=args.seed, **options)
+        return DDIMSampler(loaded.model if loaded is not None else model, n_steps, discretize,
+                           getattr(args, "eta", 0.0), backend=args.backend, seed=args.seed,
+                           **{**base, **schedule_overrides(args), **options})
 
 
 def nonfinite_hint(args) -> str:
     """The likely causes of NaN/Inf output under these options, for the error message."""
     causes = []
-    if abs(args.guidance) > 20:
+    if args.guidance is not None and abs(args.guidance) > 20:
         causes.append(f"--guidance {args.guidance:g} is far too large (1 to 10 is usual)")
     if args.dtype == "float16":
         causes.append("float16 overflowed (try --dtype float32 or bfloat16)")
-    causes.append("the model returns NaN or Inf (check --weights)")
+    model = getattr(args, "model", DIGITS)
+    causes.append("the model returns NaN or Inf (check " + ("--weights" if model == DIGITS else "--model") + ")")
     return "likely cause: " + "; or ".join(causes) + "; nothing was written"
 
 

@@ -1,8 +1,13 @@
 """Sharded, resumable, reproducible bulk generation.
 
-Sample i of a run is keyed by (run seed, i) alone: its class label is classes[i % len(classes)],
-its initial latent and step noise come from the sampler's Philox stream with global index i.
-So batch size, shard size, process count and resume point never change what sample i is.
+Sample i of a run is keyed by (run seed, i) alone: its class label is classes[i % len(classes)]
+(or row i of a cond tensor, see ddim_fused.conditioning), its initial latent
+(ddim_fused.initial_noise(shape, seed, sample_offset=i)) and step noise come from the
+sampler's Philox stream with global index i. So batch size, shard size, process count and
+resume point never change what sample i is.
+
+Sampling runs under torch.inference_mode; a writer thread with a bounded queue writes each
+finished shard while the next one is sampled.
 
 Layout of an output directory:
     run.json                 the run's identity (config + model), written before any shard
@@ -23,10 +28,12 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import re
 import socket
 import stat
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -38,9 +45,11 @@ import torch
 from . import __version__
 # OutputPathError and NonFiniteError are part of this module's API: run_generation raises them.
 from .atomic import TEMP_SUFFIX, OutputPathError, atomic_write, check_output_dir, temp_target
-from .digits.images import save_grid
+from .conditioning import Conditioning
+from .digits.images import default_scale, is_image_batch, save_grid
 from .finite import NonFiniteError, check_finite  # noqa: F401
-from .sampler import DDIMSampler
+# file_sha256 is part of this module's API (manifests list each shard's).
+from .models import LoadedModel, file_sha256  # noqa: F401
 
 try:
     import fcntl
@@ -57,6 +66,8 @@ _LEGACY_TEMP = re.compile(r"\.(?P<target>.+)\.tmp\.\d+(\.png)?")
 _SHARD_KEYS = {"samples", "indices", "labels", "seeds", "config_hash", "checksum"}
 # Settings that change no sample (philox keys by global index), so a resume may change them.
 _FREE_FIELDS = ("batch_size", "device", "backend")
+# Finished shards waiting for the writer thread: bounds the memory a fast sampler holds.
+_WRITE_QUEUE_DEPTH = 2
 
 
 class RunMismatchError(ValueError):
@@ -90,7 +101,7 @@ class GenerateConfig:
     eta: float | str = 0.0
     discretize: str = "uniform"
     guidance: float = 1.0
-    classes: tuple[int, ...] = tuple(range(10))
+    classes: Optional[tuple[int, ...]] = tuple(range(10))  # None: the model takes no class
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -101,8 +112,8 @@ class GenerateConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.classes:
-            raise ValueError("classes must hold at least one class")
+        if self.classes is not None and not self.classes:
+            raise ValueError("classes must hold at least one class (or be None for no class)")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
@@ -191,15 +202,6 @@ def _verified_shard(path: Path, expected, chash) -> dict:
     if not np.isfinite(samples).all():
         raise ShardError(f"{path.name} holds non-finite samples")
     return shard
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, as 64 hex digits."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -362,33 +364,99 @@ def generate_shards(
 ) -> int:
     """Generate and write the given shards; returns the number of samples written.
 
+    Args:
+        model: a Conditioning (a loaded model with its run inputs), or a digits-like
+            protocol model (image_shape, null_cond, labels as cond) fed config.classes
+            and config.guidance.
+
     Raises:
         NonFiniteError: a batch holds NaN or Inf (its shard is not written).
+        OSError: a shard write failed; shards finished before it are kept.
     """
-    sampler = DDIMSampler(model, config.steps, config.discretize, config.eta, backend=config.backend, seed=config.seed)
+    inputs = model if isinstance(model, Conditioning) else _class_inputs(model, config)
+    sampler = inputs.sampler(config.steps, config.discretize, config.eta, backend=config.backend, seed=config.seed)
     dtype = getattr(torch, config.dtype)
     device = torch.device(config.device)
-    sample_shape = tuple(model.image_shape)
-    classes = np.asarray(config.classes, dtype=np.int64)
-    guided = config.guidance != 1.0
-    written = 0
-    for k in shards:
-        start, stop = config.shard_range(k)
-        parts = []
-        for b0 in range(start, stop, config.batch_size):
-            b1 = min(b0 + config.batch_size, stop)
-            labels = torch.from_numpy(classes[np.arange(b0, b1) % len(classes)]).to(device)
-            extra = {"uncond_scale": config.guidance, "uncond_cond": model.null_cond(b1 - b0)} if guided else {}
-            x = sampler.sample((b1 - b0,) + sample_shape, labels, sample_offset=b0, device=device, dtype=dtype, **extra)
-            check_finite(x, "generated samples", first_index=b0, hint=_nonfinite_hint(config))
-            parts.append(x.float().cpu().numpy())
-            if on_batch is not None:
-                on_batch(b1 - b0)
-        indices = np.arange(start, stop, dtype=np.int64)
-        write_shard(out_dir / shard_name(k), np.concatenate(parts), indices, classes[indices % len(classes)],
-                    config.seed, chash)
-        written += stop - start
-    return written
+    sample_shape = tuple(inputs.loaded.sample_shape)
+    with _ShardWriter(out_dir, config.seed, chash) as writer, torch.inference_mode():
+        for k in shards:
+            start, stop = config.shard_range(k)
+            parts = []
+            for b0 in range(start, stop, config.batch_size):
+                writer.check()
+                b1 = min(b0 + config.batch_size, stop)
+                cond, extra = inputs.batch(b0, b1)
+                x = sampler.sample((b1 - b0,) + sample_shape, cond, sample_offset=b0, device=device, dtype=dtype,
+                                   **extra)
+                check_finite(x, "generated samples", first_index=b0, hint=_nonfinite_hint(config))
+                parts.append(x.float().cpu().numpy())
+                if on_batch is not None:
+                    on_batch(b1 - b0)
+            indices = np.arange(start, stop, dtype=np.int64)
+            writer.put(shard_name(k), np.concatenate(parts), indices, inputs.labels(indices))
+    return writer.written
+
+
+def _class_inputs(model, config: GenerateConfig) -> Conditioning:
+    """The inputs of a digits-like protocol model: labels as cond, null_cond for guidance."""
+    loaded = LoadedModel.from_protocol(model, {}, conditioning="class", device=config.device)
+    return Conditioning(loaded, classes=config.classes, guidance=config.guidance, num=config.num)
+
+
+class _ShardWriter:
+    """Writes finished shards on a thread, so the next shard is sampled meanwhile.
+
+    At most _WRITE_QUEUE_DEPTH shards wait. The first failed write stops the writer (the
+    shards queued after it are dropped, so no shard after a failure is written) and the
+    sampling loop raises that error at its next check. Leaving the `with` block writes
+    what is queued (unless a write failed) and waits for it.
+    """
+
+    def __init__(self, out_dir: Path, seed: int, chash: str):
+        self.out_dir, self.seed, self.chash = Path(out_dir), seed, chash
+        self.written = 0
+        self.error: Optional[BaseException] = None
+        self._queue: queue.Queue = queue.Queue(maxsize=_WRITE_QUEUE_DEPTH)
+        self._thread = threading.Thread(target=self._run, name="ddim-fused-shard-writer", daemon=True)
+
+    def __enter__(self) -> "_ShardWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None:
+            self.check()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            name, samples, indices, labels = item
+            try:
+                write_shard(self.out_dir / name, samples, indices, labels, self.seed, self.chash)
+                self.written += len(indices)
+            except BaseException as exc:  # noqa: BLE001 - handed to the sampling thread
+                self.error = exc
+
+    def check(self) -> None:
+        """Raise the error of a failed write, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def put(self, name: str, samples: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> None:
+        """Queue a shard; waits while the queue is full, raising a failed write's error."""
+        while True:
+            self.check()
+            try:
+                self._queue.put((name, samples, indices, labels), timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
 
 def write_manifest(out_dir: Path, config: GenerateConfig, model_info: dict, chash: str) -> dict:
@@ -415,10 +483,18 @@ def write_manifest(out_dir: Path, config: GenerateConfig, model_info: dict, chas
     return manifest
 
 
-def write_preview(out_dir: Path, max_samples: int = 100, ncols: int = 10) -> None:
-    """Write out_dir/preview.png: the first samples of shard 0 as a PNG grid (single-channel, in [-1, 1])."""
+def write_preview(out_dir: Path, max_samples: int = 100, ncols: int = 10) -> bool:
+    """Write out_dir/preview.png: the first samples of shard 0 as a PNG grid (in [-1, 1]).
+
+    Returns:
+        False (and writes nothing) when the samples are not grey or RGB images.
+    """
     first = read_shard(out_dir / shard_name(0))["samples"][:max_samples]
-    save_grid(torch.from_numpy(first), out_dir / PREVIEW, ncols=min(len(first), ncols))
+    if not is_image_batch(first.shape):
+        return False
+    save_grid(torch.from_numpy(first), out_dir / PREVIEW, ncols=min(len(first), ncols),
+              scale=default_scale(*first.shape[-2:]))
+    return True
 
 
 def load_samples(out_dir) -> dict:
@@ -534,10 +610,11 @@ def run_generation(
     Args:
         out_dir: output directory (str or Path; created if needed; an empty string is refused).
         config: the run.
-        model_factory: builds the eps-model on a device (called once per process).
+        model_factory: builds, on a device, a Conditioning (a loaded model with its inputs)
+            or a digits-like protocol model (called once per process).
         model_info: JSON-able identity of the model (name, weights sha256).
         progress: show a progress bar (rank 0).
-        preview: also write preview.png, a grid of the first 100 samples (single-channel images).
+        preview: also write preview.png, a grid of the first 100 samples (grey or RGB images only).
 
     Returns:
         summary dict: samples_written (this invocation, all ranks), seconds, samples_per_s,

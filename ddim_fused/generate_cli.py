@@ -1,23 +1,13 @@
-"""`ddim-fused generate`: bulk generation with the embedded digits model (see generate.py)."""
+"""`ddim-fused generate`: bulk generation with the digits model or any --model (see generate.py)."""
 from __future__ import annotations
-
-import hashlib
 
 import torch
 
 from . import generate as gen
 from .atomic import check_output_dir
-from .cli_errors import EXIT_FAILURE, Interrupted, RuntimeFailure, UserError, classify
-from .cli_options import (
-    add_sampler_options,
-    build_sampler,
-    check_at_most,
-    check_positive,
-    check_runtime,
-    load_model,
-    parse_classes,
-)
-from .digits.pretrained import MODEL_FILE
+from .cli_errors import EXIT_FAILURE, Interrupted, RuntimeFailure, classify
+from .cli_model import classes_from, conditioning, guidance, load_cli_model, run_identity
+from .cli_options import UserError, add_sampler_options, build_sampler, check_at_most, check_positive, check_runtime
 
 # Sample i's noise is keyed by its index, which the Philox stream holds in 32 bits.
 MAX_SAMPLES = 2**32
@@ -27,22 +17,19 @@ def add_parser(sub) -> None:
     """Add the `generate` subcommand to the ddim-fused subparsers `sub`."""
     p = sub.add_parser(
         "generate", help="bulk generation into resumable shards (torchrun for several processes)",
-        description="Generate --num digits into DIR as .npz shards plus manifest.json and a preview grid. "
+        description="Generate --num samples into DIR as .npz shards plus manifest.json and a preview grid. "
                     "Rerunning the same command resumes: complete shards are kept, missing or corrupt ones "
                     "are redone. Sample i depends only on (--seed, i), never on batch size, shard size, "
-                    "process count or resume point. Under `torchrun --nproc-per-node P -m ddim_fused -- generate "
-                    "...` the shards are split across the P processes.",
+                    "process count or resume point: it starts from ddim_fused.initial_noise(shape, seed, "
+                    "sample_offset=i). Under `torchrun --nproc-per-node P -m ddim_fused -- generate ...` the "
+                    "shards are split across the P processes.",
     )
     add_sampler_options(p, num=1000)
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
-                   help="class(es); sample i gets classes[i %% len(classes)] (default 0..9)")
+                   help="class(es) of a class-conditional model; sample i gets classes[i %% len(classes)] "
+                        "(default: all of the model's classes, 0..9 for digits)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
-
-
-def _weights_sha256(path) -> str:
-    with open(path or MODEL_FILE, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def cmd_generate(args) -> None:
@@ -52,24 +39,28 @@ def cmd_generate(args) -> None:
     check_positive(args, "num", "batch_size", "shard_size")
     check_at_most(args, "num", MAX_SAMPLES, "the noise stream's sample index space")
     env = check_runtime(args)
-    classes = tuple(parse_classes(args.classes) if args.classes else range(10))
     # The sampler checks steps, eta, discretize, seed and backend: build the one the run
     # builds, before any file is written. The model goes on the CPU here because under
     # torchrun each process later puts it on its own device; this must not touch CUDA.
-    cpu_model = load_model(args.weights, torch.device("cpu"), env["dtype"])
+    cpu_model = load_cli_model(args, torch.device("cpu"), env["dtype"])
+    classes = classes_from(args.classes, cpu_model)
+    cpu_inputs = conditioning(cpu_model, args, classes, args.num)
     build_sampler(cpu_model, args)
     try:
         config = gen.GenerateConfig(
             num=args.num, shard_size=args.shard_size, batch_size=args.batch_size, steps=args.steps, eta=args.eta,
-            discretize=args.discretize, guidance=args.guidance, classes=classes, seed=args.seed,
-            dtype=args.dtype, device=env["device"].type, backend=args.backend,
+            discretize=args.discretize or cpu_model.discretize, guidance=guidance(args, cpu_model),
+            classes=None if classes is None else tuple(classes), seed=args.seed, dtype=args.dtype,
+            device=env["device"].type, backend=args.backend,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    info = {"name": "digits", "weights_sha256": _weights_sha256(args.weights)}
+    info = run_identity(cpu_model, cpu_inputs, args)
 
     def make_model(device: torch.device):
-        return cpu_model if device.type == "cpu" else load_model(args.weights, device, env["dtype"])
+        if device.type == "cpu":
+            return cpu_inputs
+        return conditioning(load_cli_model(args, device, env["dtype"]), args, classes, args.num)
 
     out = check_output_dir(args.out, "--out")  # the engine checks it too; this names the flag
     kept = f"finished shards in {out} are kept: rerun the same command to resume"
@@ -88,4 +79,3 @@ def cmd_generate(args) -> None:
     print(f"generated {summary['samples_written']} samples in {summary['seconds']:.1f} s "
           f"({summary['samples_per_s']:.1f} samples/s, {summary['world_size']} process(es)); "
           f"{summary['shards_skipped']} complete shard(s) kept; {config.num} samples in {out}")
-

@@ -1,7 +1,9 @@
 """A sampler call's plan: its per-step records, its noise policy and its guided model call.
 
 `DDIMSampler` builds one `Plan` per call (sample, paint, invert, or a single step), so
-the denoising loop does only a table lookup, a model call and one fused launch per step.
+the denoising loop does only a table lookup, a model call and one fused launch per step
+(two around a torch clip of pred_x0 when the sampler limits it, see `SplitStep`).
+`initial_noise` is the public form of the keyed initial latent x_T.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from .backend import keyed_normal
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
 from .torch_step import torch_ddim_step, torch_step_runner
-from .validation import FLOAT_DTYPES, check_float
+from .validation import FLOAT_DTYPES, check_float, check_int, check_shape
 
 NOISE_SOURCES = ("philox", "torch")
 # Elements of keyed noise (16 MB in fp32) that a torch-path loop draws for all its steps at once.
@@ -89,6 +91,38 @@ def _bad_model_out(out, x: torch.Tensor, factor: int) -> None:
     raise ValueError(f"the model returned a {out.dtype} tensor on {out.device}; expected a float tensor on {x.device}")
 
 
+def initial_noise(shape, seed: int, sample_offset: int = 0, *, device=None,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The initial latent x_T that DDIMSampler.sample and `ddim-fused generate` draw.
+
+    Row b is global sample sample_offset + b of a run with this seed: its x_T comes from the
+    Philox stream keyed by (seed, sample index, "initial"), so it depends on nothing else.
+    `initial_noise(shape, seed, sample_offset=i)` with shape (1, *s) is what `generate
+    --seed seed` starts sample i from (and what DDIMSampler(..., noise_source="philox")
+    .sample(shape, ..., seed=seed, sample_offset=i) starts from), so any other sampler can
+    be started from the same x_T.
+
+    Args:
+        shape: (B, *s), e.g. (B, C, H, W).
+        seed: int in [0, 2**63).
+        sample_offset: global index of row 0, in [0, 2**32 - B].
+        device: where to draw it (default cpu; on CUDA the kernel draws the same numbers up
+            to float rounding of the Box-Muller transform).
+        dtype: float32 (default), float16, bfloat16 or float64; drawn in float32 and rounded.
+
+    Returns:
+        (B, *s) tensor of standard normal values.
+    """
+    shape = check_shape(shape)
+    check_int("seed", seed, 0, 2**63 - 1)
+    check_int("sample_offset", sample_offset, 0, 2**32 - shape[0])
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return keyed_normal(shape, seed, 0, "initial", sample_offset, device=device, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class KeyedNoise:
     """Noise keyed by (seed, global sample index, step, stream): independent of batching."""
@@ -102,7 +136,7 @@ class KeyedNoise:
         return {"seed": self.seed, "sample_offset": self.sample_offset, "repeat_noise": self.repeat}
 
     def initial(self, shape, device, dtype) -> torch.Tensor:
-        return keyed_normal(shape, self.seed, 0, "initial", self.sample_offset, device=device, dtype=dtype)
+        return initial_noise(shape, self.seed, self.sample_offset, device=device, dtype=dtype)
 
     def orig(self, x0: torch.Tensor, index: int) -> torch.Tensor:
         numel = x0.numel() // x0.shape[0]
@@ -170,12 +204,46 @@ def make_noise_policy(source: str, seed: Optional[int], sample_offset: int, repe
     return TorchNoise(repeat) if source == "torch" else KeyedNoise(seed, sample_offset, repeat)
 
 
+class SplitStep(NamedTuple):
+    """The first launch of a step that limits pred_x0 (clip_sample, thresholding) between two.
+
+    Launch 1 reads (x, model output) and writes pred_x0 and pred_eps; the sampler's
+    X0Limit changes pred_x0 in torch; launch 2 (the StepPlan's args) reads (pred_x0,
+    pred_eps) as its (x, eps) and writes x_prev = sqrt(a_prev) * pred_x0 + dir * pred_eps
+    + noise, with the paint blend if any. For epsilon models pred_eps is the (guided) model
+    output and pred_x0 is formed as diffusers forms it: subtract, then divide (at high
+    noise pred_x0 is a small difference of two large terms, and the clip exposes it).
+    """
+
+    first: StepArgs
+    x0_divisor: float  # 1.0 except for epsilon models
+    eps_is_output: bool  # epsilon models: launch 1 writes the x0 numerator, eps_out is pred_eps
+
+    def run(self, step_fn, x: torch.Tensor, model_out: torch.Tensor, want_output: bool,
+            x0_out: Optional[torch.Tensor] = None):
+        """Launch 1: (pred_x0, pred_eps, guided model output | None), each (B, *s).
+
+        pred_x0 is written into x0_out when given (a (B, *s) buffer), else a new tensor.
+        """
+        x0 = torch.empty_like(x) if x0_out is None else x0_out
+        eps = torch.empty_like(x)
+        if self.eps_is_output:
+            step_fn(x, model_out, x0, self.first, None, eps)
+            if self.x0_divisor != 1.0:
+                x0.div_(self.x0_divisor)
+            return x0, eps, eps if want_output else None
+        output = torch.empty_like(x) if want_output else None
+        step_fn(x, model_out, eps, self.first, x0, output)
+        return x0, eps, output
+
+
 class StepPlan(NamedTuple):
     """One step of a plan: DDIM index, training time step, the model's time steps, arguments.
 
     t_batch is the time-step tensor the model is called with: (B,), or (2B,) under
     guidance (the batch-doubled call). run(x, model_out, out, x0_out=None) -> out is the
     plan's step function bound to args (and to the call's noise policy), see `step_runner`.
+    With `split`, args is the step's second launch and run does both (see SplitStep).
     """
 
     index: int
@@ -183,16 +251,21 @@ class StepPlan(NamedTuple):
     t_batch: torch.Tensor
     args: StepArgs
     run: Callable
+    split: Optional[SplitStep] = None
 
 
-def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype, launches=None) -> Callable:
+def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype, launches=None,
+                split: Optional[SplitStep] = None, limit: Optional[Callable] = None) -> Callable:
     """run(x, model_out, out, x0_out=None) -> out: one step of a plan, decided once per call.
 
     The torch path gets `torch_step_runner` (a few torch ops, same bits as torch_ddim_step)
     and the kernel path the step bound in `launches` (the call's `backend.bind_launches`:
     arguments fixed once, the compiled kernel launched directly), unless the step draws
     torch.randn noise; every other step calls step_fn with the args its noise policy fills in.
+    A split step (with `split` and its X0Limit `limit`) runs launch 1, the limit, launch 2.
     """
+    if split is not None:
+        return _split_runner(step_fn, policy, args, split, limit)
     if not policy.fills(args):
         if step_fn is torch_ddim_step:
             return torch_step_runner(args, dtype)
@@ -207,6 +280,18 @@ def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype, l
     return run
 
 
+def _split_runner(step_fn: Callable, policy, args: StepArgs, split: SplitStep, limit: Callable) -> Callable:
+    """run(x, model_out, out, x0_out=None) -> out for a step that limits pred_x0 (x0_out gets the limited one)."""
+    fill = policy.fill
+
+    def run(x, model_out, out, x0_out=None):
+        x0, pred_eps, _ = split.run(step_fn, x, model_out, False, x0_out)
+        limit(x0)
+        return step_fn(x0, pred_eps, out, fill(args, x0))
+
+    return run
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a sampler call decides once: step function, model call, noise, steps."""
@@ -216,3 +301,4 @@ class Plan:
     noise: object  # KeyedNoise | TorchNoise
     steps: tuple[StepPlan, ...]
     has_x0: bool  # whether the steps define pred_x0 (not for inversion)
+    limit: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # X0Limit of split steps

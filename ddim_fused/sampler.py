@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from . import graph
@@ -11,12 +12,14 @@ from .backend import bind_launches, check_backend, step_function
 from .coefficients import ddim_coefficients
 from .masks import mask_layout
 from .model import model_device, resolve_model
-from .plan import NOISE_SOURCES, Guide, Plan, StepPlan, check_model_out, make_noise_policy, step_runner
+from .plan import NOISE_SOURCES, Guide, Plan, SplitStep, StepPlan, check_model_out, make_noise_policy, step_runner
 from .schedules import ddim_timesteps
 from .step_args import StepArgs
 from .validation import FLOAT_DTYPES, broadcast_batch, check_float, check_int, check_shape, check_tensor
+from .x0_clip import X0Limit
 
 PAINT_BLENDS = ("alpha", "alpha_prev")
+PREV_TIMESTEP_RULES = ("previous", "ratio")
 
 
 class DDIMSampler:
@@ -24,7 +27,8 @@ class DDIMSampler:
 
     Args:
         model: eps-model with `alpha_bar` (T,) called as model(x, t, cond) -> eps (labml's
-            protocol), or any such callable together with `alpha_bar=`.
+            protocol), or any such callable together with `alpha_bar=`. With another
+            prediction_type it returns v or x0 instead of eps.
         n_steps: S, the number of DDIM steps.
         ddim_discretize: "uniform" | "quad" (labml, with its +1), "leading" | "trailing" |
             "linspace" (diffusers' timestep_spacing), or an increasing list of time steps.
@@ -32,6 +36,18 @@ class DDIMSampler:
         alpha_bar: (T,) array/tensor or a schedule name; overrides model.alpha_bar.
         set_alpha_to_one: a_prev of the last step is 1 instead of alpha_bar[0].
         steps_offset: offset of "leading" time steps.
+        prev_timestep: the time step each step goes to: "previous", the previous entry of
+            the time steps (labml), or "ratio", t - T // S as diffusers' DDIMScheduler
+            (the same for uniform and leading; not for trailing and linspace).
+        prediction_type: what the model returns: "epsilon", "v_prediction" or "sample"
+            (default: the model's `prediction_type` attribute, else "epsilon"). The update
+            is linear in the model output for all three, so one fused launch serves them.
+        clip_sample, clip_sample_range: clip pred_x0 to [-range, range] in every step
+            (diffusers' DDIMScheduler option); the step then runs as two launches around
+            a torch clamp, and callbacks see the clipped pred_x0.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding
+            of pred_x0 instead (Imagen; diffusers' options, same defaults); wins over
+            clip_sample. `invert` never limits pred_x0.
         backend: "auto" (Triton for CUDA tensors, torch ops otherwise), "triton" (CUDA,
             or CPU under TRITON_INTERPRET=1) or "torch"; see `ddim_fused.backend`. Strided
             inputs (x_last, x, orig, mask, noise) are copied once per call, never written.
@@ -53,6 +69,13 @@ class DDIMSampler:
         alpha_bar=None,
         set_alpha_to_one: bool = False,
         steps_offset: int = 0,
+        prev_timestep: str = "previous",
+        prediction_type: Optional[str] = None,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
         backend: str = "auto",
         noise_source: str = "philox",
         seed: Optional[int] = None,
@@ -61,12 +84,23 @@ class DDIMSampler:
         check_backend(backend)
         _check_choice("noise_source", noise_source, NOISE_SOURCES)
         _check_choice("paint_blend", paint_blend, PAINT_BLENDS)
+        _check_choice("prev_timestep", prev_timestep, PREV_TIMESTEP_RULES)
         if seed is not None:
             check_int("seed", seed, 0, 2**63 - 1)
-        self.model, alpha_bar = resolve_model(model, alpha_bar)
+        if prediction_type is None:
+            prediction_type = getattr(model, "prediction_type", "epsilon")
+        self.limit = X0Limit.from_options(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                                          sample_max_value)
+        self.model, alpha_bar = resolve_model(model, alpha_bar, allow_zero_snr=True)
         self.n_steps = len(alpha_bar)
         self.time_steps = ddim_timesteps(self.n_steps, n_steps, ddim_discretize, steps_offset)
-        self.coefs = ddim_coefficients(alpha_bar, self.time_steps, ddim_eta, 1.0 if set_alpha_to_one else None)
+        prev = None
+        if prev_timestep == "ratio":
+            spacing = n_steps if isinstance(ddim_discretize, str) else len(self.time_steps)
+            prev = self.time_steps - self.n_steps // spacing
+        self.coefs = ddim_coefficients(alpha_bar, self.time_steps, ddim_eta, 1.0 if set_alpha_to_one else None,
+                                       prediction_type=prediction_type, prev_time_steps=prev)
+        self.prediction_type = prediction_type
         self.backend, self.noise_source, self.seed, self.paint_blend = backend, noise_source, seed, paint_blend
         # labml's attribute names, for code that reads them.
         self.ddim_alpha = torch.from_numpy(self.coefs.alpha).float()
@@ -219,6 +253,9 @@ class DDIMSampler:
             x_T: (B, *s) latent at time_steps[-1].
         """
         x0 = _check_batched("x0", x0)
+        if not (np.all(np.isfinite(self.coefs.inv_x_coef)) and np.all(np.isfinite(self.coefs.inv_eps_coef))):
+            raise ValueError(f"a {self.prediction_type!r} model cannot be inverted from alpha_prev = 1 "
+                             "(set_alpha_to_one): its eps is undefined on clean samples")
         plan = self._plan(range(self.coefs.n_steps), x0.shape, x0.device, x0.dtype, cond, uncond_scale,
                           uncond_cond, invert=True)
         return self._denoise(x0.contiguous(), plan, callback)
@@ -233,23 +270,24 @@ class DDIMSampler:
             noise: (B or 1, *s) explicit step noise (else drawn per noise_source).
 
         Returns:
-            (x_prev, pred_x0, e_t), each (B, *s); e_t is the guided eps.
+            (x_prev, pred_x0, e_t), each (B, *s); e_t is the guided model output (eps for
+            an epsilon model).
         """
         x, index, noise = self._check_step_args(x, index, noise)
         plan = self._plan([index], x.shape, x.device, x.dtype, c, uncond_scale, uncond_cond, seed=seed,
                           sample_offset=sample_offset, repeat_noise=repeat_noise,
                           temperature=check_float("temperature", temperature, low=0.0), noise=noise)
-        return self._step(x, plan.guide.model_out(x, t), plan, plan.steps[0].args, want_eps=True)
+        return self._step(x, plan.guide.model_out(x, t), plan, plan.steps[0], want_eps=True)
 
     @torch.no_grad()
     def get_x_prev_and_pred_x0(self, e_t, index, x, *, temperature=1.0, repeat_noise=False, noise=None,
                                seed=None, sample_offset=0):
-        """The update alone: (x_prev, pred_x0) from eps e_t (B, *s) at DDIM index `index`."""
+        """The update alone: (x_prev, pred_x0) from the model output e_t (B, *s) at DDIM index `index`."""
         x, index, noise = self._check_step_args(x, index, noise)
         plan = self._plan([index], x.shape, x.device, x.dtype, None, 1.0, None, seed=seed,
                           sample_offset=sample_offset, repeat_noise=repeat_noise,
                           temperature=check_float("temperature", temperature, low=0.0), noise=noise)
-        x_prev, pred_x0, _ = self._step(x, check_model_out(e_t, x, 1), plan, plan.steps[0].args)
+        x_prev, pred_x0, _ = self._step(x, check_model_out(e_t, x, 1), plan, plan.steps[0])
         return x_prev, pred_x0
 
     @torch.no_grad()
@@ -270,7 +308,10 @@ class DDIMSampler:
         return torch.add(x0 * sqrt_a, noise.to(x0.dtype), alpha=sqrt_one_minus_a)
 
     def get_eps(self, x, t, c, *, uncond_scale=1.0, uncond_cond=None):
-        """The model's eps for x (B, *s), guided when uncond_scale != 1 (labml's get_eps)."""
+        """The model's output for x (B, *s), guided when uncond_scale != 1 (labml's get_eps).
+
+        For an epsilon model it is eps; otherwise the v or x0 prediction.
+        """
         return Guide.checked(self.model, c, uncond_scale, uncond_cond, x.shape[0]).eps(x, t)
 
     # ------------------------------------------------------------------ internals
@@ -306,24 +347,43 @@ class DDIMSampler:
         launches = bind_launches(step_fn, shape, dtype)
         records = []
         for i, t_batch in zip(indices, t_rows):
+            split = None
             if invert:
                 args = StepArgs(table["inv_x_coef"][i], table["inv_eps_coef"][i], guide.scale)
             else:
                 noise_coef = table["noise_scale"][i] * temperature
                 step_noise = drawn[i] if drawn is not None and noise_coef != 0.0 else noise
-                args = StepArgs(table["x_coef"][i], table["eps_coef"][i], guide.scale, noise_coef=noise_coef,
-                                noise=step_noise, step_key=i, x0_coefs=(table["x0_x_coef"][i], table["x0_eps_coef"][i]),
-                                **fields, **paint, **self._paint_coefs(i, paint))
-            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, step_runner(step_fn, policy, args, dtype, launches)))
-        return Plan(step_fn, guide, policy, tuple(records), has_x0=not invert)
+                step_fields = dict(noise_coef=noise_coef, noise=step_noise, step_key=i, **fields, **paint,
+                                   **self._paint_coefs(i, paint))
+                if self.limit is None:
+                    args = StepArgs(table["x_coef"][i], table["eps_coef"][i], guide.scale,
+                                    x0_coefs=(table["x0_x_coef"][i], table["x0_eps_coef"][i]), **step_fields)
+                else:
+                    split = self._split_first(i, guide.scale)
+                    args = StepArgs(table["sqrt_alpha_prev"][i], table["dir_coef"][i], **step_fields)
+            run = step_runner(step_fn, policy, args, dtype, launches, split, self.limit)
+            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, run, split))
+        return Plan(step_fn, guide, policy, tuple(records), has_x0=not invert, limit=self.limit)
+
+    def _split_first(self, index: int, guidance) -> SplitStep:
+        """Launch 1 of a step that limits pred_x0: pred_x0 and pred_eps from (x, model output)."""
+        c = self.coefs
+        if c.prediction_type == "epsilon":
+            p, q, d = (float(v) for v in c.x0_split[:, index])
+            return SplitStep(StepArgs(p, q, guidance), d, True)
+        first = StepArgs(float(c.pred_eps_coefs[0, index]), float(c.pred_eps_coefs[1, index]), guidance,
+                         x0_coefs=(float(c.x0_x_coef[index]), float(c.x0_eps_coef[index])))
+        return SplitStep(first, 1.0, False)
 
     @functools.cached_property
     def _coef_table(self) -> dict:
         """The coefficient arrays as lists of Python floats (time steps as ints), built once."""
         c = self.coefs
         names = ("x_coef", "eps_coef", "noise_scale", "x0_x_coef", "x0_eps_coef", "inv_x_coef", "inv_eps_coef",
-                 "time_steps")
-        return {name: getattr(c, name).tolist() for name in names}
+                 "dir_coef", "time_steps")
+        table = {name: getattr(c, name).tolist() for name in names}
+        table["sqrt_alpha_prev"] = np.sqrt(c.alpha_prev).tolist()
+        return table
 
     def _paint_coefs(self, index: int, paint: dict) -> dict:
         if not paint:
@@ -356,12 +416,20 @@ class DDIMSampler:
         return x
 
     @staticmethod
-    def _step(x, model_out, plan: Plan, args: StepArgs, *, want_x0=True, want_eps=False):
-        """One fused update; returns (x_prev, pred_x0 | None, eps | None)."""
+    def _step(x, model_out, plan: Plan, step: StepPlan, *, want_x0=True, want_eps=False):
+        """One fused update; returns (x_prev, pred_x0 | None, guided model output | None).
+
+        A split step (pred_x0 limited) always returns pred_x0: it computes it anyway.
+        """
         out = torch.empty_like(x)
+        if step.split is not None:
+            x0, pred_eps, output = step.split.run(plan.step_fn, x, model_out, want_eps)
+            plan.limit(x0)
+            plan.step_fn(x0, pred_eps, out, plan.noise.fill(step.args, x0))
+            return out, x0, output
         x0_out = torch.empty_like(x) if want_x0 else None
         eps_out = torch.empty_like(x) if want_eps else None
-        plan.step_fn(x, model_out, out, plan.noise.fill(args, x), x0_out, eps_out)
+        plan.step_fn(x, model_out, out, plan.noise.fill(step.args, x), x0_out, eps_out)
         return out, x0_out, eps_out
 
     def _check_step_args(self, x, index, noise):

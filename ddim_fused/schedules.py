@@ -109,18 +109,23 @@ def make_alpha_bar(
     return rescale_zero_terminal_snr(alpha_bar) if rescale_zero_snr else alpha_bar
 
 
-def check_alpha_bar(alpha_bar) -> np.ndarray:
+def check_alpha_bar(alpha_bar, *, allow_zero_last: bool = False) -> np.ndarray:
     """Validate a user-given alpha_bar: 1-D, finite, in (0, 1], non-increasing.
 
     Args:
         alpha_bar: array-like or tensor of shape (T,).
+        allow_zero_last: accept alpha_bar[T - 1] = 0, the zero terminal SNR of diffusers'
+            DDIMScheduler with rescale_betas_zero_snr (fine for v_prediction models).
 
     Returns:
         alpha_bar: float64 array of shape (T,) (a copy).
     """
     alpha_bar = _as_float64_vector("alpha_bar", alpha_bar)
-    if not np.all((alpha_bar > 0) & (alpha_bar <= 1)):
-        bad = int(np.flatnonzero(~((alpha_bar > 0) & (alpha_bar <= 1)))[0])
+    valid = (alpha_bar > 0) & (alpha_bar <= 1)
+    if allow_zero_last:
+        valid[-1] |= alpha_bar[-1] == 0
+    if not np.all(valid):
+        bad = int(np.flatnonzero(~valid)[0])
         raise ValueError(f"alpha_bar must lie in (0, 1], got alpha_bar[{bad}] = {alpha_bar[bad]}")
     if np.any(np.diff(alpha_bar) > 0):
         raise ValueError("alpha_bar must be non-increasing in t")

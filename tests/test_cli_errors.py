@@ -308,11 +308,14 @@ def test_generate_ctrl_c_keeps_finished_shards_and_resumes(tmp_path, capfd, inte
     line = fail(args, capfd, 130)
     assert line == (f"ddim-fused: interrupted; finished shards in {out} are kept: rerun the same command "
                     "to resume")
-    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.npz", "shard-000001.npz"]
+    # The writer thread finishes the shards queued before the interrupt: at least the two the
+    # interrupt waited for, in order, and never all four (the interrupted shard is not written).
+    kept = sorted(p.name for p in out.glob("shard-*"))
+    assert 2 <= len(kept) < 4 and kept == [gen.shard_name(k) for k in range(len(kept))]
     assert not temp_files(out) and not (out / gen.MANIFEST).exists()
     interrupt_model["when"] = lambda: False
     assert main(args) == 0
-    assert "2 complete shard(s) kept" in capfd.readouterr().out
+    assert f"{len(kept)} complete shard(s) kept" in capfd.readouterr().out
     assert np.array_equal(gen.load_samples(out)["indices"], np.arange(8))
 
 

@@ -57,6 +57,12 @@ DIR_OUT = st.one_of(
 )
 INPUT = st.sampled_from(["{digits}", "{empty}", "{npz}", "{complex}", "{text}", "missing.npy", "adir.png", ""])
 WEIGHTS = st.sampled_from(["{shipped}", "{nan}", "{junk}", "{text}", "missing.pt", ""])
+# --model sources that load nothing heavy: the digits model, folders that are not models,
+# callables that are not factories of a sampler-protocol model, unimportable names.
+MODELS = st.sampled_from(["digits", "missing-folder", "adir.png", "os:getcwd", "math:pi", "nosuchpkg.mod:f",
+                          "x:", ":", ""])
+TENSOR_FILE = st.sampled_from(["{cond}", "{digits}", "{text}", "{empty}", "missing.pt", ""])
+SHAPES = st.sampled_from([["1", "8", "8"], ["3", "8", "8"], ["1", "4", "4"], ["0"], ["x"], ["-1", "8", "8"]])
 
 
 def one(values):
@@ -74,6 +80,11 @@ SAMPLER_OPTIONS = {
     "--dtype": one(st.sampled_from(["float32", "float16", "bfloat16", "float64", "int8"])),
     "--backend": one(st.sampled_from(["torch", "auto", "triton", "cuda"])),
     "--weights": one(WEIGHTS), "--threads": one(THREADS), "--class": some(CLASS),
+    "--model": one(MODELS), "--cond": one(TENSOR_FILE), "--uncond": one(TENSOR_FILE), "--shape": SHAPES,
+    "--scheduler-config": one(st.sampled_from(["{text}", "missing.json", ""])),
+    "--prediction-type": one(st.sampled_from(["epsilon", "v_prediction", "sample", "x"])),
+    "--clip-sample": one(st.sampled_from(["off", "1", "0.5", "0", "-1", "nan", "x"])),
+    "--channels-last": st.just([]),
 }
 OPTIONS = {
     "sample": {**SAMPLER_OPTIONS, "--eta": one(ETAS), "--out": one(PNG_OUT)},
@@ -114,13 +125,14 @@ def inputs(tmp_path_factory):
     (d / "empty.npy").write_bytes(b"")
     np.savez(d / "digits.npz", a=np.zeros((2, 8, 8)))
     np.save(d / "complex.npy", np.zeros((2, 8, 8), dtype=complex))
+    torch.save(torch.zeros(4, 8), d / "cond.pt")
     (d / "text.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
     (d / "junk.pt").write_bytes(MODEL_FILE.read_bytes()[:3000])
     blob = torch.load(MODEL_FILE, map_location="cpu", weights_only=True)
     torch.save({**blob, "state_dict": {k: torch.full_like(v, float("nan")) for k, v in blob["state_dict"].items()}},
                d / "nan.pt")
     names = {"digits": "digits.npy", "empty": "empty.npy", "npz": "digits.npz", "complex": "complex.npy",
-             "text": "text.txt", "junk": "junk.pt", "nan": "nan.pt"}
+             "text": "text.txt", "junk": "junk.pt", "nan": "nan.pt", "cond": "cond.pt"}
     return {"{%s}" % k: str(d / v) for k, v in names.items()} | {"{shipped}": str(MODEL_FILE)}
 
 

@@ -35,6 +35,18 @@ class DigitsClassifier(nn.Module):
         return self.net(x.reshape(x.shape[0], 64).float())
 
     @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer, the feature space of the Frechet distance on digits.
+
+        Args:
+            x: (B, 1, 8, 8) or (B, 8, 8) digits in [-1, 1] (clipped to it first, as predict does).
+
+        Returns:
+            (B, hidden) float32 features.
+        """
+        return self.net[:-1](x.clamp(-1, 1).reshape(x.shape[0], 64).float())
+
+    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted classes of x ((B, 1, 8, 8) or (B, 8, 8)) as a (B,) long tensor."""
         return self(x.clamp(-1, 1)).argmax(dim=1)

@@ -1,4 +1,4 @@
-"""Writing 8x8 digits as upscaled PNG grids with Pillow."""
+"""Writing digits (and other small grey or RGB images) as upscaled PNG grids with Pillow."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,48 +8,61 @@ from ..atomic import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Digits in [-1, 1] as grey levels (values outside are clipped).
+    """Images in [-1, 1] as 8-bit levels (values outside are clipped).
 
     Args:
-        x: (N, 1, H, W) or (N, H, W) float tensor.
+        x: (N, 1, H, W) or (N, H, W) grey, or (N, 3, H, W) RGB float tensor.
 
     Returns:
-        (N, H, W) uint8 array, 0 for -1 (black background) and 255 for 1.
+        (N, H, W) uint8 array (grey), or (N, H, W, 3) (RGB); 0 for -1 and 255 for 1.
     """
     x = x.detach().float().cpu()
     if x.dim() == 4:
-        x = x[:, 0]
+        x = x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
+def is_image_batch(shape) -> bool:
+    """Whether a batch of this shape is grey or RGB images: (N, 1 or 3, H, W)."""
+    return len(shape) == 4 and shape[1] in (1, 3)
+
+
+def default_scale(height: int, width: int) -> int:
+    """Upscaling that draws small images about 64 pixels wide: 8 for 8x8 digits, 1 from 64 up."""
+    return max(1, 64 // max(height, width))
+
+
 def grid_image(x: torch.Tensor, ncols: int, scale: int = 8, pad: int = 1):
-    """Tile digits row by row into one upscaled (nearest neighbour) image.
+    """Tile images row by row into one upscaled (nearest neighbour) image.
 
     Args:
-        x: (N, 1, H, W) or (N, H, W) float tensor in [-1, 1].
-        ncols: digits per row.
+        x: (N, 1, H, W), (N, H, W) or (N, 3, H, W) float tensor in [-1, 1].
+        ncols: images per row.
         scale: upscaling factor (each pixel becomes scale x scale).
-        pad: gap between digits, in source pixels (drawn as mid-grey).
+        pad: gap between images, in source pixels (drawn as mid-grey).
 
     Returns:
-        PIL.Image in mode "L" of size (ncols*(W+pad)+pad)*scale by (nrows*(H+pad)+pad)*scale.
+        PIL.Image in mode "L" (grey) or "RGB" of size (ncols*(W+pad)+pad)*scale by
+        (nrows*(H+pad)+pad)*scale.
     """
     from PIL import Image  # noqa: PLC0415 - only the CLI writes images
 
+    if x.dim() != 3 and not is_image_batch(tuple(x.shape)):
+        raise ValueError(f"a PNG grid needs images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
     tiles = to_uint8(x)
-    n, h, w = tiles.shape
+    n, h, w = tiles.shape[:3]
     nrows = -(-n // ncols)
-    canvas = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad), 96, dtype=np.uint8)
+    canvas = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad) + tiles.shape[3:], 96, dtype=np.uint8)
     for i, tile in enumerate(tiles):
         r, c = divmod(i, ncols)
         top, left = pad + r * (h + pad), pad + c * (w + pad)
         canvas[top:top + h, left:left + w] = tile
     canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
-    return Image.fromarray(canvas)  # 2-D uint8: mode "L"
+    return Image.fromarray(canvas)  # 2-D uint8: mode "L"; (H, W, 3): "RGB"
 
 
 def save_grid(x: torch.Tensor, path, ncols: int, scale: int = 8) -> tuple[int, int]:
-    """Write digits as a PNG grid (see grid_image); returns the image's (width, height).
+    """Write images as a PNG grid (see grid_image); returns the image's (width, height).
 
     The file is written to an exclusive temporary file and renamed over `path`, so a failed
     write (a full disk) leaves the previous file untouched.

@@ -1,0 +1,122 @@
+"""The CLI's side of --model: load it, feed it (--class, --cond, --uncond, --guidance), name it.
+
+Library errors (ValueError from `ddim_fused.models` and `ddim_fused.conditioning`) come
+back as one-line UserErrors whose argument names are the flags the user typed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .cli_options import UserError, flag_names, parse_classes, sampler_errors, schedule_overrides
+from .conditioning import Conditioning, load_tensor_file
+from .digits.pretrained import MODEL_FILE
+from .models import DIGITS, LoadedModel, load_model_source, optimize
+
+# Argument names in the loaders' messages -> flags (besides the sampler's, see SAMPLER_FLAGS).
+MODEL_FLAGS = {"source": "--model", "weights": "--weights", "scheduler_config": "--scheduler-config",
+               "sample_shape": "--shape", "compile": "--compile", "channels_last": "--channels-last"}
+INPUT_FLAGS = {"classes": "--class", "cond": "--cond", "uncond": "--uncond", "guidance": "--guidance"}
+
+
+def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The --model of a command on device in dtype, with --prediction-type / --clip-sample in its
+    sampler options and --compile / --channels-last applied."""
+    shape = tuple(args.shape) if args.shape else None
+    try:
+        loaded = load_model_source(args.model, device=device, dtype=dtype, weights=args.weights,
+                                   scheduler_config=args.scheduler_config, sample_shape=shape)
+        loaded.sampler_options.update(schedule_overrides(args))
+        return optimize(loaded, compile=args.compile, channels_last=args.channels_last)
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        raise UserError(flag_names(str(exc), MODEL_FLAGS)) from None
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a foreign weights file makes the loader raise
+        # A truncated zip, another pickle (refused by weights_only), a dict without the
+        # expected keys: torch.load and load_state_dict raise nearly anything. For other
+        # models the error passes to ddim_fused.cli_errors as it is.
+        if args.model != DIGITS:
+            raise
+        raise UserError(_digits_weights_error(args.weights, exc)) from None
+
+
+def _digits_weights_error(weights, exc: BaseException) -> str:
+    what = f"--weights {str(weights)!r}" if weights else f"the shipped weights {str(MODEL_FILE)!r}"
+    if isinstance(exc, FileNotFoundError):
+        return f"{what} not found (run ddim-fused train-digits)"
+    if isinstance(exc, (PermissionError, IsADirectoryError)):
+        return f"cannot read {what}: {exc.strerror or exc}"
+    # What torch.load and load_state_dict raise for a foreign or damaged file; their
+    # messages run over many lines about torch internals, so only the kind is shown.
+    return f"{what} is not a digits model weights file ({type(exc).__name__})"
+
+
+def guidance(args, loaded: LoadedModel) -> float:
+    """--guidance, or its default: the command's for the digits model, 1 (none) for others."""
+    if args.guidance is not None:
+        return args.guidance
+    return args.command_guidance if loaded.is_digits else 1.0
+
+
+def default_classes(loaded: LoadedModel, *, unconditional: bool = False) -> Optional[list[int]]:
+    """Classes a command uses without --class: all of them cycling (None for models without).
+
+    unconditional: prefer the model's null class when it has one (interpolate's default).
+    """
+    if loaded.conditioning != "class":
+        return None
+    if unconditional and loaded.null_cond is not None:
+        return None
+    if loaded.n_classes is None:
+        raise UserError("this class-conditional model does not say how many classes it has: give --class")
+    return list(range(loaded.n_classes))
+
+
+def classes_from(values, loaded: LoadedModel, *, unconditional: bool = False,
+                 flag: str = "--class") -> Optional[list[int]]:
+    """--class (or flag) values checked against the model, or the default classes."""
+    if values is None:
+        return default_classes(loaded, unconditional=unconditional)
+    if loaded.conditioning != "class":
+        kind = "takes --cond tensors" if loaded.conditioning == "tensor" else "is unconditional"
+        raise UserError(f"{flag} applies to class-conditional models; this model {kind}")
+    return parse_classes(values, loaded.n_classes, "the digits model" if loaded.is_digits else "the model")
+
+
+def conditioning(loaded: LoadedModel, args, classes, num: Optional[int]) -> Conditioning:
+    """The run's Conditioning from --class (already parsed), --cond, --uncond and --guidance."""
+    cond = _tensor_file(args.cond, "--cond")
+    uncond = _tensor_file(args.uncond, "--uncond")
+    with sampler_errors(**INPUT_FLAGS):
+        return Conditioning(loaded, classes=classes, cond=cond, uncond=uncond, guidance=guidance(args, loaded),
+                            num=num)
+
+
+def _tensor_file(path, flag: str):
+    if path is None:
+        return None
+    try:
+        return load_tensor_file(path)
+    except (ValueError, ImportError) as exc:
+        raise UserError(f"{flag}: {exc}") from None
+
+
+def run_identity(loaded: LoadedModel, inputs: Conditioning, args) -> dict:
+    """The model part of a generate run's identity (run.json, manifest.json).
+
+    For the digits model without overrides it is what earlier versions recorded (name and
+    weights sha256), so their runs still resume.
+    """
+    info = dict(loaded.identity)
+    overrides = schedule_overrides(args)
+    if overrides:
+        info["schedule_overrides"] = overrides
+    info.update(inputs.identity())
+    if not loaded.is_digits:
+        info["sample_shape"] = list(loaded.sample_shape)
+        info["prediction_type"] = overrides.get("prediction_type", loaded.prediction_type)
+    return info
