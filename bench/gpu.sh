@@ -6,16 +6,20 @@
 #   --stage tests   the test suite on CUDA tensors with the real compiler (no interpreter)
 #   --stage bench   the benchmark (python -m bench; --quick for the small matrix)
 #   --stage all     (default) tests, then the quick benchmark, then the full one
+#   --stage session tests, then the quick benchmark: one 10-minute device call
 #
-# Each stage fits one 10-minute device call; on such machines run them as separate calls
-# (tests; bench --quick; bench). A failing stage never stops the next one: the benchmark
+# Every step runs under `timeout` (seconds; override with GPU_TESTS_S, GPU_BENCH_S,
+# GPU_GRAPH_S, GPU_HOST_S), so a hung or slow step is recorded as such ("exit 124") and
+# the next one still runs. The tests run in parallel (pytest-xdist, 8 workers) when it is
+# installed. A failing stage never stops the next one: the benchmark
 # still runs after failed tests, and its results say so (results.json "tests_status", the
 # first line of results.txt, and STATUS). Without diffusers, its tests skip and its
 # baseline is not timed, each with that reason in the logs.
 #
-# Everything lands in "$OUT/gpu-<date>/" when OUT is set (the device tool copies $OUT
-# back), else in bench/results/gpu-<date>/: STATUS (one line per stage), tests.log,
+# Everything lands in bench/results/gpu-<date>/: STATUS (one line per stage), tests.log,
 # bench[-quick].log and the runner's results.{json,csv,txt,png} under bench[-quick]/.
+# When OUT is set (the device tool copies $OUT back, a few files only), the folder is also
+# packed into "$OUT/gpu-<date>.tar.gz" after every step, so a later timeout keeps it.
 # Exits non-zero if any stage failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -32,15 +36,19 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$STAGE" in
-    tests|bench|all) ;;
-    *) echo "gpu.sh: error: --stage must be tests, bench or all, got '$STAGE'" >&2; exit 2 ;;
+    tests|bench|all|session) ;;
+    *) echo "gpu.sh: error: --stage must be tests, bench, all or session, got '$STAGE'" >&2; exit 2 ;;
 esac
 
 PY=${PYTHON:-python3}
 STAMP=$(date -u +%Y-%m-%d)
-DEST=${OUT:+$OUT/gpu-$STAMP}
-DEST=${DEST:-bench/results/gpu-$STAMP}
+DEST=bench/results/gpu-$STAMP
 mkdir -p "$DEST"
+pack() {  # the results folder as one file under $OUT (written aside, then renamed)
+    [ -n "${OUT:-}" ] || return 0
+    tar czf "$OUT/.gpu-$STAMP.tar.gz.part" -C "$(dirname "$DEST")" "$(basename "$DEST")" \
+        && mv "$OUT/.gpu-$STAMP.tar.gz.part" "$OUT/gpu-$STAMP.tar.gz"
+}
 # The real compiler: tests/conftest.py picks CUDA tensors when a GPU is present.
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
@@ -55,18 +63,23 @@ export PYTHONUNBUFFERED=1
         || echo "diffusers: not installed (its tests and baseline are skipped)"
     git rev-parse HEAD 2>/dev/null
 } >"$DEST/environment.log" 2>&1
+pack
 $PY -c "import ddim_fused.kernels" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 FAILED=0
-status() {  # status STAGE EXIT_CODE: one line in STATUS
+status() {  # status STAGE EXIT_CODE: one line in STATUS, then pack
     local verdict=passed
-    [ "$2" -eq 0 ] || { verdict="FAILED (exit $2)"; FAILED=1; }
+    [ "$2" -eq 0 ] || { verdict="FAILED (exit $2$( [ "$2" -eq 124 ] && echo ': timed out'))"; FAILED=1; }
     echo "$1: $verdict" | tee -a "$DEST/STATUS"
+    pack
 }
+XDIST=()
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 
 run_tests() {
     echo "== tests on the GPU (no interpreter)"
-    $PY -m pytest tests/ -q -rs -p no:cacheprovider 2>&1 | tee "$DEST/tests.log"
+    timeout "${GPU_TESTS_S:-300}" $PY -m pytest tests/ -q -rs -p no:cacheprovider --durations=25 \
+        ${XDIST[@]+"${XDIST[@]}"} 2>&1 | tee "$DEST/tests.log"
     local code=${PIPESTATUS[0]}
     status tests "$code"
     TESTS_STATUS="tests $( [ "$code" -eq 0 ] && echo passed || echo "FAILED (exit $code)") in this call"
@@ -75,22 +88,25 @@ run_tests() {
 run_bench() {  # run_bench [--quick]
     local name=bench${1:+-quick}
     echo "== benchmark ${1:-full}"
-    BENCH_TESTS_STATUS=${TESTS_STATUS:-"tests not run in this call"} \
-        $PY -m bench --out-dir "$DEST/$name" ${1:+"$1"} ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$DEST/$name.log"
-    status "$name" "${PIPESTATUS[0]}"
-    # The whole loop captured as one CUDA graph against the uncaptured loop and diffusers';
-    # the host cost per step of the sampler and the diffusers scheduler.
+    # First the short ones: the whole loop captured as one CUDA graph against the uncaptured
+    # loop and diffusers'; the host cost per fused step on the GPU path.
     echo "== CUDA-graph loop and host cost"
-    $PY -m bench.gpu_graph --out-dir "$DEST/$name" 2>&1 | tee -a "$DEST/$name.log"
+    timeout "${GPU_GRAPH_S:-120}" $PY -m bench.gpu_graph --out-dir "$DEST/$name" 2>&1 | tee "$DEST/$name.log"
     status "$name-graph" "${PIPESTATUS[0]}"
-    $PY -m bench.host --out-dir "$DEST/$name" 2>&1 | tee -a "$DEST/$name.log"
+    timeout "${GPU_HOST_S:-60}" $PY -m bench.host --device cuda --out-dir "$DEST/$name" 2>&1 \
+        | tee -a "$DEST/$name.log"
     status "$name-host" "${PIPESTATUS[0]}"
+    BENCH_TESTS_STATUS=${TESTS_STATUS:-"tests not run in this call"} \
+        timeout "${GPU_BENCH_S:-420}" $PY -m bench --out-dir "$DEST/$name" ${1:+"$1"} ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 \
+        | tee -a "$DEST/$name.log"
+    status "$name" "${PIPESTATUS[0]}"
 }
 
 case "$STAGE" in
     tests) run_tests ;;
     bench) run_bench $QUICK ;;
     all) run_tests; run_bench --quick; [ -n "$QUICK" ] || run_bench ;;
+    session) run_tests; run_bench --quick ;;
 esac
 echo "results in $DEST"
 exit "$FAILED"

@@ -7,10 +7,15 @@ Targets (CPU, 1 thread):
 - `DDIMSampler.sample` per step <= 0.25x `ReferenceDDIMSampler.sample`, trivial model
   (returns x), 1x4x8x8, at eta 0, eta 1 (keyed noise) and with guidance.
 
+Target (GPU, `--device cuda`): host time per fused step <= 10 us, as the thread CPU time
+of the launch path: a whole 50-step `DDIMSampler.sample` on CUDA tensors (1x4x64x64,
+trivial model) divided by 50, and one `ddim_fused.ddim_step` call (the validated op).
+The GPU work is queued asynchronously, so the CPU time is the host's own cost.
+
 Each measurement alternates the two providers (A/B, many rounds) and reports medians of
 thread CPU time, which leaves out time the thread spent waiting for a shared core.
 
-    python -m bench.host [--rounds N] [--out-dir DIR]
+    python -m bench.host [--rounds N] [--out-dir DIR] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from ddim_fused.schedules import make_alpha_bar
 SCHEDULER_CASES = (((1, 4, 32, 32), 0.0), ((1, 4, 32, 32), 1.0), ((1, 4, 64, 64), 0.0), ((1, 4, 64, 64), 1.0))
 SAMPLER_CASES = (("eta0", 0.0, False), ("eta1-keyed", 1.0, False), ("guidance", 0.0, True))
 SCHEDULER_TARGET, SAMPLER_TARGET = 0.5, 0.25
+GPU_STEP_TARGET_US, GPU_SHAPE = 10.0, (1, 4, 64, 64)
 STEPS = 50
 
 
@@ -104,9 +110,49 @@ def sampler_rows(rounds: int) -> list[dict]:
     return rows
 
 
+def gpu_rows(rounds: int, device: torch.device) -> list[dict]:
+    """Host (thread CPU) time per fused step on CUDA tensors: the sampler's loop and the op."""
+    import ddim_fused  # noqa: PLC0415 - the public op
+
+    model, shape = _TrivialEps(), GPU_SHAPE
+    x_T = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(2))
+    cond, uncond = torch.ones(1, device=device), torch.zeros(1, device=device)
+    rows = []
+    for name, eta, guided in SAMPLER_CASES:
+        scale, un = (3.0, uncond) if guided else (1.0, None)
+        fused = DDIMSampler(model, STEPS, "uniform", eta, seed=5)
+        run = lambda: fused.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un)  # noqa: E731
+        rows.append(_gpu_row(f"sampler/step {name}", run, STEPS, rounds, device))
+    x, eps, out = x_T.clone(), torch.randn_like(x_T), torch.empty_like(x_T)
+    for name, extra in (("eta0", {}), ("eta1-keyed", {"noise_coef": 0.3, "seed": 7, "step_key": 3})):
+        run = lambda e=extra: ddim_fused.ddim_step(x, eps, out=out, x_coef=1.01, eps_coef=-0.02, **e)  # noqa: E731
+        rows.append(_gpu_row(f"ddim_fused.ddim_step {name}", run, 1, rounds, device))
+    return rows
+
+
+def _gpu_row(label: str, run, steps: int, rounds: int, device: torch.device) -> dict:
+    for _ in range(3):  # compile and warm the caches
+        run()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(rounds):
+        start = time.thread_time()
+        run()
+        times.append((time.thread_time() - start) / steps)
+        torch.cuda.synchronize(device)  # outside the timed span: the queue never fills up
+    host = statistics.median(times) * 1e6
+    return {"kind": "gpu-host", "label": label, "shape": list(GPU_SHAPE), "fused_us": host,
+            "target_us": GPU_STEP_TARGET_US, "device": torch.cuda.get_device_name(device)}
+
+
 def format_rows(rows: list[dict]) -> str:
     lines = []
     for row in rows:
+        if row["kind"] == "gpu-host":
+            verdict = "meets" if row["fused_us"] <= row["target_us"] else "MISSES"
+            lines.append(f"{row['label'] + ' ' + 'x'.join(map(str, row['shape'])):40s} host {row['fused_us']:8.1f} us"
+                         f" per step on {row['device']} ({verdict} <= {row['target_us']:g} us)")
+            continue
         label = (f"scheduler.step {'x'.join(map(str, row['shape']))} eta {row['eta']:g}" if row["kind"] == "scheduler-step"
                  else f"sampler/step {row['case']} {'x'.join(map(str, row['shape']))}")
         base = row.get("stock_us", row.get("reference_us"))
@@ -127,9 +173,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="A/B rounds per case (default 20)")
     parser.add_argument("--out-dir", type=Path, default=None, help="write host.json and host.txt here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: the ratio targets; cuda: host time per step on the GPU path")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     torch.set_num_threads(1)
-    rows = sampler_rows(args.rounds) + scheduler_rows(max(1, args.rounds // 4))
+    if args.device == "cuda":
+        rows = gpu_rows(args.rounds, torch.device("cuda"))
+    else:
+        rows = sampler_rows(args.rounds) + scheduler_rows(max(1, args.rounds // 4))
     text = format_rows(rows)
     print(text)
     if args.out_dir is not None:
