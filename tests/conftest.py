@@ -66,23 +66,15 @@ def native():
 
 
 def _kernels_from_the_checkout() -> None:
-    """Make `ddim_fused.kernels` importable from a checkout that was never pip-installed.
-
-    setup.py installs kernels/ as `ddim_fused.kernels`; a bare `pytest` in a plain checkout
-    (repository root on sys.path via pytest.ini) would otherwise not find it. Installed
-    packages, as the README's commands make, never take this path.
-    """
+    """Make `ddim_fused.kernels` importable from a checkout that was never pip-installed
+    (test modules import it directly); `ddim_fused.backend.kernels` owns how. Installed
+    packages, as the README's commands make, never take this path."""
     import importlib.util  # noqa: PLC0415 - only for this fallback
-    import sys  # noqa: PLC0415
 
-    if importlib.util.find_spec("ddim_fused.kernels") is not None:
-        return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    spec = importlib.util.spec_from_file_location("ddim_fused.kernels", os.path.join(folder, "__init__.py"),
-                                                  submodule_search_locations=[folder])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ddim_fused.kernels"] = module
-    spec.loader.exec_module(module)
+    if importlib.util.find_spec("ddim_fused.kernels") is None:
+        from ddim_fused.backend import kernels  # noqa: PLC0415
+
+        kernels()
 
 
 _kernels_from_the_checkout()
