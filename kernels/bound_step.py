@@ -150,7 +150,8 @@ class BoundStep:
         if runner is None:
             compiled = _ddim_step_kernel[self._grid](*values, **self._options)
             if hasattr(compiled, "__getitem__") and hasattr(compiled, "function"):
-                self._call.runners[key] = compiled[self._grid]
+                # The runner reads grid[0], grid[1] and grid[2]; JITFunction.run pads them with 1s.
+                self._call.runners[key] = compiled[tuple(self._grid) + (1,) * (3 - len(self._grid))]
             return out
         runner(*values)
         return out

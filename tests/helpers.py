@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 
@@ -75,3 +77,11 @@ class ToyModel:
 
 def nan_like(x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, float("nan"))
+
+
+def env_without_checkout(**extra: str) -> dict:
+    """os.environ for a child process, with this checkout taken off PYTHONPATH (where a
+    GPU run puts it) and the other entries (e.g. carried packages) kept, plus `extra`."""
+    root = Path(__file__).resolve().parent.parent
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != root]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(kept), **extra}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -31,7 +30,7 @@ from diffusers import (  # noqa: E402
 )
 
 from ddim_fused.diffusers import FusedDDIMInverseScheduler, FusedDDIMScheduler, use_fused  # noqa: E402
-from tests.helpers import FP32_RTOL, assert_close  # noqa: E402
+from tests.helpers import FP32_RTOL, assert_close, env_without_checkout  # noqa: E402
 
 PAIRS = {"ddim": (FusedDDIMScheduler, DDIMScheduler), "inverse": (FusedDDIMInverseScheduler, DDIMInverseScheduler)}
 CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
@@ -205,7 +204,7 @@ def test_pipeline_saved_after_use_fused_loads_in_a_fresh_process_without_ddim_fu
     assert json.loads((tmp_path / "ddim" / "model_index.json").read_text())["scheduler"] == ["diffusers",
                                                                                            "DDIMScheduler"]
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    env = env_without_checkout(HF_HUB_OFFLINE="1")
     run = subprocess.run([sys.executable, "-c", _LOADER, str(tmp_path / "ddim"), str(tmp_path / "inversion"),
                           str(tmp_path / "images.pt")], capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=300)

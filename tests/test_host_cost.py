@@ -124,7 +124,9 @@ class _StandInCompiled:
         self.launches = launches
 
     def __getitem__(self, grid):
-        return lambda *args: self.launches.append((grid, args))
+        def runner(*args):  # as Triton's CompiledKernel runner: three grid dimensions, always
+            self.launches.append(((grid[0], grid[1], grid[2]), args))
+        return runner
 
 
 def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
@@ -149,7 +151,7 @@ def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
     for _ in range(3):
         run(x, model_out, out)
     assert len(ordinary) == 1 and len(direct) == 2
-    assert all(args == ordinary[0][1] and grid == ordinary[0][0] for grid, args in direct)
+    assert all(args == ordinary[0][1] and grid == ordinary[0][0] + (1, 1) for grid, args in direct)
     assert ordinary[0][1][bound_step._X] is x and ordinary[0][1][bound_step._OUT] is out
     # A misaligned view is a different specialisation: one more ordinary launch.
     storage = torch.empty(x.numel() + 1)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import env_without_checkout
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 SECTION = "## Set up and run"
@@ -74,7 +76,7 @@ def _collect_from_elsewhere(ini: Path, cwd: Path, target: Path) -> subprocess.Co
     code = ("import sys, pytest; sys.exit(pytest.main(['-c', sys.argv[1], '--rootdir', sys.argv[2], "
             "'--collect-only', '-q', '-p', 'no:cacheprovider', sys.argv[3]]))")
     return subprocess.run([sys.executable, "-c", code, str(ini), str(ROOT), str(target)],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env=env_without_checkout())
 
 
 def test_bare_pytest_imports_the_shared_test_helpers(tmp_path):
