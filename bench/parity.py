@@ -4,9 +4,12 @@ The exact result is labml's formula (the eager reference) run in float64 on the 
 inputs and the same noise. Every output a provider returns is gated (x_prev, and
 pred_x0 where a case times it):
 - fp32: relative RMS error <= FP32_RTOL.
-- fp16/bf16: at most twice the error of the better eager baseline (labml or minimal) in
-  that dtype on the same inputs, and never tighter than twice the error of the exact
-  result rounded once to the dtype (the least error any stored result can have).
+- fp16/bf16: the fused providers at most twice the error of the better eager baseline
+  (labml or minimal) in that dtype on the same inputs, never tighter than twice the
+  error of the exact result rounded once to the dtype (the least error any stored result
+  can have). The baselines themselves round after every op, some more often than
+  others (on an H200, bf16: labml 2.0x and diffusers 2.8x minimal's error), so they get
+  BASELINE_SLACK times that bound: still far below what a wrong formula gives.
 - Drawn noise is reproduced, not judged on its moments: the fused providers' against
   the keyed Philox stream, the others' against torch.randn from the same torch seed
   (`bench.providers.drawn_noise`); the exact result then uses that very noise.
@@ -21,9 +24,10 @@ import torch
 from ddim_fused.metrics import relative_rms_error
 
 from .cases import CASES, DTYPES, Case, make_inputs
-from .providers import EAGER, Providers, drawn_noise, labml_step
+from .providers import EAGER, FUSED, Providers, drawn_noise, labml_step
 
 FP32_RTOL = 1e-5
+BASELINE_SLACK = 4.0  # fp16/bf16 baselines: their op-by-op rounding, see the module docstring
 GATE_SEED = 4321  # torch's seed before each provider call, so torch.randn draws are reproducible
 PARITY_SHAPE = (2, 3, 17, 23)  # not a multiple of any block size
 
@@ -107,6 +111,8 @@ def check_group(providers: Providers, names, case: Case, dtype_id: str, inputs: 
             continue
         for k, out_name in enumerate(case.outputs):
             bound, rule = bounds[k]
+            if dtype not in (torch.float32, torch.float64) and name not in FUSED:
+                bound, rule = BASELINE_SLACK * bound, f"{BASELINE_SLACK:g}x ({rule}): a baseline"
             checks.append(Check(name, case.name, dtype_id, out_name, relative_rms_error(outs[k], exact[k]), bound,
                                 rule + noise_rule))
     return checks

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.cases import CASES, make_inputs
-from bench.parity import check_group, exact_outputs, low_precision_bounds
+from bench.parity import BASELINE_SLACK, check_group, exact_outputs, low_precision_bounds
 from bench.providers import Providers, availability
 from ddim_fused.metrics import relative_rms_error
 
@@ -109,6 +109,27 @@ def test_low_precision_bound_is_twice_the_better_eager_error(device):
     wrong = _providers_with(device, "torch", lambda outs: ((outs[0].float() * 1.01).to(torch.bfloat16),))
     assert not all(c.ok for c in check_group(wrong, ["torch"], case, "bf16", inputs))
     assert all(c.ok for c in check_group(providers, ["torch"], case, "bf16", inputs))
+
+
+def test_low_precision_baselines_get_slack_but_fused_providers_do_not(device):
+    """An error 3x the fused bound passes a baseline (op-by-op rounding) and fails a fused
+    provider; a wrong formula fails both."""
+    case = CASES["eta0"]
+    inputs = make_inputs(case, SHAPE, torch.bfloat16, device)
+    (bound, _), = low_precision_bounds(Providers(device), case, inputs, "bf16", {})
+    exact = exact_outputs(Providers(device), case, inputs)[0]
+    noise = torch.randn(exact.shape, generator=torch.Generator().manual_seed(3)).to(exact.device, torch.float64)
+    blurred = exact + noise * (3 * bound * exact.norm() / noise.norm())  # rel RMS error ~3x the bound
+
+    def off(outs):
+        return (blurred.to(torch.bfloat16),)
+
+    for name in ("torch", "labml"):
+        (check,) = check_group(_providers_with(device, name, off), [name], case, "bf16", inputs)
+        assert 2 * bound < check.error < BASELINE_SLACK * bound
+        assert check.ok == (name == "labml"), check
+    wrong = _providers_with(device, "labml", lambda outs: ((outs[0].float() * 1.05).to(torch.bfloat16),))
+    assert not any(c.ok for c in check_group(wrong, ["labml"], case, "bf16", inputs))
 
 
 def test_low_precision_bound_ignores_an_eager_result_with_inf(device):

@@ -39,11 +39,14 @@ try:  # the runtime's own binder: how a launch specialises its arguments
 except ImportError:  # pragma: no cover - other Triton versions
     create_function_from_signature = None
 
-from ddim_fused.kernels.ddim_step import step_launch
-from ddim_fused.kernels.geometry import Launch
-from ddim_fused.kernels.noise import noise_launch
-from ddim_fused.masks import mask_layout
-from ddim_fused.step_args import StepArgs
+from ddim_fused.backend import kernels
+
+kernels()  # registers ddim_fused.kernels, also from a checkout that was never installed
+from ddim_fused.kernels.ddim_step import step_launch  # noqa: E402
+from ddim_fused.kernels.geometry import Launch  # noqa: E402
+from ddim_fused.kernels.noise import noise_launch  # noqa: E402
+from ddim_fused.masks import mask_layout  # noqa: E402
+from ddim_fused.step_args import StepArgs  # noqa: E402
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ARCHS = (90, 80)

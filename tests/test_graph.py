@@ -102,18 +102,18 @@ def test_capturable_paint_loop_gives_the_ordinary_bits(fixed_orig_noise):
     del x, orig, mask
 
 
-def test_capturable_loop_on_the_kernel_path_matches_the_ordinary_loop():
-    """Through the interpreter: the kernel reads the noise the loop refills into its buffer each step."""
+def test_capturable_loop_on_the_kernel_path_matches_the_ordinary_loop(device):
+    """The kernel (interpreter on a CPU) reads the noise the loop refills into its buffer each step."""
     sampler = DDIMSampler(TinyModel(), 4, ddim_eta=1.0, backend="triton")
-    cond = torch.tensor([0.1, -0.2])
+    cond = torch.tensor([0.1, -0.2], device=device)
     options = sample_options()
-    spec = graph.sample_spec(sampler, SHAPE, torch.device("cpu"), torch.float32, cond, **options)
+    spec = graph.sample_spec(sampler, SHAPE, device, torch.float32, cond, **options)
     # The ordinary loop draws noise in the kernel: equal to float rounding of log/cos/sin.
-    torch.testing.assert_close(graph.run_uncaptured(spec, "cpu"), sampler.sample(SHAPE, cond, **options),
+    torch.testing.assert_close(graph.run_uncaptured(spec, device), sampler.sample(SHAPE, cond, device=device, **options),
                                rtol=1e-5, atol=1e-5)
     options2 = dict(options, seed=4242)
-    spec2 = graph.sample_spec(sampler, SHAPE, torch.device("cpu"), torch.float32, cond, **options2)
-    torch.testing.assert_close(replayed(spec, spec2, "cpu"), sampler.sample(SHAPE, cond, **options2),
+    spec2 = graph.sample_spec(sampler, SHAPE, device, torch.float32, cond, **options2)
+    torch.testing.assert_close(replayed(spec, spec2, device), sampler.sample(SHAPE, cond, device=device, **options2),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -335,23 +335,24 @@ def test_each_step_is_one_fused_update(monkeypatch):
 
 
 @pytest.mark.parametrize("noise", ["keyed", "tensor", "none"])
-def test_triton_kernel_matches_the_torch_path(noise, monkeypatch):
+def test_triton_kernel_matches_the_torch_path(noise, monkeypatch, device):
     """The kernel (Triton's interpreter on a CPU) against the torch path, fp32 and bf16."""
-    x = torch.randn(2, 3, 4, 4) * SIGMAS[0]
+    x = torch.randn(2, 3, 4, 4).to(device) * SIGMAS[0]
     eta = 0.0 if noise == "none" else 0.7
 
     def sampler():
         if noise == "keyed":
             return keyed_noise_sampler(3, x)
-        draws = iter(torch.randn(len(SIGMAS), *x.shape, generator=torch.Generator().manual_seed(1)))
+        draws = iter(torch.randn(len(SIGMAS), *x.shape, generator=torch.Generator().manual_seed(1)).to(device))
         return (lambda sigma, sigma_next: next(draws)) if noise == "tensor" else None
 
     for dtype in (torch.float32, torch.bfloat16):
-        want = sample_ddim(_toy_denoiser, x.to(dtype), SIGMAS.to(dtype), disable=True, eta=eta,
+        sigmas = SIGMAS.to(device, dtype)
+        want = sample_ddim(_toy_denoiser, x.to(dtype), sigmas, disable=True, eta=eta,
                            noise_sampler=sampler(), backend="torch")
         with monkeypatch.context() as patch:
             patch.setattr(backend_module, "torch_ddim_step", _no_torch_path)
-            got = sample_ddim(_toy_denoiser, x.to(dtype), SIGMAS.to(dtype), disable=True, eta=eta,
+            got = sample_ddim(_toy_denoiser, x.to(dtype), sigmas, disable=True, eta=eta,
                               noise_sampler=sampler(), backend="triton")
         assert got.dtype == want.dtype == dtype
         assert_close(got, want, rtol=FP32_RTOL if dtype == torch.float32 else BF16_ROUNDING)
