@@ -8,11 +8,16 @@
 #   --stage all     (default) tests, then the quick benchmark, then the full one
 #   --stage session tests, then the quick benchmark: one 10-minute device call
 #
+# Each bench stage first times the captured CUDA-graph loop (bench.gpu_graph), the host
+# cost per fused step (bench.host --device cuda) and `ddim-fused generate` throughput
+# (bench.throughput --device cuda), then runs the matrix (python -m bench).
+#
 # Every step runs under `timeout` (seconds; override with GPU_TESTS_S, GPU_BENCH_S,
-# GPU_GRAPH_S, GPU_HOST_S), so a hung or slow step is recorded as such ("exit 124") and
-# the next one still runs. The tests run in parallel (pytest-xdist, 8 workers) when it is
-# installed (GPU_TEST_WORKERS, default 12). A failing stage never stops the next one: the benchmark
-# still runs after failed tests, and its results say so (results.json "tests_status", the
+# GPU_GRAPH_S, GPU_HOST_S, GPU_THROUGHPUT_S), so a hung or slow step is recorded as such
+# ("exit 124") and the next one still runs. The tests run in parallel when pytest-xdist is
+# installed (GPU_TEST_WORKERS workers, default 12); at their limit they are interrupted, so
+# the failures so far are still listed. A failing stage never stops the next one: the
+# benchmark still runs after failed tests, and its results say so (results.json "tests_status", the
 # first line of results.txt, and STATUS). Without diffusers, its tests skip and its
 # baseline is not timed, each with that reason in the logs.
 #
@@ -97,6 +102,10 @@ run_bench() {  # run_bench [--quick]
     timeout "${GPU_HOST_S:-60}" $PY -m bench.host --device cuda --out-dir "$DEST/$name" 2>&1 \
         | tee -a "$DEST/$name.log"
     status "$name-host" "${PIPESTATUS[0]}"
+    # ddim-fused generate's samples/s on the GPU, one fresh process per model.
+    timeout "${GPU_THROUGHPUT_S:-150}" $PY -m bench.throughput --device cuda --threads 1 ${1:+--quick} \
+        --out "$DEST/$name/throughput.json" 2>&1 | tee -a "$DEST/$name.log"
+    status "$name-throughput" "${PIPESTATUS[0]}"
     BENCH_TESTS_STATUS=${TESTS_STATUS:-"tests not run in this call"} \
         timeout "${GPU_BENCH_S:-420}" $PY -m bench --out-dir "$DEST/$name" ${1:+"$1"} ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 \
         | tee -a "$DEST/$name.log"

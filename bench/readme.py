@@ -14,6 +14,8 @@ with KIND one of
     bench      a results.json written by `python -m bench` (bench.report.readme_section)
     quality    docs/quality.json of `python -m ddim_fused.quality` (its markdown_table)
     adherence  docs/adherence.json of `python -m ddim_fused.digits.evaluate --json` (its markdown_table)
+    table1     docs/table1.json of `python -m ddim_fused.digits.table1` (its markdown_table)
+    throughput docs/throughput.json of `python -m bench.throughput` (its markdown_table)
 
 tests/test_readme_data.py runs the check, so a README table cannot drift from its data.
 """
@@ -27,14 +29,17 @@ import sys
 from pathlib import Path
 
 from ddim_fused.digits.evaluate import markdown_table as adherence_table
+from ddim_fused.digits.table1 import markdown_table as table1_table
 from ddim_fused.quality import markdown_table as quality_table
 
 from .report import readme_section
+from .throughput import markdown_table as throughput_table
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- data: (\w+) (\S+) -->\n(.*?)<!-- /data -->", re.DOTALL)
-RENDER = {"bench": readme_section, "quality": quality_table, "adherence": adherence_table}
+RENDER = {"bench": readme_section, "quality": quality_table, "adherence": adherence_table,
+          "table1": table1_table, "throughput": throughput_table}
 
 
 def render(kind: str, path: str) -> str:

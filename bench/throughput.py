@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     if any(n < 1 for n in args.threads):
         parser.error("--threads: each count must be >= 1")
     data = measure(args.threads, args.device, args.quick)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(json.dumps(data, indent=2) + "\n")

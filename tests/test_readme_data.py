@@ -29,7 +29,7 @@ def _data(kind):
 
 def test_every_data_block_is_rendered_from_its_file():
     kinds = [m.group(1) for m in BLOCK.finditer(TEXT)]
-    assert sorted(kinds) == ["adherence", "bench", "quality"], kinds
+    assert sorted(kinds) == ["adherence", "bench", "quality", "table1", "throughput"], kinds
     _, changed = regenerate(TEXT)
     assert not changed, f"README blocks differ from their data: {changed}; run python -m bench.readme"
 
@@ -61,6 +61,49 @@ def test_quality_statements_hold_on_the_data():
     # "Sigma-hat is the worst of all at 10 steps"
     assert fd[SIGMA_HAT, 10] == max(fd[eta, 10] for eta in etas)
     assert f"between {data['n']:,} DDIM samples and {data['n']:,} exact samples" in PROSE
+
+
+def test_table1_statements_hold_on_the_data():
+    data = _data("table1")
+    fd = {(c["eta"], c["steps"]): c["frechet"] for c in data["cells"]}
+    acc = [c["accuracy"] for c in data["cells"]]
+    etas, steps = {e for e, _ in fd}, sorted({s for _, s in fd})
+    assert steps == [10, 20, 50, 100, 1000] and len(etas) == 5 and SIGMA_HAT in etas
+    others = [e for e in etas if e != SIGMA_HAT]
+    # sigma-hat: the worst row at S = 10, about twice every other, with the lowest accuracy;
+    # the best row at S = 1000
+    assert all(fd[SIGMA_HAT, 10] >= 1.8 * fd[e, 10] for e in others)
+    at_10 = {c["eta"]: c["accuracy"] for c in data["cells"] if c["steps"] == 10}
+    assert at_10[SIGMA_HAT] == min(acc)
+    assert fd[SIGMA_HAT, 1000] == min(fd[e, 1000] for e in etas)
+    # every eta > 0 falls from S = 10 to S = 50; eta = 1 and sigma-hat keep falling to S = 1000
+    assert all(fd[e, 50] < fd[e, 10] for e in etas if e != 0.0)
+    for e in (1.0, SIGMA_HAT):
+        assert all(fd[e, a] > fd[e, b] for a, b in zip(steps, steps[1:])), e
+    assert 0.95 <= min(acc) and max(acc) <= 1.0
+    # at S = 10 the etas 0..1 are within the seed-to-seed spread of one cell
+    repeats = data["repeat"]["frechet"]
+    spread = max(repeats) - min(repeats)
+    assert max(fd[e, 10] for e in others) - min(fd[e, 10] for e in others) < spread
+    # from S = 50 on eta = 0 is the worst row, nearly flat, every eta > 0 below it
+    for s in (50, 100, 1000):
+        assert all(fd[0.0, s] > fd[e, s] for e in etas if e != 0.0), s
+    assert max(fd[0.0, s] for s in (50, 100, 1000)) - min(fd[0.0, s] for s in (50, 100, 1000)) < 0.1 * spread
+    draws = data["same_size_real_all"]
+    assert f"gives {repeats[1]:.2f} and {repeats[2]:.2f} instead of {repeats[0]:.2f}" in PROSE
+    assert f"score {min(draws):.1f} to {max(draws):.1f}" in PROSE and f"(mean {data['same_size_real']:.1f}" in PROSE
+    assert f"held-out halves, {data['floor']:.1f}," in PROSE
+    # the oracle table puts eta = 0 ahead of eta = 1 for S <= 100
+    oracle = {(c["eta"], c["steps"]): c["frechet"] for c in _data("quality")["cells"]}
+    assert all(oracle[0.0, s] < oracle[1.0, s] for s in (10, 20, 50, 100))
+
+
+def test_throughput_rows_cover_the_digits_model_and_a_unet_at_one_and_two_threads():
+    data = _data("throughput")
+    cells = {(r["model"], r["threads"]) for r in data["rows"]}
+    for model in ("digits", "tiny-unet", "small-unet"):
+        assert {(model, 1), (model, 2)} <= cells, cells
+    assert all(r["samples_per_s"] > 0 and r["samples"] == r["num"] for r in data["rows"])
 
 
 def test_adherence_statements_hold_on_the_data():
