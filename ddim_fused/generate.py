@@ -106,6 +106,10 @@ class GenerateConfig:
     dtype: str = "float32"
     device: str = "cpu"
     backend: str = "auto"
+    # The whole loop replayed as one CUDA graph (DDIMSampler.sample(cuda_graph=True)). Its
+    # in-kernel noise equals the ordinary loop's to float rounding only, so it is part of the
+    # run's identity; when off it is left out, so runs made before it existed still resume.
+    cuda_graph: bool = False
 
     def __post_init__(self):
         for name in ("num", "shard_size", "batch_size", "steps"):
@@ -118,7 +122,9 @@ class GenerateConfig:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
     def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _FREE_FIELDS}
+        """The fields that define the samples (hashed into run.json's config hash)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in _FREE_FIELDS and not (k == "cuda_graph" and not v)}
 
     @property
     def n_shards(self) -> int:
@@ -387,7 +393,7 @@ def generate_shards(
                 b1 = min(b0 + config.batch_size, stop)
                 cond, extra = inputs.batch(b0, b1)
                 x = sampler.sample((b1 - b0,) + sample_shape, cond, sample_offset=b0, device=device, dtype=dtype,
-                                   **extra)
+                                   cuda_graph=config.cuda_graph, **extra)
                 check_finite(x, "generated samples", first_index=b0, hint=_nonfinite_hint(config))
                 parts.append(x.float().cpu().numpy())
                 if on_batch is not None:

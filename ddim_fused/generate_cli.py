@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
                    help="class(es) of a class-conditional model; sample i gets classes[i %% len(classes)] "
                         "(default: all of the model's classes, 0..9 for digits)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each batch shape's whole S-step loop, model included, as one CUDA graph and "
+                        "replay it (CUDA only; the model must be capturable: no host syncs). Samples equal "
+                        "an uncaptured run's to float rounding, so a run keeps its choice on resume")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
 
 
@@ -39,6 +43,8 @@ def cmd_generate(args) -> None:
     check_positive(args, "num", "batch_size", "shard_size")
     check_at_most(args, "num", MAX_SAMPLES, "the noise stream's sample index space")
     env = check_runtime(args)
+    if args.cuda_graph and env["device"].type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device (--device cuda), got --device {args.device}")
     # The sampler checks steps, eta, discretize, seed and backend: build the one the run
     # builds, before any file is written. The model goes on the CPU here because under
     # torchrun each process later puts it on its own device; this must not touch CUDA.
@@ -51,7 +57,7 @@ def cmd_generate(args) -> None:
             num=args.num, shard_size=args.shard_size, batch_size=args.batch_size, steps=args.steps, eta=args.eta,
             discretize=args.discretize or cpu_model.discretize, guidance=guidance(args, cpu_model),
             classes=None if classes is None else tuple(classes), seed=args.seed, dtype=args.dtype,
-            device=env["device"].type, backend=args.backend,
+            device=env["device"].type, backend=args.backend, cuda_graph=args.cuda_graph,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

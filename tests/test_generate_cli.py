@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from ddim_fused import generate as gen
 from ddim_fused.cli import main
@@ -109,6 +110,7 @@ def test_corrupt_shard_is_regenerated_with_a_warning(tmp_path):
         (["--steps", "5000"], "--steps"),
         (["--eta", "-0.5"], "--eta"),
         (["--class", "12"], "unknown class"),
+        (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, extra, message):
@@ -151,3 +153,24 @@ def test_full_disk_exits_non_zero_and_keeps_finished_shards(tmp_path, capsys, mo
     monkeypatch.setattr(gen.np, "savez", real_savez)
     main(["generate", *ARGS, "--out", str(out)])
     assert "2 complete shard(s) kept" in capsys.readouterr().out
+
+
+def test_cuda_graph_is_part_of_the_run_identity_only_when_on():
+    # Runs made before the option existed (no cuda_graph field) keep their config hash.
+    plain = gen.GenerateConfig(num=10, shard_size=5)
+    graphed = gen.GenerateConfig(num=10, shard_size=5, cuda_graph=True)
+    assert "cuda_graph" not in plain.identity() and graphed.identity()["cuda_graph"] is True
+    assert gen.config_hash(plain.identity()) != gen.config_hash(graphed.identity())
+    assert plain.identity() == {k: v for k, v in graphed.identity().items() if k != "cuda_graph"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: --cuda-graph captures a CUDA graph")
+def test_cuda_graph_run_equals_an_uncaptured_run_and_keeps_its_choice(tmp_path, capsys):
+    args = [*ARGS, "--device", "cuda", "--batch-size", "4"]
+    main(["generate", *args, "--out", str(tmp_path / "plain")])
+    main(["generate", *args, "--cuda-graph", "--out", str(tmp_path / "graph")])
+    plain, graphed = (gen.load_samples(tmp_path / name)["samples"] for name in ("plain", "graph"))
+    np.testing.assert_allclose(graphed, plain, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit) as info:  # resuming without the flag is another configuration
+        main(["generate", *args, "--out", str(tmp_path / "graph")])
+    assert info.value.code == 2 and "different configuration" in capsys.readouterr().err
