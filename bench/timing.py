@@ -148,7 +148,6 @@ def copy_bandwidth(device: torch.device, n_bytes: int | None = None) -> dict:
     t = time_kernel(lambda: dst.copy_(src), device, budget_s=0.5)
     moved = 2 * n_bytes
     out = {"gbs": moved / t["p50"] / 1e9, "bytes_per_copy": moved, **t}
-    del src, dst
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from .backend import interpreter_on
 from .cli_errors import UserError  # noqa: F401 - part of this module's API, used by every command
 from .coefficients import PREDICTION_TYPES
+from .finite import nonfinite_hint as finite_hint
 from .models import DIGITS, LoadedModel
 from .sampler import DDIMSampler
 from .schedules import DISCRETIZATIONS
@@ -326,14 +327,8 @@ def build_sampler(model, args, n_steps: int | None = None, *, steps_flag: str = 
 
 def nonfinite_hint(args) -> str:
     """The likely causes of NaN/Inf output under these options, for the error message."""
-    causes = []
-    if args.guidance is not None and abs(args.guidance) > 20:
-        causes.append(f"--guidance {args.guidance:g} is far too large (1 to 10 is usual)")
-    if args.dtype == "float16":
-        causes.append("float16 overflowed (try --dtype float32 or bfloat16)")
-    model = getattr(args, "model", DIGITS)
-    causes.append("the model returns NaN or Inf (check " + ("--weights" if model == DIGITS else "--model") + ")")
-    return "likely cause: " + "; or ".join(causes) + "; nothing was written"
+    model_check = "--weights" if getattr(args, "model", DIGITS) == DIGITS else "--model"
+    return finite_hint(args.guidance, args.dtype, model_check, "nothing was written")
 
 
 def check_t_start(sampler: DDIMSampler, t_start: int) -> int:

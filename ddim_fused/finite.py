@@ -34,3 +34,21 @@ def check_finite(x: torch.Tensor, what: str, *, first_index: int = 0, hint: str 
     message = (f"{what}: sample {first_index + rows[0]} is not finite (NaN or Inf); "
                f"{len(rows)} of the {x.shape[0]} in its batch are")
     raise NonFiniteError(f"{message}; {hint}" if hint else message)
+
+
+def nonfinite_hint(guidance, dtype: str, model_check: str, outcome: str) -> str:
+    """The likely causes of NaN/Inf output, for NonFiniteError's `hint`.
+
+    Args:
+        guidance: the classifier-free guidance scale (None or 1 for none).
+        dtype: the run's dtype name, e.g. "float16".
+        model_check: what to check when the model itself returns NaN (e.g. "--weights").
+        outcome: what happened to the output, e.g. "nothing was written".
+    """
+    causes = []
+    if guidance is not None and abs(guidance) > 20:
+        causes.append(f"the guidance scale {guidance:g} is far too large (1 to 10 is usual)")
+    if dtype == "float16":
+        causes.append("float16 overflowed (try float32 or bfloat16)")
+    causes.append(f"the model returns NaN or Inf (check {model_check})")
+    return "likely cause: " + "; or ".join(causes) + f"; {outcome}"

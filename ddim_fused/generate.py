@@ -47,7 +47,7 @@ from . import __version__
 from .atomic import TEMP_SUFFIX, OutputPathError, atomic_write, check_output_dir, temp_target
 from .conditioning import Conditioning
 from .digits.images import default_scale, is_image_batch, save_grid
-from .finite import NonFiniteError, check_finite  # noqa: F401
+from .finite import NonFiniteError, check_finite, nonfinite_hint  # noqa: F401
 # file_sha256 is part of this module's API (manifests list each shard's).
 from .models import LoadedModel, file_sha256  # noqa: F401
 
@@ -349,16 +349,6 @@ def pending_shards(out_dir: Path, config: GenerateConfig, chash: str, shards) ->
     return todo
 
 
-def _nonfinite_hint(config: GenerateConfig) -> str:
-    causes = []
-    if abs(config.guidance) > 20:
-        causes.append(f"the guidance scale {config.guidance:g} is far too large (1 to 10 is usual)")
-    if config.dtype == "float16":
-        causes.append("float16 overflowed (try float32 or bfloat16)")
-    causes.append("the model returns NaN or Inf (check its weights)")
-    return "likely cause: " + "; or ".join(causes) + "; no shard holding it was written"
-
-
 def generate_shards(
     out_dir: Path,
     config: GenerateConfig,
@@ -394,7 +384,8 @@ def generate_shards(
                 cond, extra = inputs.batch(b0, b1)
                 x = sampler.sample((b1 - b0,) + sample_shape, cond, sample_offset=b0, device=device, dtype=dtype,
                                    cuda_graph=config.cuda_graph, **extra)
-                check_finite(x, "generated samples", first_index=b0, hint=_nonfinite_hint(config))
+                check_finite(x, "generated samples", first_index=b0, hint=nonfinite_hint(config.guidance, config.dtype, "its weights",
+                                                               "no shard holding it was written"))
                 parts.append(x.float().cpu().numpy())
                 if on_batch is not None:
                     on_batch(b1 - b0)

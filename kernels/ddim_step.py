@@ -57,6 +57,18 @@ def _gather(ptr, chunk_offs, first, end, SIZE: tl.constexpr, CHUNK: tl.constexpr
 
 
 @triton.jit
+def _load_f32(ptr, offs, live, first, end, numel, n_magic, n_shift, BCAST: tl.constexpr, SIZE: tl.constexpr,
+              CHUNK: tl.constexpr, COORDS: tl.constexpr):
+    """(SIZE,) fp32 block of a (B, *s) tensor at offs, or (BCAST) of a (1, *s) one shared by the batch."""
+    if BCAST:
+        _, n = _chunk_coords(first, SIZE, CHUNK, numel, n_magic, n_shift, COORDS)
+        block = _gather(ptr, n, first, end, SIZE, CHUNK, True)
+    else:
+        block = tl.load(ptr + offs, mask=live)
+    return block.to(tl.float32)
+
+
+@triton.jit
 def _step_block(
     x_ptr, eps_ptr, eps_c_ptr, out_ptr, noise_ptr, x0_ptr, eps_out_ptr, orig_ptr, orig_noise_ptr, mask_ptr,
     first, end, numel, n_magic, n_shift, g_magic, g_shift,
@@ -87,12 +99,8 @@ def _step_block(
 
     b_out = x_coef * b_x + eps_coef * b_eps
     if NOISE_MODE == NOISE_TENSOR:
-        if NOISE_BCAST:
-            _, n = _chunk_coords(first, SIZE, CHUNK, numel, n_magic, n_shift, COORDS)
-            b_noise = _gather(noise_ptr, n, first, end, SIZE, CHUNK, True).to(tl.float32)
-        else:
-            b_noise = tl.load(noise_ptr + offs, mask=live).to(tl.float32)
-        b_out += noise_coef * b_noise
+        b_out += noise_coef * _load_f32(noise_ptr, offs, live, first, end, numel, n_magic, n_shift, NOISE_BCAST,
+                                        SIZE, CHUNK, COORDS)
     elif NOISE_MODE == NOISE_PHILOX:
         b_out += block_normals(noise_coef, seed, sample_offset, step_key, STREAM_STEP, first, numel, n_magic, n_shift,
                                g_magic, g_shift, SIZE, REPEAT_NOISE, GROUPED, COORDS, FAST_MATH, SPLIT_COUNTERS)
@@ -104,19 +112,11 @@ def _step_block(
         tl.store(eps_out_ptr + offs, cast_for_store(b_eps, eps_out_ptr), mask=live)
 
     if MASK_MODE != NO_MASK:
-        if ORIG_BCAST:
-            _, n = _chunk_coords(first, SIZE, CHUNK, numel, n_magic, n_shift, COORDS)
-            b_orig = _gather(orig_ptr, n, first, end, SIZE, CHUNK, True).to(tl.float32)
-        else:
-            b_orig = tl.load(orig_ptr + offs, mask=live).to(tl.float32)
-        b_orig_t = orig_coef * b_orig
+        b_orig_t = orig_coef * _load_f32(orig_ptr, offs, live, first, end, numel, n_magic, n_shift, ORIG_BCAST,
+                                         SIZE, CHUNK, COORDS)
         if ORIG_NOISE_MODE == NOISE_TENSOR:
-            if ORIG_NOISE_BCAST:
-                _, n = _chunk_coords(first, SIZE, CHUNK, numel, n_magic, n_shift, COORDS)
-                b_orig_noise = _gather(orig_noise_ptr, n, first, end, SIZE, CHUNK, True).to(tl.float32)
-            else:
-                b_orig_noise = tl.load(orig_noise_ptr + offs, mask=live).to(tl.float32)
-            b_orig_t += orig_noise_coef * b_orig_noise
+            b_orig_t += orig_noise_coef * _load_f32(orig_noise_ptr, offs, live, first, end, numel, n_magic, n_shift,
+                                                    ORIG_NOISE_BCAST, SIZE, CHUNK, COORDS)
         elif ORIG_NOISE_MODE == NOISE_PHILOX:
             b_orig_t += block_normals(orig_noise_coef, seed, sample_offset, step_key, STREAM_ORIG, first, numel,
                                       n_magic, n_shift, g_magic, g_shift, SIZE, False, GROUPED, COORDS, FAST_MATH,
