@@ -17,7 +17,6 @@ calls it as one node.
 """
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import typing
 from typing import Optional
@@ -41,8 +40,8 @@ _SCHEMA_TYPES = {
     tuple[float, float]: "float[]",
     Optional[MaskLayout]: "Tensor?",
 }
-STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepArgs))
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StepArgs) if f.default is not dataclasses.MISSING}
+STEP_FIELDS = StepArgs._fields
+_DEFAULTS = StepArgs._field_defaults
 _REQUIRED = tuple(name for name in STEP_FIELDS if name not in _DEFAULTS)
 
 

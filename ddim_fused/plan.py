@@ -7,7 +7,7 @@ the denoising loop does only a table lookup, a model call and one fused launch p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -196,7 +196,7 @@ class TorchNoise:
             orig_noise = torch.randn_like(step.orig)
         if noise is step.noise and orig_noise is step.orig_noise:
             return step
-        return replace(step, noise=noise, orig_noise=orig_noise)
+        return step._replace(noise=noise, orig_noise=orig_noise)
 
 
 def make_noise_policy(source: str, seed: Optional[int], sample_offset: int, repeat: bool):
