@@ -343,27 +343,36 @@ class DDIMSampler:
         if not invert and noise is None:
             noisy = [i for i in indices if table["noise_scale"][i] * temperature != 0.0]
             drawn = policy.predraw(noisy, shape, device, step_fn)
-        fields = policy.step_fields()
         launches = bind_launches(step_fn, shape, dtype)
-        records = []
-        for i, t_batch in zip(indices, t_rows):
-            split = None
-            if invert:
-                args = StepArgs(table["inv_x_coef"][i], table["inv_eps_coef"][i], guide.scale)
-            else:
-                noise_coef = table["noise_scale"][i] * temperature
-                step_noise = drawn[i] if drawn is not None and noise_coef != 0.0 else noise
-                step_fields = dict(noise_coef=noise_coef, noise=step_noise, step_key=i, **fields, **paint,
-                                   **self._paint_coefs(i, paint))
-                if self.limit is None:
-                    args = StepArgs(table["x_coef"][i], table["eps_coef"][i], guide.scale,
-                                    x0_coefs=(table["x0_x_coef"][i], table["x0_eps_coef"][i]), **step_fields)
-                else:
-                    split = self._split_first(i, guide.scale)
-                    args = StepArgs(table["sqrt_alpha_prev"][i], table["dir_coef"][i], **step_fields)
-            run = step_runner(step_fn, policy, args, dtype, launches, split, self.limit)
-            records.append(StepPlan(i, table["time_steps"][i], t_batch, args, run, split))
-        return Plan(step_fn, guide, policy, tuple(records), has_x0=not invert, limit=self.limit)
+        # What every step of the call shares: the noise keys and the paint inputs (per step
+        # only coefficients, the step key and the noise change; this loop runs once per step).
+        shared = StepArgs(0.0, 0.0, guide.scale, **policy.step_fields(), **paint)
+        if invert:
+            steps = [(i, StepArgs(table["inv_x_coef"][i], table["inv_eps_coef"][i], guide.scale), None)
+                     for i in indices]
+        else:
+            steps = [self._step_args(shared, i, temperature, noise, drawn, paint) for i in indices]
+        records = tuple(StepPlan(i, table["time_steps"][i], t_batch, args,
+                                 step_runner(step_fn, policy, args, dtype, launches, split, self.limit), split)
+                        for (i, args, split), t_batch in zip(steps, t_rows))
+        return Plan(step_fn, guide, policy, records, has_x0=not invert, limit=self.limit)
+
+    def _step_args(self, shared: StepArgs, i: int, temperature: float, noise, drawn, paint: dict):
+        """(i, StepArgs, SplitStep | None) of DDIM step i: `shared` with the step's own fields.
+
+        noise: the call's explicit step noise (or None); drawn: {i: predrawn noise} or None.
+        """
+        table = self._coef_table
+        noise_coef = table["noise_scale"][i] * temperature
+        step_noise = drawn[i] if drawn is not None and noise_coef != 0.0 else noise
+        own = {"noise_coef": noise_coef, "noise": step_noise, "step_key": i}
+        if paint:
+            own["orig_coef"], own["orig_noise_coef"] = self.coefs.q_sample_coefs(i, self.paint_blend)
+        if self.limit is None:
+            return i, shared._replace(x_coef=table["x_coef"][i], eps_coef=table["eps_coef"][i],
+                                      x0_coefs=(table["x0_x_coef"][i], table["x0_eps_coef"][i]), **own), None
+        return i, shared._replace(x_coef=table["sqrt_alpha_prev"][i], eps_coef=table["dir_coef"][i], guidance=None,
+                                  **own), self._split_first(i, shared.guidance)
 
     def _split_first(self, index: int, guidance) -> SplitStep:
         """Launch 1 of a step that limits pred_x0: pred_x0 and pred_eps from (x, model output)."""
@@ -384,12 +393,6 @@ class DDIMSampler:
         table = {name: getattr(c, name).tolist() for name in names}
         table["sqrt_alpha_prev"] = np.sqrt(c.alpha_prev).tolist()
         return table
-
-    def _paint_coefs(self, index: int, paint: dict) -> dict:
-        if not paint:
-            return {}
-        orig_coef, orig_noise_coef = self.coefs.q_sample_coefs(index, self.paint_blend)
-        return {"orig_coef": orig_coef, "orig_noise_coef": orig_noise_coef}
 
     def _denoise(self, x: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
         """The denoising loop of sample, paint and invert: model call, one fused step, callback.
