@@ -155,7 +155,7 @@ class KeyedNoise:
             return None
         drawn = keyed_normal_torch(shape[0], numel, self.seed, list(step_keys), "step", self.sample_offset,
                                    repeat=self.repeat, device=device)
-        return {key: noise.view(shape) for key, noise in zip(step_keys, drawn.unbind(0))}
+        return dict(zip(step_keys, drawn.view(len(step_keys), *shape).unbind(0)))
 
     def fills(self, step: StepArgs) -> bool:
         """Whether `fill` adds noise to the step: never, it draws from its keys."""

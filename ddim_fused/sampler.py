@@ -400,22 +400,29 @@ class DDIMSampler:
         Without a callback the steps alternate between two output buffers (nothing outside
         sees them but the model, which gets each as its input x); with one, every step
         writes fresh tensors, so the callback may keep what it is given.
+
+        Without a callback the loop runs under torch.inference_mode, which makes every
+        small torch op on the host cheaper (about a third on a CPU); the buffers are made
+        outside it, so the result is an ordinary tensor the caller may update in place.
         """
         want_x0 = callback is not None and plan.has_x0
         buffers = (torch.empty_like(x), torch.empty_like(x)) if callback is None else None
         call_model = plan.guide.call
-        for n, step in enumerate(plan.steps):
-            model_out = call_model(x, step.t_batch)
-            out = buffers[n & 1] if buffers is not None else torch.empty_like(x)
-            if model_out.data_ptr() == out.data_ptr():  # the model returned an earlier step's input
-                out = torch.empty_like(x)
-            pred_x0 = torch.empty_like(x) if want_x0 else None
-            x = step.run(x, model_out, out, pred_x0)
-            if callback is not None:
-                info = {"index": step.index, "t": step.t, "x": x}
-                if plan.has_x0:
-                    info["pred_x0"] = pred_x0
-                callback(info)
+        with torch.inference_mode(callback is None):
+            for n, step in enumerate(plan.steps):
+                model_out = call_model(x, step.t_batch)
+                out = buffers[n & 1] if buffers is not None else torch.empty_like(x)
+                if model_out.data_ptr() == out.data_ptr():  # the model returned an earlier step's input
+                    out = torch.empty_like(x)
+                pred_x0 = torch.empty_like(x) if want_x0 else None
+                x = step.run(x, model_out, out, pred_x0)
+                if callback is not None:
+                    info = {"index": step.index, "t": step.t, "x": x}
+                    if plan.has_x0:
+                        info["pred_x0"] = pred_x0
+                    callback(info)
+        if x.is_inference() and not torch.is_inference_mode_enabled():
+            x = x.clone()  # made inside the loop (the model-returned-its-input case): an ordinary copy
         return x
 
     @staticmethod

@@ -94,7 +94,9 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype):
     x_coef, eps_coef, guidance = step.x_coef, step.eps_coef, step.guidance
     x0_x, x0_eps = step.x0_coefs
     noise_coef = step.noise_coef
-    noise = step.noise.to(dtype) if noise_coef != 0.0 else None
+    noise = None
+    if noise_coef != 0.0:
+        noise = step.noise if step.noise.dtype is dtype else step.noise.to(dtype)
 
     def run(x, model_out, out, x0_out=None):
         if model_out.dtype is not dtype or x.dtype is not dtype:

@@ -207,3 +207,22 @@ def test_model_returning_an_earlier_input_gets_a_fresh_output():
         sampler = DDIMSampler(model, 6, backend="torch")
         results.append(sampler.sample(SHAPE, None, x_last=x_last, callback=callback))
     assert torch.equal(results[0], results[1])
+
+
+def test_results_are_ordinary_tensors_the_caller_may_update_in_place():
+    """The loop runs under inference mode; what it returns must not be an inference tensor."""
+
+    class EchoesEarlierInput(_Recorder):
+        def __call__(self, x, t, cond):
+            self.inputs.append(x)
+            return self.inputs[-2] if len(self.inputs) > 1 else x.clone()
+
+    for model in (_Recorder(), EchoesEarlierInput()):  # the second takes the fresh-output path
+        sampler = DDIMSampler(model, 4, ddim_eta=0.5, backend="torch")
+        x = sampler.sample(SHAPE, None, seed=1)
+        assert not x.is_inference()
+        before = x.clone()
+        x.add_(1.0)  # raises for an inference tensor outside inference mode
+        assert torch.equal(x, before + 1.0)
+    with torch.inference_mode():  # a caller already in inference mode gets no extra copy
+        assert sampler.sample(SHAPE, None, seed=1).is_inference()
