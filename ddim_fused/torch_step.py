@@ -28,11 +28,11 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     B = x.shape[0]
     if step.guidance is not None:
-        eps_u = model_out[:B].to(compute)
-        eps = torch.lerp(eps_u, model_out[B:].to(compute), step.guidance) if B else eps_u
+        eps_u = _as(model_out[:B], compute)
+        eps = torch.lerp(eps_u, _as(model_out[B:], compute), step.guidance) if B else eps_u
     else:
-        eps = model_out.to(compute)
-    xc = x.to(compute)
+        eps = _as(model_out, compute)
+    xc = _as(x, compute)
     # Results go straight into fp32 (fp64) outputs; fp16/bf16 outputs get one rounding copy.
     if x0_out is not None:
         x0_x, x0_eps = step.x0_coefs
@@ -49,15 +49,20 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
         noise = step.noise
         if noise is None:
             noise = _keyed(x, step, "step", step.repeat_noise)
-        acc.add_(noise.to(compute), alpha=step.noise_coef)
+        acc.add_(_as(noise, compute), alpha=step.noise_coef)
     if step.mask is not None:
-        orig_t = step.orig.to(compute) * step.orig_coef
+        orig_t = _as(step.orig, compute) * step.orig_coef
         if step.orig_noise_coef != 0.0:
             orig_noise = step.orig_noise if step.orig_noise is not None else _keyed(x, step, "orig", False)
-            orig_t = torch.add(orig_t, orig_noise.to(compute), alpha=step.orig_noise_coef)
+            orig_t = torch.add(orig_t, _as(orig_noise, compute), alpha=step.orig_noise_coef)
         # orig_t * m + acc * (1 - m), exact at m = 0 and 1.
-        acc.lerp_(orig_t, step.mask.mask.to(compute))
+        acc.lerp_(orig_t, _as(step.mask.mask, compute))
     return out if direct else out.copy_(acc)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (a no-op .to() still costs a dispatch per step)."""
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 def _keyed(x: torch.Tensor, step: StepArgs, stream: str, repeat: bool) -> torch.Tensor:
@@ -96,7 +101,7 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype):
     noise_coef = step.noise_coef
     noise = None
     if noise_coef != 0.0:
-        noise = step.noise if step.noise.dtype is dtype else step.noise.to(dtype)
+        noise = _as(step.noise, dtype)
 
     def run(x, model_out, out, x0_out=None):
         if model_out.dtype is not dtype or x.dtype is not dtype:
