@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (torch + triton installed, no network, maybe no diffusers):
 #
-#   bash bench/gpu.sh [--stage tests|bench|all] [--quick] [extra python -m bench options]
+#   bash bench/gpu.sh [--stage smoke|tests|bench|all|session] [--quick] [extra python -m bench options]
 #
+#   --stage smoke   the GPU-only paths in about two minutes (tests of the direct launches, the
+#                   captured loop, the operator, the noise; the main job on the GPU)
 #   --stage tests   the test suite on CUDA tensors with the real compiler (no interpreter)
 #   --stage bench   the benchmark (python -m bench; --quick for the small matrix)
 #   --stage all     (default) tests, then the quick benchmark, then the full one
-#   --stage session tests, then the quick benchmark: one 10-minute device call
+#   --stage session smoke, tests, then the quick benchmark: one 10-minute device call
+#                   (e.g. GPU_SMOKE_S=120 GPU_TESTS_S=200 GPU_BENCH_S=150)
 #
 # Each bench stage first times the captured CUDA-graph loop (bench.gpu_graph), the host
 # cost per fused step (bench.host --device cuda) and `ddim-fused generate` throughput
 # (bench.throughput --device cuda), then runs the matrix (python -m bench).
 #
-# Every step runs under `timeout` (seconds; override with GPU_TESTS_S, GPU_BENCH_S,
-# GPU_GRAPH_S, GPU_HOST_S, GPU_THROUGHPUT_S), so a hung or slow step is recorded as such
-# ("exit 124") and the next one still runs. The tests run in parallel when pytest-xdist is
-# installed (GPU_TEST_WORKERS workers, default 12); at their limit they are interrupted, so
-# the failures so far are still listed. A failing stage never stops the next one: the
-# benchmark still runs after failed tests, and its results say so (results.json "tests_status", the
-# first line of results.txt, and STATUS). Without diffusers, its tests skip and its
-# baseline is not timed, each with that reason in the logs.
+# Every step runs under `timeout` (seconds; override with GPU_SMOKE_S, GPU_TESTS_S,
+# GPU_BENCH_S, GPU_GRAPH_S, GPU_HOST_S, GPU_THROUGHPUT_S), so a hung or slow step is
+# recorded as such ("exit 124") and the next one still runs. The tests run in parallel
+# when pytest-xdist is installed (GPU_TEST_WORKERS workers, default 12); at their limit
+# they are interrupted, so the failures so far are still listed. A failing stage never
+# stops the next one: the benchmark still runs after failed tests, and its results say so
+# (results.json "tests_status", the first line of results.txt, and STATUS). Without
+# diffusers, its tests skip and its baseline is not timed, each with that reason in the
+# logs.
 #
-# Everything lands in bench/results/gpu-<date>/: STATUS (one line per stage), tests.log,
+# Everything lands in bench/results/gpu-<date>-<HHMM>/: STATUS (one line per stage), tests.log,
 # bench[-quick].log and the runner's results.{json,csv,txt,png} under bench[-quick]/.
 # When OUT is set (the device tool copies $OUT back, a few files only), the folder is also
-# packed into "$OUT/gpu-<date>.tar.gz" after every step, so a later timeout keeps it.
+# packed into "$OUT/gpu-<date>-<HHMM>.tar.gz" after every step, so a later timeout keeps it.
 # Exits non-zero if any stage failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -41,12 +45,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$STAGE" in
-    tests|bench|all|session) ;;
-    *) echo "gpu.sh: error: --stage must be tests, bench, all or session, got '$STAGE'" >&2; exit 2 ;;
+    smoke|tests|bench|all|session) ;;
+    *) echo "gpu.sh: error: --stage must be smoke, tests, bench, all or session, got '$STAGE'" >&2; exit 2 ;;
 esac
 
 PY=${PYTHON:-python3}
-STAMP=$(date -u +%Y-%m-%d)
+STAMP=$(date -u +%Y-%m-%d-%H%M)  # one folder per call: never mixed with an earlier run's
 DEST=bench/results/gpu-$STAMP
 mkdir -p "$DEST"
 pack() {  # the results folder as one file under $OUT (written aside, then renamed)
@@ -112,11 +116,25 @@ run_bench() {  # run_bench [--quick]
     status "$name" "${PIPESTATUS[0]}"
 }
 
+run_smoke() {
+    # The GPU-only paths first, in about two minutes: the sampler's direct launches, the
+    # captured loop, the operator under torch.compile, the fast-noise bound, the static
+    # compile check, and the main job on the GPU (its PNG lands in the results folder).
+    echo "== smoke: the GPU-only paths"
+    timeout "${GPU_SMOKE_S:-150}" $PY -m pytest -q --tb=short -rfEs -p no:cacheprovider tests/test_graph.py \
+        tests/test_ops.py tests/test_host_cost.py tests/test_noise.py tests/test_kernel_compiles.py \
+        tests/test_sampler_parity.py 2>&1 | tee "$DEST/smoke.log"
+    status smoke-tests "${PIPESTATUS[0]}"
+    timeout 60 $PY -m ddim_fused sample --device cuda --out "$DEST/samples-cuda.png" 2>&1 | tee -a "$DEST/smoke.log"
+    status smoke-sample "${PIPESTATUS[0]}"
+}
+
 case "$STAGE" in
+    smoke) run_smoke ;;
     tests) run_tests ;;
     bench) run_bench $QUICK ;;
     all) run_tests; run_bench --quick; [ -n "$QUICK" ] || run_bench ;;
-    session) run_tests; run_bench --quick ;;
+    session) run_smoke; run_tests; run_bench --quick ;;
 esac
 echo "results in $DEST"
 exit "$FAILED"
