@@ -374,6 +374,7 @@ def generate_shards(
     dtype = getattr(torch, config.dtype)
     device = torch.device(config.device)
     sample_shape = tuple(inputs.loaded.sample_shape)
+    hint = nonfinite_hint(config.guidance, config.dtype, "its weights", "no shard holding it was written")
     with _ShardWriter(out_dir, config.seed, chash) as writer, torch.inference_mode():
         for k in shards:
             start, stop = config.shard_range(k)
@@ -384,8 +385,7 @@ def generate_shards(
                 cond, extra = inputs.batch(b0, b1)
                 x = sampler.sample((b1 - b0,) + sample_shape, cond, sample_offset=b0, device=device, dtype=dtype,
                                    cuda_graph=config.cuda_graph, **extra)
-                check_finite(x, "generated samples", first_index=b0, hint=nonfinite_hint(config.guidance, config.dtype, "its weights",
-                                                               "no shard holding it was written"))
+                check_finite(x, "generated samples", first_index=b0, hint=hint)
                 parts.append(x.float().cpu().numpy())
                 if on_batch is not None:
                     on_batch(b1 - b0)

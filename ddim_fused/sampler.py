@@ -344,8 +344,8 @@ class DDIMSampler:
             noisy = [i for i in indices if table["noise_scale"][i] * temperature != 0.0]
             drawn = policy.predraw(noisy, shape, device, step_fn)
         launches = bind_launches(step_fn, shape, dtype)
-        # What every step of the call shares: the noise keys and the paint inputs (per step
-        # only coefficients, the step key and the noise change; this loop runs once per step).
+        # What every step of the call shares (guidance, noise keys, paint inputs), built once:
+        # a step replaces only its coefficients, step key and noise.
         shared = StepArgs(0.0, 0.0, guide.scale, **policy.step_fields(), **paint)
         if invert:
             steps = [(i, StepArgs(table["inv_x_coef"][i], table["inv_eps_coef"][i], guide.scale), None)
