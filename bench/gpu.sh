@@ -9,7 +9,9 @@
 #   --stage bench   the benchmark (python -m bench; --quick for the small matrix)
 #   --stage all     (default) tests, then the quick benchmark, then the full one
 #   --stage session smoke, tests, then the quick benchmark: one 10-minute device call
-#                   (e.g. GPU_SMOKE_S=120 GPU_TESTS_S=200 GPU_BENCH_S=150)
+#                   with limits that add up to under 600 s, e.g. GPU_SMOKE_S=100
+#                   GPU_TESTS_S=180 GPU_GRAPH_S=60 GPU_HOST_S=30 GPU_THROUGHPUT_S=60
+#                   GPU_BENCH_S=120
 #
 # Each bench stage first times the captured CUDA-graph loop (bench.gpu_graph), the host
 # cost per fused step (bench.host --device cuda) and `ddim-fused generate` throughput
@@ -121,7 +123,7 @@ run_smoke() {
     # captured loop, the operator under torch.compile, the fast-noise bound, the static
     # compile check, and the main job on the GPU (its PNG lands in the results folder).
     echo "== smoke: the GPU-only paths"
-    timeout "${GPU_SMOKE_S:-150}" $PY -m pytest -q --tb=short -rfEs -p no:cacheprovider tests/test_graph.py \
+    timeout -s INT -k 20 "${GPU_SMOKE_S:-150}" $PY -m pytest -q --tb=short -rfEs -p no:cacheprovider tests/test_graph.py \
         tests/test_ops.py tests/test_host_cost.py tests/test_noise.py tests/test_kernel_compiles.py \
         tests/test_sampler_parity.py 2>&1 | tee "$DEST/smoke.log"
     status smoke-tests "${PIPESTATUS[0]}"

@@ -148,31 +148,13 @@ def _diffusers_loop(sched, model, x_T, cond, uncond, scale, eta):
 
 
 def _graph_loop(fused, shape, cond, x_T, scale, uncond):
-    """Capture fused.sample (fixed seed, static x_T) in a CUDA graph; replay runs all 50 steps.
-
-    Untested without a GPU: it needs a sampler whose loop makes no host syncs (a fixed
-    seed, tensors already on the device).
-    """
-    static_x = x_T.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up compiles the kernels outside the capture
-            fused.sample(shape, cond, x_last=static_x, uncond_scale=scale, uncond_cond=uncond)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = fused.sample(shape, cond, x_last=static_x, uncond_scale=scale, uncond_cond=uncond)
-    eager_out = fused.sample(shape, cond, x_last=static_x, uncond_scale=scale, uncond_cond=uncond)
-    graph.replay()
-    torch.cuda.synchronize()
-    if not torch.allclose(graph_out, eager_out, rtol=1e-4, atol=1e-4):
-        raise RuntimeError("the replayed graph's sample differs from the eager sample")
+    """The sampler's own captured loop (`sample(..., cuda_graph=True)`): the first call
+    captures, every later one copies x_T in and replays all 50 steps."""
 
     def run():
-        graph.replay()
-        return graph_out
+        return fused.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=uncond, cuda_graph=True)
 
+    run()  # capture outside the timed calls
     return run
 
 

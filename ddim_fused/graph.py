@@ -108,15 +108,20 @@ class CapturedLoop:
     inputs: dict  # name -> static tensor the call's value is copied into
     output: torch.Tensor
     fill: Callable[[dict], dict] = field(repr=False, default=None)  # call's raw inputs -> tensors to copy
+    # The captured body: it holds every tensor the graph reads or writes by address that was
+    # made before the capture (noise buffers, step keys, the model's time steps). Without
+    # this reference they would be freed after capture and their memory handed out again.
+    body: Optional[Callable[[], torch.Tensor]] = field(repr=False, default=None)
 
     def replay(self, seed: int, sample_offset: int, values: dict) -> torch.Tensor:
         """Copy the call's keys and inputs in, replay, return a clone of the output."""
-        self.seed.fill_(seed)
-        self.sample_offset.fill_(sample_offset)
-        for name, value in self.fill(values).items():
-            self.inputs[name].copy_(value)
-        self.graph.replay()
-        return self.output.clone()
+        with torch.cuda.device(self.output.device):
+            self.seed.fill_(seed)
+            self.sample_offset.fill_(sample_offset)
+            for name, value in self.fill(values).items():
+                self.inputs[name].copy_(value)
+            self.graph.replay()
+            return self.output.clone()
 
 
 def release_graphs(sampler) -> None:
@@ -139,7 +144,9 @@ def run_captured(sampler, spec: LoopSpec, device: torch.device) -> torch.Tensor:
 
 
 def _capture(store, spec: LoopSpec, device) -> CapturedLoop:
-    with torch.cuda.device(device):
+    # Ordinary tensors even when the first call runs under inference mode: later replays,
+    # in or out of it, update them in place.
+    with torch.cuda.device(device), torch.inference_mode(False):
         seed_t = torch.tensor(spec.seed, dtype=torch.int64, device=device)
         offset_t = torch.tensor(spec.sample_offset, dtype=torch.int64, device=device)
         statics = {name: value.clone(memory_format=torch.contiguous_format)
@@ -155,7 +162,7 @@ def _capture(store, spec: LoopSpec, device) -> CapturedLoop:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=store["pool"]):
             output = body()
-    return CapturedLoop(graph, seed_t, offset_t, statics, output, spec.fill)
+    return CapturedLoop(graph, seed_t, offset_t, statics, output, spec.fill, body)
 
 
 def graph_loop(plan: Plan, x_static: Optional[torch.Tensor], shape, dtype, seed_t, offset_t, *,

@@ -143,7 +143,7 @@ class BoundStep:
         if not DIRECT_LAUNCH:
             _ddim_step_kernel[self._grid](*values, **self._options)
             return out
-        key = (self._mode, model_out.dtype, x.dtype, out.dtype, x0_out is None,
+        key = (self._mode, model_out.dtype, x.dtype, out.dtype, None if x0_out is None else x0_out.dtype,
                x.data_ptr() & 15, model_out.data_ptr() & 15, out.data_ptr() & 15,
                0 if x0_out is None else x0_out.data_ptr() & 15)
         runner = self._call.runners.get(key)

@@ -157,3 +157,38 @@ def test_captured_loop_equals_the_uncaptured_one_for_two_seeds():
     assert len(sampler._cuda_graphs["loops"]) == 1  # the second seed replayed the first capture
     graph.release_graphs(sampler)
     assert not hasattr(sampler, "_cuda_graphs")
+
+
+def test_a_capture_keeps_alive_what_the_graph_reads_by_address(monkeypatch):
+    """The noise buffer, the step keys and the model's time steps are made before the capture;
+    the graph holds their addresses, so the captured loop must keep them (CPU stand-ins for
+    the CUDA calls: same Python object flow, no capture)."""
+    import contextlib  # noqa: PLC0415
+    import gc  # noqa: PLC0415
+    import types  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    for name, value in {"device": lambda d: contextlib.nullcontext(), "Stream": lambda: stream,
+                        "current_stream": lambda: stream, "stream": lambda s: contextlib.nullcontext(),
+                        "graph_pool_handle": object, "CUDAGraph": lambda: types.SimpleNamespace(replay=lambda: None),
+                        "graph": lambda g, pool=None: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    made = []
+    real_loop = graph.graph_loop
+
+    def spying_loop(plan, *args, **kwargs):
+        made.extend([kwargs["noise_buffer"], plan.steps[0].t_batch])
+        return real_loop(plan, *args, **kwargs)
+
+    monkeypatch.setattr(graph, "graph_loop", spying_loop)
+    sampler = DDIMSampler(TinyModel(), 4, ddim_eta=1.0, backend="torch")
+    spec = graph.sample_spec(sampler, SHAPE, torch.device("cpu"), torch.float32, None, **sample_options())
+    loop = graph._capture({"pool": None, "loops": {}}, spec, torch.device("cpu"))
+    refs = [weakref.ref(t) for t in made]
+    made.clear()
+    gc.collect()
+    assert all(r() is not None for r in refs), "a tensor the graph reads was freed after capture"
+    del loop
+    gc.collect()
+    assert all(r() is None for r in refs)  # and nothing else holds them: the loop is what keeps them

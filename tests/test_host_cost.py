@@ -21,16 +21,16 @@ SHAPE = (2, 3, 5, 7)
 COEFS = dict(x_coef=1.37, eps_coef=-0.41, x0_coefs=(2.1, -1.3))
 
 
-def randn(shape, dtype=torch.float32, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+def randn(shape, dtype=torch.float32, seed=0, device="cpu"):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device, dtype)
 
 
-def step_variants(dtype):
+def step_variants(dtype, device="cpu"):
     """StepArgs of every mode a plan builds: guidance, noise given / drawn / none, paint."""
-    noise = randn(SHAPE, dtype, 5)
-    one_noise = randn((1,) + SHAPE[1:], dtype, 6)
-    mask = (randn((SHAPE[0], 1) + SHAPE[2:], seed=7) > 0).to(dtype)
-    orig = randn(SHAPE, dtype, 8)
+    noise = randn(SHAPE, dtype, 5, device)
+    one_noise = randn((1,) + SHAPE[1:], dtype, 6, device)
+    mask = (randn((SHAPE[0], 1) + SHAPE[2:], seed=7, device=device) > 0).to(dtype)
+    orig = randn(SHAPE, dtype, 8, device)
     for guidance, noise_case, paint in itertools.product((None, 3.5), ("none", "tensor", "one", "keyed"),
                                                          (False, True)):
         fields = dict(COEFS, guidance=guidance, step_key=3, seed=11, sample_offset=4)
@@ -43,9 +43,9 @@ def step_variants(dtype):
         yield f"g{guidance}-{noise_case}-{'paint' if paint else 'plain'}", StepArgs(**fields)
 
 
-def inputs(dtype, guided):
-    x = randn(SHAPE, dtype, 1)
-    model_out = randn(((2 if guided else 1) * SHAPE[0],) + SHAPE[1:], dtype, 2)
+def inputs(dtype, guided, device="cpu"):
+    x = randn(SHAPE, dtype, 1, device)
+    model_out = randn(((2 if guided else 1) * SHAPE[0],) + SHAPE[1:], dtype, 2, device)
     return x, model_out
 
 
@@ -75,17 +75,23 @@ def test_torch_runner_falls_back_for_another_model_dtype():
 
 
 def run_bound(dtype, step, x, model_out, want_x0):
+    """The bound step run twice (on a GPU the second launch goes through the direct runner)."""
     call = kernels().bind_ddim_step(torch.empty(SHAPE, dtype=dtype, device="meta"))
     run = call.step(step)
-    out, x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
-    assert run(x, model_out, out, x0) is out
-    return out, x0
+    results = []
+    for _ in range(2):
+        out, x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
+        assert run(x, model_out, out, x0) is out
+        results.append((out, x0))
+    (first, first_x0), (second, second_x0) = results
+    assert torch.equal(first, second) and (not want_x0 or torch.equal(first_x0, second_x0))
+    return second, second_x0
 
 
 @pytest.mark.parametrize("want_x0", [False, True], ids=["no-x0", "x0"])
-def test_bound_kernel_step_is_bit_identical(want_x0):
-    for name, step in step_variants(torch.float32):
-        x, model_out = inputs(torch.float32, step.guidance is not None)
+def test_bound_kernel_step_is_bit_identical(want_x0, device):
+    for name, step in step_variants(torch.float32, device):
+        x, model_out = inputs(torch.float32, step.guidance is not None, device)
         expected, expected_x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
         kernels().launch_ddim_step(x, model_out, expected, step, expected_x0)
         got, got_x0 = run_bound(torch.float32, step, x, model_out, want_x0)
@@ -94,25 +100,28 @@ def test_bound_kernel_step_is_bit_identical(want_x0):
             assert torch.equal(got_x0, expected_x0), name
 
 
-def test_bound_steps_of_one_call_share_layout_but_not_coefficients():
+def test_bound_steps_of_one_call_share_layout_but_not_coefficients(device):
     call = kernels().bind_ddim_step(torch.empty(SHAPE, device="meta"))
-    x, model_out = inputs(torch.float32, False)
+    x, model_out = inputs(torch.float32, False, device)
     first = StepArgs(**COEFS, noise_coef=0.2, seed=3, step_key=5)
     second = StepArgs(x_coef=0.5, eps_coef=0.25, x0_coefs=(1.0, 2.0), noise_coef=0.1, seed=3, step_key=4)
     runs = [call.step(s) for s in (first, second)]
-    for step, run in zip((first, second), runs):
-        expected = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
-        assert torch.equal(run(x, model_out, torch.empty_like(x)), expected)
+    for _ in range(2):  # the second round: direct launches on a GPU
+        for step, run in zip((first, second), runs):
+            expected = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
+            assert torch.equal(run(x, model_out, torch.empty_like(x)), expected)
 
 
-def test_bound_steps_read_their_own_noise_tensors():
+def test_bound_steps_read_their_own_noise_tensors(device):
     call = kernels().bind_ddim_step(torch.empty(SHAPE, device="meta"))
-    x, model_out = inputs(torch.float32, False)
-    steps = [StepArgs(**COEFS, noise_coef=0.3, noise=randn(SHAPE, seed=20 + k), step_key=k) for k in range(2)]
+    x, model_out = inputs(torch.float32, False, device)
+    steps = [StepArgs(**COEFS, noise_coef=0.3, noise=randn(SHAPE, seed=20 + k, device=device), step_key=k)
+             for k in range(2)]
     runs = [call.step(s) for s in steps]
-    for step, run in zip(steps, runs):
-        expected = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
-        assert torch.equal(run(x, model_out, torch.empty_like(x)), expected)
+    for _ in range(2):  # the second round: direct launches on a GPU
+        for step, run in zip(steps, runs):
+            expected = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
+            assert torch.equal(run(x, model_out, torch.empty_like(x)), expected)
 
 
 class _StandInCompiled:

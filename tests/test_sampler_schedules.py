@@ -33,7 +33,7 @@ class Model:
 
 
 def diffusers_loop(scheduler, model, x, steps, cond=None, uncond=None, scale=1.0):
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=x.device)
     for t in scheduler.timesteps:
         tb = t.view(1).expand(x.shape[0])
         out = model(x, tb, cond)
