@@ -117,15 +117,21 @@ def markdown_table(data: dict) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def plot(data: dict, path: Path) -> None:
-    """Frechet distance vs S, one line per eta, log-log, with the noise floor dashed."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; ImportError naming the extra without it."""
     try:
         import matplotlib  # noqa: PLC0415 - optional extra
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError as exc:
-        raise ImportError("the quality plot needs matplotlib: pip install 'ddim-fused[plots]'") from exc
+        raise ImportError("plotting needs matplotlib: pip install 'ddim-fused[plots]'") from exc
+    return plt
+
+
+def plot(data: dict, path: Path) -> None:
+    """Frechet distance vs S, one line per eta, log-log, with the noise floor dashed."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for eta in dict.fromkeys(c["eta"] for c in data["cells"]):
         cells = [c for c in data["cells"] if c["eta"] == eta]

@@ -56,6 +56,14 @@ def backend_device(backend) -> torch.device:
 
 
 @pytest.fixture
+def restore_threads():
+    """For tests whose CLI runs set torch's global thread count (--threads): the session gets its own back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def native():
     """The CPU noise C kernel (ddim_fused.philox_native); skipped (not passed) without a C compiler."""
     if philox_native.compiler() is None:

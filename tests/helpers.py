@@ -85,3 +85,12 @@ def env_without_checkout(**extra: str) -> dict:
     root = Path(__file__).resolve().parent.parent
     kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != root]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(kept), **extra}
+
+
+# The CLI's image grids: 8x8 samples upscaled SCALE times, PAD source pixels between them.
+SCALE, PAD = 8, 1
+
+
+def grid_size(ncols: int, nrows: int) -> tuple[int, int]:
+    """(width, height) in pixels of a CLI grid of ncols x nrows 8x8 samples."""
+    return ((ncols * (8 + PAD) + PAD) * SCALE, (nrows * (8 + PAD) + PAD) * SCALE)

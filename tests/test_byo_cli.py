@@ -18,21 +18,9 @@ from tests.byo_models import (
     tiny_cond_unet,
     tiny_unet,
 )
+from tests.helpers import grid_size
 
-pytestmark = needs_diffusers
-
-SCALE, PAD = 8, 1  # 8x8 samples are drawn 8x, one source pixel apart
-
-
-def grid_size(ncols, nrows):
-    return ((ncols * (8 + PAD) + PAD) * SCALE, (nrows * (8 + PAD) + PAD) * SCALE)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = [needs_diffusers, pytest.mark.usefixtures("restore_threads")]
 
 
 @pytest.fixture(scope="module")

@@ -5,24 +5,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ddim_fused.cli import main
+from tests.helpers import PAD, SCALE, grid_size
 
-SCALE, PAD = 8, 1  # the CLI's upscaling and the gap between digits, in source pixels
-
-
-def grid_size(ncols, nrows):
-    return ((ncols * (8 + PAD) + PAD) * SCALE, (nrows * (8 + PAD) + PAD) * SCALE)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # --threads 1 sets torch's global thread count; give the rest of the session its own back.
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # --threads 1 sets torch's global count
 
 
 def run(argv, capsys):

@@ -28,6 +28,7 @@ import torch
 from ..atomic import atomic_write
 from ..coefficients import SIGMA_HAT
 from ..metrics import frechet_distance
+from ..quality import pyplot
 from ..sampler import DDIMSampler
 from .classifier import load_digits_classifier
 from .pretrained import load_digits_model
@@ -147,13 +148,7 @@ def markdown_table(data: dict) -> str:
 
 def plot(data: dict, path: Path) -> None:
     """FD and class accuracy vs S, one line per eta, with the two real-vs-real references."""
-    try:
-        import matplotlib  # noqa: PLC0415 - optional extra
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError as exc:
-        raise ImportError("the plot needs matplotlib: pip install 'ddim-fused[plots]'") from exc
+    plt = pyplot()
     fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for eta in dict.fromkeys(c["eta"] for c in data["cells"]):
         cells = [c for c in data["cells"] if c["eta"] == eta]
