@@ -94,3 +94,16 @@ SCALE, PAD = 8, 1
 def grid_size(ncols: int, nrows: int) -> tuple[int, int]:
     """(width, height) in pixels of a CLI grid of ncols x nrows 8x8 samples."""
     return ((ncols * (8 + PAD) + PAD) * SCALE, (nrows * (8 + PAD) + PAD) * SCALE)
+
+
+def scheduler_dummy_sample(flip: bool = False) -> torch.Tensor:
+    """(4, 3, 8, 8) deterministic sample of diffusers' scheduler tests (rebuilt here), for their published sums."""
+    n = 4 * 3 * 8 * 8
+    values = torch.arange(n).flip(-1) if flip else torch.arange(n)
+    return (values.reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
+
+
+def scheduler_dummy_model(sample: torch.Tensor, t) -> torch.Tensor:
+    """The dummy eps-model of diffusers' scheduler tests: sample * t / (t + 1)."""
+    t = t.reshape(-1, 1, 1, 1).to(sample.dtype)
+    return sample * t / (t + 1)

@@ -30,7 +30,13 @@ from diffusers import (  # noqa: E402
 )
 
 from ddim_fused.diffusers import FusedDDIMInverseScheduler, FusedDDIMScheduler, use_fused  # noqa: E402
-from tests.helpers import FP32_RTOL, assert_close, env_without_checkout  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    FP32_RTOL,
+    assert_close,
+    env_without_checkout,
+    scheduler_dummy_model,
+    scheduler_dummy_sample,
+)
 
 PAIRS = {"ddim": (FusedDDIMScheduler, DDIMScheduler), "inverse": (FusedDDIMInverseScheduler, DDIMInverseScheduler)}
 CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
@@ -273,16 +279,6 @@ INVERSE_PUBLISHED = {
 }
 
 
-def _dummy_sample():
-    n = 4 * 3 * 8 * 8
-    return (torch.arange(n).reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
-
-
-def _dummy_model(sample, t):
-    t = t.reshape(-1, 1, 1, 1).to(sample.dtype)
-    return sample * t / (t + 1)
-
-
 @pytest.mark.parametrize("case", list(INVERSE_PUBLISHED.values()), ids=list(INVERSE_PUBLISHED))
 def test_inverse_published_full_loops(case):
     config, want_sum, want_mean = case
@@ -290,9 +286,9 @@ def test_inverse_published_full_loops(case):
     for cls in (FusedDDIMInverseScheduler, DDIMInverseScheduler):
         s = cls(**{**INVERSE_BASE, **config})
         s.set_timesteps(10)
-        sample = _dummy_sample()
+        sample = scheduler_dummy_sample()
         for t in s.timesteps:
-            sample = s.step(_dummy_model(sample, t), t, sample).prev_sample
+            sample = s.step(scheduler_dummy_model(sample, t), t, sample).prev_sample
         finals.append(sample)
     fused, stock = finals
     assert abs(fused.abs().sum().item() - want_sum) < 1e-2

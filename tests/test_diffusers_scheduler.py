@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler  # noqa: E402
 
 from ddim_fused.diffusers import FusedDDIMScheduler  # noqa: E402
-from tests.helpers import FP32_RTOL, assert_close  # noqa: E402
+from tests.helpers import FP32_RTOL, assert_close, scheduler_dummy_model, scheduler_dummy_sample  # noqa: E402
 
 T = 1000
 
@@ -304,25 +304,14 @@ PUBLISHED = {
 }
 
 
-def _dummy_deter(flip=False):
-    n = 4 * 3 * 8 * 8
-    values = torch.arange(n).flip(-1) if flip else torch.arange(n)
-    return (values.reshape(3, 8, 8, 4) / n).permute(3, 0, 1, 2)
-
-
-def _dummy_model(sample, t):
-    t = t.reshape(-1, 1, 1, 1).to(sample.dtype)
-    return sample * t / (t + 1)
-
-
 @pytest.mark.parametrize("case", list(PUBLISHED.values()), ids=list(PUBLISHED))
 def test_diffusers_published_full_loops(case):
     config, want_sum, want_mean = case
     s = FusedDDIMScheduler(**{**PUBLISHED_BASE, **config})
     s.set_timesteps(10)
-    sample = _dummy_deter()
+    sample = scheduler_dummy_sample()
     for t in s.timesteps:
-        sample = s.step(_dummy_model(sample, t), t, sample, 0.0).prev_sample
+        sample = s.step(scheduler_dummy_model(sample, t), t, sample, 0.0).prev_sample
     assert abs(sample.abs().sum().item() - want_sum) < 1e-2
     assert abs(sample.abs().mean().item() - want_mean) < 1e-3
 
@@ -331,9 +320,9 @@ def test_diffusers_published_full_loop_with_noise():
     s = FusedDDIMScheduler(**PUBLISHED_BASE)
     s.set_timesteps(10)
     timesteps = s.timesteps[8:]
-    sample = s.add_noise(_dummy_deter(), _dummy_deter(flip=True), timesteps[:1])
+    sample = s.add_noise(scheduler_dummy_sample(), scheduler_dummy_sample(flip=True), timesteps[:1])
     for t in timesteps:
-        sample = s.step(_dummy_model(sample, t), t, sample, 0.0).prev_sample
+        sample = s.step(scheduler_dummy_model(sample, t), t, sample, 0.0).prev_sample
     assert abs(sample.abs().sum().item() - 354.5418) < 1e-2
     assert abs(sample.abs().mean().item() - 0.4616) < 1e-3
 
