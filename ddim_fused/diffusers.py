@@ -135,6 +135,7 @@ class _FusedStepMixin:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         super().set_timesteps(int(num_inference_steps))  # on the CPU: the host copy costs no sync
         self._host_timesteps = self.timesteps.numpy().copy()
+        self._host_timestep_list = self._host_timesteps.tolist()
         if device is not None:
             self.timesteps = self.timesteps.to(device)
         self._timesteps_ref = self.timesteps
@@ -156,7 +157,7 @@ class _FusedStepMixin:
             eta = _check_eta(eta)
             if len(self._step_tables) >= _MAX_ETA_TABLES:
                 self._step_tables.clear()
-            table = {t: self._coefficient_row(t, eta) for t in self._host_timesteps.tolist()}
+            table = {t: self._coefficient_row(t, eta) for t in self._host_timestep_list}
             self._step_tables[eta] = table
         return table
 
@@ -173,12 +174,14 @@ class _FusedStepMixin:
     def _timestep_value(self, timestep) -> int:
         """The training time step `timestep` names, as a host int, without a device sync if possible."""
         if isinstance(timestep, torch.Tensor):
+            index = self._schedule_index(timestep)
+            if index is not None:  # a pipeline's case: a view of self.timesteps, in range by construction
+                return self._host_timestep_list[index]
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
             if timestep.dtype.is_complex or timestep.dtype == torch.bool:
                 raise TypeError(f"timestep must be an integer or float tensor, got dtype {timestep.dtype}")
-            index = self._schedule_index(timestep)
-            value = self._host_timesteps[index].item() if index is not None else timestep.item()
+            value = timestep.item()
         elif isinstance(timestep, (bool, np.bool_)):
             raise TypeError("timestep must be an int, a float or a tensor, got a bool")
         elif isinstance(timestep, (int, np.integer, float, np.floating)):
@@ -195,15 +198,13 @@ class _FusedStepMixin:
         return value
 
     def _schedule_index(self, timestep: torch.Tensor) -> int | None:
-        """Index of `timestep` in the schedule if it is a view of `self.timesteps`, else None."""
+        """Index of `timestep` in the schedule if it is a 0-d or 1-element view of an unchanged `self.timesteps`."""
         ref = self.__dict__.get("_timesteps_ref")
-        if (ref is None or self.timesteps is not ref or ref._version != self._timesteps_version
-                or timestep.device != ref.device or timestep.dtype != ref.dtype):
-            return None
-        if timestep.untyped_storage().data_ptr() != ref.untyped_storage().data_ptr():
+        if (ref is None or timestep._base is not ref or self.timesteps is not ref
+                or ref._version != self._timesteps_version or timestep.dtype != ref.dtype or timestep.numel() != 1):
             return None
         index = timestep.storage_offset() - ref.storage_offset()
-        return index if 0 <= index < len(self._host_timesteps) else None
+        return index if 0 <= index < len(self._host_timestep_list) else None
 
     # --- checks and launches --------------------------------------------------------
 
@@ -230,25 +231,33 @@ class _FusedStepMixin:
         if model_output.device != sample.device:
             raise ValueError(f"model_output is on {model_output.device}, sample on {sample.device}")
 
-    def _launcher(self, sample, dtype, noise):
+    def _launcher(self, sample, dtype, noise, noise_is_scaled: bool = False):
         """(step function, noise) for this step; see `ddim_fused.backend` for the policy.
 
         float64 runs on the torch path under backend="auto"; inputs are made contiguous
         by the caller. Noise that does not have the kernel's (1 or B, *s) layout (e.g.
-        broadcast over channels) is expanded once into it.
+        broadcast over channels) is expanded once into it; scaled noise (drawn here) has it.
         """
         key = (self._backend, sample.device, dtype)
         cache = self.__dict__.setdefault("_step_functions", {})
         run = cache.get(key)
         if run is None:
             run = cache[key] = step_function(*key)
-        if noise is not None and (noise.shape[1:] != sample.shape[1:] or noise.shape[0] not in (1, sample.shape[0])
-                                  or noise.dim() != sample.dim()):
+        if noise is None or noise_is_scaled:
+            return run, noise
+        if (noise.shape[1:] != sample.shape[1:] or noise.shape[0] not in (1, sample.shape[0])
+                or noise.dim() != sample.dim()):
             noise = noise.expand(sample.shape)
-        return run, None if noise is None else noise.contiguous()
+        return run, noise.contiguous()
 
-    def _fused_update(self, model_output, sample, coefs: StepCoefficients, linear, noise, clip, use_clipped: bool):
-        """(prev_sample, pred_original_sample): one launch, or two around a torch clip of pred_x0."""
+    def _fused_update(self, model_output, sample, coefs: StepCoefficients, linear, noise, clip, use_clipped: bool,
+                      noise_is_scaled: bool = False):
+        """(prev_sample, pred_original_sample): one launch, or two around a torch clip of pred_x0.
+
+        noise: (1 or B, *s) standard normal noise, or with noise_is_scaled std * noise in a
+        fresh contiguous (B, *s) buffer of the promoted dtype, which becomes prev_sample
+        (the update writes over the noise it reads: one buffer less, one op less).
+        """
         dtype = sample.dtype if model_output.dtype is sample.dtype else torch.promote_types(model_output.dtype,
                                                                                               sample.dtype)
         if dtype == torch.float64:
@@ -258,10 +267,10 @@ class _FusedStepMixin:
             sample, model_output = sample.to(dtype), model_output.to(dtype)
         # The kernel reads contiguous memory: a strided input is copied once here.
         sample, model_output = sample.contiguous(), model_output.contiguous()
-        run, noise = self._launcher(sample, dtype, noise)
-        std = coefs.std if noise is not None else 0.0
-        prev = torch.empty(sample.shape, dtype=dtype, device=sample.device)
-        x0 = torch.empty_like(prev)
+        run, noise = self._launcher(sample, dtype, noise, noise_is_scaled)
+        std = 0.0 if noise is None else 1.0 if noise_is_scaled else coefs.std
+        prev = noise if noise_is_scaled else torch.empty_like(sample)
+        x0 = torch.empty_like(sample)
         if clip is None:
             x_coef, m_coef = linear
             run(sample, model_output, prev, StepArgs(x_coef, m_coef, noise_coef=std, noise=noise, x0_coefs=coefs.x0),
@@ -342,13 +351,20 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
         coefs, linear = self._coefficients(t, eta)  # checks eta the first time it is seen
         if self.config.thresholding and sample.dim() < 2:
             raise ValueError(f"thresholding needs sample of shape (B, C, ...), got {tuple(sample.shape)}")
-        noise = None
+        noise, noise_is_scaled = None, False
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either generator or variance_noise, not both: one of them must be None")
             if variance_noise is not None:
                 _check_noise(variance_noise, sample)
                 noise = variance_noise
+            elif _draws_like_randn(generator, model_output, sample, coefs.std):
+                # What randn_tensor draws, times std, in one op and in the buffer prev_sample
+                # becomes: normal_(0, std) consumes the generator as randn does and returns
+                # std * the same normals (to the last bit, or one unit in the last place).
+                noise = torch.empty_like(sample, memory_format=torch.contiguous_format)
+                noise.normal_(0.0, coefs.std, generator=generator)
+                noise_is_scaled = True
             else:
                 # diffusers draws the noise even where std is 0, so the generator advances identically.
                 noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
@@ -360,7 +376,8 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
             clip = lambda x0: x0.clamp_(-r, r)  # noqa: E731 - x0 is our own fresh buffer
         else:
             clip = None
-        prev, x0 = self._fused_update(model_output, sample, coefs, linear, noise, clip, use_clipped_model_output)
+        prev, x0 = self._fused_update(model_output, sample, coefs, linear, noise, clip, use_clipped_model_output,
+                                      noise_is_scaled)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -419,6 +436,18 @@ def _check_eta(eta) -> float:
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     return float(eta)
+
+
+def _draws_like_randn(generator, model_output: torch.Tensor, sample: torch.Tensor, std: float) -> bool:
+    """Whether std * randn_tensor(model_output.shape, generator, ...) can be drawn as normal_(0, std).
+
+    It can when the draw happens where randn_tensor draws it (no generator, or one on
+    model_output's device), in the dtype the update computes in (float32 or float64,
+    model_output's and sample's), and std is a valid standard deviation.
+    """
+    return (model_output.dtype is sample.dtype and sample.dtype in (torch.float32, torch.float64)
+            and (generator is None or (isinstance(generator, torch.Generator) and generator.device == sample.device))
+            and math.isfinite(std) and std >= 0.0)
 
 
 def _check_noise(noise, sample: torch.Tensor) -> None:

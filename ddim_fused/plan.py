@@ -16,7 +16,7 @@ import torch
 from .backend import keyed_normal
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
-from .torch_step import torch_ddim_step, torch_step_runner
+from .torch_step import COMPUTE_DTYPES, torch_ddim_step, torch_step_runner
 from .validation import FLOAT_DTYPES, check_float, check_int, check_shape
 
 NOISE_SOURCES = ("philox", "torch")
@@ -143,19 +143,29 @@ class KeyedNoise:
         noise = keyed_normal_torch(x0.shape[0], numel, self.seed, index, "orig", self.sample_offset, device=x0.device)
         return noise.view(x0.shape)
 
-    def predraw(self, step_keys: Sequence[int], shape, device, step_fn) -> Optional[dict]:
-        """{step key: noise (B, *s)} for the noisy steps of a small torch-path loop, else None.
+    def predraw(self, step_keys: Sequence[int], coefs: Sequence[float], shape, dtype: torch.dtype, device, step_fn,
+                out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """(K, B, *s) noise, row k = coefs[k] * the noise of step step_keys[k], for a small torch-path loop.
 
-        Per step, the keyed stream costs a call (the C kernel) or about 130 small
-        integer-tensor ops, which dominates the step for small latents; drawn for all
-        steps at once it costs that once. The values are the same as the step would draw.
+        None for the kernel path, no keys, or more than _PREDRAW_LIMIT elements. Per step,
+        the keyed stream costs a call (the C kernel) or about 130 small integer-tensor ops,
+        which dominates the step for small latents; drawn and scaled for all steps at once,
+        it costs that once. The rows hold what a step would draw and scale itself (so a
+        step given a row takes noise_coef 1), in the torch path's compute dtype for x of
+        `dtype`; written into `out` when given (a buffer an earlier call returned).
         """
         numel = int(np.prod(shape[1:]))
         if step_fn is not torch_ddim_step or not step_keys or len(step_keys) * shape[0] * numel > _PREDRAW_LIMIT:
             return None
+        compute = dtype if dtype in COMPUTE_DTYPES else torch.float32
         drawn = keyed_normal_torch(shape[0], numel, self.seed, list(step_keys), "step", self.sample_offset,
                                    repeat=self.repeat, device=device)
-        return dict(zip(step_keys, drawn.view(len(step_keys), *shape).unbind(0)))
+        if out is None:
+            out = torch.empty((len(step_keys), *shape), dtype=compute, device=device)
+        scale = torch.tensor(coefs, dtype=compute, device=device).view(-1, 1, 1)
+        # In the compute dtype, as torch_ddim_step scales a step's noise: the same bits.
+        torch.mul(drawn, scale, out=out.view(drawn.shape))
+        return out
 
     def fills(self, step: StepArgs) -> bool:
         """Whether `fill` adds noise to the step: never, it draws from its keys."""
@@ -180,7 +190,7 @@ class TorchNoise:
     def orig(self, x0: torch.Tensor, index: int) -> torch.Tensor:
         return torch.randn_like(x0)
 
-    def predraw(self, step_keys, shape, device, step_fn) -> None:
+    def predraw(self, step_keys, coefs, shape, dtype, device, step_fn, out=None) -> None:
         return None
 
     def fills(self, step: StepArgs) -> bool:
@@ -254,7 +264,7 @@ class StepPlan(NamedTuple):
     split: Optional[SplitStep] = None
 
 
-def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype, launches=None,
+def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype, device, launches=None,
                 split: Optional[SplitStep] = None, limit: Optional[Callable] = None) -> Callable:
     """run(x, model_out, out, x0_out=None) -> out: one step of a plan, decided once per call.
 
@@ -268,7 +278,7 @@ def step_runner(step_fn: Callable, policy, args: StepArgs, dtype: torch.dtype, l
         return _split_runner(step_fn, policy, args, split, limit)
     if not policy.fills(args):
         if step_fn is torch_ddim_step:
-            return torch_step_runner(args, dtype)
+            return torch_step_runner(args, dtype, device)
         bound = launches.step(args) if launches is not None else None
         if bound is not None:
             return bound
@@ -292,6 +302,27 @@ def _split_runner(step_fn: Callable, policy, args: StepArgs, split: SplitStep, l
     return run
 
 
+class StepTable(NamedTuple):
+    """A plan's steps, with the predrawn noise their runners read (see KeyedNoise.predraw).
+
+    reusable: whether the records depend on nothing of the call but that noise (no step
+    draws noise from the call's seed itself), so a later call with the same steps, shape,
+    dtype, device, guidance, temperature and noise source may run them after `refill`.
+    """
+
+    records: tuple[StepPlan, ...]
+    reusable: bool
+    noise: Optional[torch.Tensor] = None  # (K, B, *s) scaled noise of the noisy steps
+    noise_keys: tuple[int, ...] = ()
+    noise_coefs: tuple[float, ...] = ()
+
+    def refill(self, policy, step_fn) -> None:
+        """Draw this call's noise (policy's seed and sample offset) into the buffer the steps read."""
+        if self.noise is not None:
+            policy.predraw(self.noise_keys, self.noise_coefs, self.noise.shape[1:], self.noise.dtype,
+                           self.noise.device, step_fn, out=self.noise)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a sampler call decides once: step function, model call, noise, steps."""
@@ -302,3 +333,4 @@ class Plan:
     steps: tuple[StepPlan, ...]
     has_x0: bool  # whether the steps define pred_x0 (not for inversion)
     limit: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # X0Limit of split steps
+    reuse: Optional[tuple] = None  # (key, StepTable) to hand back to the sampler after the loop

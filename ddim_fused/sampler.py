@@ -12,13 +12,16 @@ from .backend import bind_launches, check_backend, step_function
 from .coefficients import ddim_coefficients
 from .masks import mask_layout
 from .model import model_device, resolve_model
-from .plan import NOISE_SOURCES, Guide, Plan, SplitStep, StepPlan, check_model_out, make_noise_policy, step_runner
+from .plan import (NOISE_SOURCES, Guide, Plan, SplitStep, StepPlan, StepTable, check_model_out, make_noise_policy,
+                   step_runner)
 from .schedules import ddim_timesteps
 from .step_args import StepArgs
 from .validation import FLOAT_DTYPES, broadcast_batch, check_float, check_int, check_shape, check_tensor
 from .x0_clip import X0Limit
 
 PAINT_BLENDS = ("alpha", "alpha_prev")
+# Step tables a sampler keeps for reuse by later calls (one per shape, dtype and options).
+_REUSED_TABLES = 4
 PREV_TIMESTEP_RULES = ("previous", "ratio")
 
 
@@ -108,6 +111,7 @@ class DDIMSampler:
         self.ddim_alpha_prev = torch.from_numpy(self.coefs.alpha_prev).float()
         self.ddim_sigma = torch.from_numpy(self.coefs.sigma).float()
         self.ddim_sqrt_one_minus_alpha = (1.0 - torch.from_numpy(self.coefs.alpha)).sqrt().float()
+        self._reused: dict = {}  # key -> StepTable of finished calls (see _plan)
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
@@ -172,7 +176,7 @@ class DDIMSampler:
                                          sample_offset=sample_offset)
         plan = self._plan(range(self.coefs.n_steps - 1 - skip_steps, -1, -1), shape, device, dtype, cond,
                           uncond_scale, uncond_cond, seed=seed, sample_offset=sample_offset,
-                          repeat_noise=repeat_noise, temperature=temperature)
+                          repeat_noise=repeat_noise, temperature=temperature, reuse=True)
         x = x_last.contiguous() if x_last is not None else plan.noise.initial(shape, device, dtype)
         return self._denoise(x, plan, callback)
 
@@ -257,7 +261,7 @@ class DDIMSampler:
             raise ValueError(f"a {self.prediction_type!r} model cannot be inverted from alpha_prev = 1 "
                              "(set_alpha_to_one): its eps is undefined on clean samples")
         plan = self._plan(range(self.coefs.n_steps), x0.shape, x0.device, x0.dtype, cond, uncond_scale,
-                          uncond_cond, invert=True)
+                          uncond_cond, invert=True, reuse=True)
         return self._denoise(x0.contiguous(), plan, callback)
 
     @torch.no_grad()
@@ -316,7 +320,7 @@ class DDIMSampler:
 
     # ------------------------------------------------------------------ internals
     def _plan(self, indices, shape, device, dtype, cond, uncond_scale, uncond_cond, *, seed=None, sample_offset=0,
-              repeat_noise=False, temperature=1.0, noise=None, paint=None, invert=False) -> Plan:
+              repeat_noise=False, temperature=1.0, noise=None, paint=None, invert=False, reuse=False) -> Plan:
         """Check a call's arguments and build its per-step records, before any model call.
 
         Args:
@@ -325,6 +329,9 @@ class DDIMSampler:
             noise: explicit (1 or B, *s) step noise of a single-step call.
             paint: dict of mask (MaskLayout), orig, orig_noise for paint.
             invert: inversion steps (alpha_prev up to alpha, no noise).
+            reuse: take the steps of an earlier call with the same key (see `_step_table`)
+                when they depend on nothing of that call but its predrawn noise; the
+                caller hands them back with `_give_back` after its loop.
         """
         batch = shape[0]
         check_int("sample_offset", sample_offset, 0, 2**32 - batch)
@@ -333,39 +340,69 @@ class DDIMSampler:
         step_fn = step_function(self.backend, device, dtype)
         guide = Guide.checked(self.model, cond, uncond_scale, uncond_cond, batch)
         policy = make_noise_policy(self.noise_source, self._call_seed(seed), sample_offset, bool(repeat_noise))
-        c, paint, table = self.coefs, paint or {}, self._coef_table
-        indices = list(indices)
+        key = None
+        if reuse and paint is None and noise is None:
+            key = (tuple(indices), tuple(shape), device, dtype, step_fn, guide.scale, temperature, type(policy),
+                   policy.repeat, invert)
+        # Popped while in use, so a concurrent call with the same key builds its own.
+        table = self._reused.pop(key, None) if key is not None else None
+        if table is not None:
+            table.refill(policy, step_fn)
+        else:
+            table = self._step_table(list(indices), shape, device, dtype, step_fn, guide.scale, policy,
+                                     temperature, noise, paint or {}, invert)
+        return Plan(step_fn, guide, policy, table.records, has_x0=not invert, limit=self.limit,
+                    reuse=(key, table) if key is not None and table.reusable else None)
+
+    def _step_table(self, indices: list, shape, device, dtype, step_fn, guidance, policy, temperature, noise,
+                    paint: dict, invert: bool) -> StepTable:
+        """The StepTable of a call: its steps' records, the model's time steps, the predrawn noise."""
+        table = self._coef_table
         # Every step's model time steps from one tensor: (S, B) rows, (S, 2B) under guidance.
-        per_call = batch if guide.scale is None else 2 * batch
-        t_rows = (torch.as_tensor(c.time_steps[indices], device=device).view(-1, 1)
+        per_call = shape[0] if guidance is None else 2 * shape[0]
+        t_rows = (torch.as_tensor(self.coefs.time_steps[indices], device=device).view(-1, 1)
                   .expand(len(indices), per_call).contiguous().unbind(0))
-        drawn = None
+        drawn, noisy = None, {}
         if not invert and noise is None:
-            noisy = [i for i in indices if table["noise_scale"][i] * temperature != 0.0]
-            drawn = policy.predraw(noisy, shape, device, step_fn)
+            noisy = {i: table["noise_scale"][i] * temperature for i in indices}
+            noisy = {i: coef for i, coef in noisy.items() if coef != 0.0}
+            drawn = policy.predraw(list(noisy), list(noisy.values()), shape, dtype, device, step_fn)
+        rows = None if drawn is None else dict(zip(noisy, drawn.unbind(0)))
         launches = bind_launches(step_fn, shape, dtype)
         # What every step of the call shares (guidance, noise keys, paint inputs), built once:
         # a step replaces only its coefficients, step key and noise.
-        shared = StepArgs(0.0, 0.0, guide.scale, **policy.step_fields(), **paint)
+        shared = StepArgs(0.0, 0.0, guidance, **policy.step_fields(), **paint)
         if invert:
-            steps = [(i, StepArgs(table["inv_x_coef"][i], table["inv_eps_coef"][i], guide.scale), None)
+            steps = [(i, StepArgs(table["inv_x_coef"][i], table["inv_eps_coef"][i], guidance), None)
                      for i in indices]
         else:
-            steps = [self._step_args(shared, i, temperature, noise, drawn, paint) for i in indices]
+            steps = [self._step_args(shared, i, temperature, noise, rows, paint) for i in indices]
         records = tuple(StepPlan(i, table["time_steps"][i], t_batch, args,
-                                 step_runner(step_fn, policy, args, dtype, launches, split, self.limit), split)
+                                 step_runner(step_fn, policy, args, dtype, device, launches, split, self.limit), split)
                         for (i, args, split), t_batch in zip(steps, t_rows))
-        return Plan(step_fn, guide, policy, records, has_x0=not invert, limit=self.limit)
+        reusable = not any(args.draws_noise or args.draws_orig_noise for _, args, _ in steps)
+        if drawn is None:
+            return StepTable(records, reusable)
+        return StepTable(records, reusable, drawn, tuple(noisy), tuple(noisy.values()))
+
+    def _give_back(self, plan: Plan) -> None:
+        """Keep a finished call's reusable steps for the next call with the same key (the newest few)."""
+        if plan.reuse is not None:
+            key, table = plan.reuse
+            self._reused[key] = table
+            while len(self._reused) > _REUSED_TABLES:
+                self._reused.pop(next(iter(self._reused)), None)
 
     def _step_args(self, shared: StepArgs, i: int, temperature: float, noise, drawn, paint: dict):
         """(i, StepArgs, SplitStep | None) of DDIM step i: `shared` with the step's own fields.
 
-        noise: the call's explicit step noise (or None); drawn: {i: predrawn noise} or None.
+        noise: the call's explicit step noise (or None); drawn: {i: predrawn, scaled noise} or None.
         """
         table = self._coef_table
         noise_coef = table["noise_scale"][i] * temperature
-        step_noise = drawn[i] if drawn is not None and noise_coef != 0.0 else noise
-        own = {"noise_coef": noise_coef, "noise": step_noise, "step_key": i}
+        if drawn is not None and noise_coef != 0.0:
+            noise, noise_coef = drawn[i], 1.0  # drawn already scaled (see KeyedNoise.predraw)
+        own = {"noise_coef": noise_coef, "noise": noise, "step_key": i}
         if paint:
             own["orig_coef"], own["orig_noise_coef"] = self.coefs.q_sample_coefs(i, self.paint_blend)
         if self.limit is None:
@@ -408,19 +445,22 @@ class DDIMSampler:
         want_x0 = callback is not None and plan.has_x0
         buffers = (torch.empty_like(x), torch.empty_like(x)) if callback is None else None
         call_model = plan.guide.call
-        with torch.inference_mode(callback is None):
-            for n, step in enumerate(plan.steps):
-                model_out = call_model(x, step.t_batch)
-                out = buffers[n & 1] if buffers is not None else torch.empty_like(x)
-                if model_out.data_ptr() == out.data_ptr():  # the model returned an earlier step's input
-                    out = torch.empty_like(x)
-                pred_x0 = torch.empty_like(x) if want_x0 else None
-                x = step.run(x, model_out, out, pred_x0)
-                if callback is not None:
-                    info = {"index": step.index, "t": step.t, "x": x}
-                    if plan.has_x0:
-                        info["pred_x0"] = pred_x0
-                    callback(info)
+        try:
+            with torch.inference_mode(callback is None):
+                for n, step in enumerate(plan.steps):
+                    model_out = call_model(x, step.t_batch)
+                    out = buffers[n & 1] if buffers is not None else torch.empty_like(x)
+                    if model_out.data_ptr() == out.data_ptr():  # the model returned an earlier step's input
+                        out = torch.empty_like(x)
+                    pred_x0 = torch.empty_like(x) if want_x0 else None
+                    x = step.run(x, model_out, out, pred_x0)
+                    if callback is not None:
+                        info = {"index": step.index, "t": step.t, "x": x}
+                        if plan.has_x0:
+                            info["pred_x0"] = pred_x0
+                        callback(info)
+        finally:
+            self._give_back(plan)
         if x.is_inference() and not torch.is_inference_mode_enabled():
             x = x.clone()  # made inside the loop (the model-returned-its-input case): an ordinary copy
         return x

@@ -1,8 +1,18 @@
 """The DDIM step with torch ops: the CPU path, with the kernel's contract and semantics.
 
-Same host coefficients and the same noise stream as kernels/ddim_step.py; the update
-runs as a few fused multiply-adds into one accumulator (fp32 for fp16/bf16 inputs,
-as in the kernel's registers).
+Same host coefficients and the same noise stream as kernels/ddim_step.py, computed in
+one accumulator (fp32 for fp16/bf16 inputs, as in the kernel's registers) with as few
+torch ops as the inputs allow, because on small latents each op costs more than its
+arithmetic:
+
+    acc = noise_coef * noise + x_coef * x       (torch.add; torch.mul without noise)
+    acc += eps_coef * eps                       (add_; under guidance one addmm instead)
+
+Under guidance eps_coef * eps is one matrix product of the two weights
+[eps_coef * (1 - g), eps_coef * g] with the [uncond; cond] rows of model_out, so the
+combine costs no op of its own. It rounds differently from the kernel's
+eps_u + g * (eps_c - eps_u) (by a few units in the last place of x_prev); pred_x0 and the
+guided eps, when asked for, come from the kernel's form (torch.lerp).
 """
 from __future__ import annotations
 
@@ -11,6 +21,8 @@ import torch
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
 
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
 
 def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, step: StepArgs,
                     x0_out: torch.Tensor | None = None, eps_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -18,21 +30,19 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
 
     Args:
         x: (B, *s); model_out: (B, *s), or (2B, *s) [uncond; cond] under guidance.
-        out: (B, *s) buffer for x_prev (may be x itself).
+        out: (B, *s) buffer for x_prev; it may be x itself, or the step's noise tensor.
         step: the step's coefficients and options.
         x0_out, eps_out: optional (B, *s) buffers for pred_x0 and the guided eps.
 
     Returns:
         out: (B, *s).
     """
-    compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    B = x.shape[0]
-    if step.guidance is not None:
-        eps_u = _as(model_out[:B], compute)
-        eps = torch.lerp(eps_u, _as(model_out[B:], compute), step.guidance) if B else eps_u
-    else:
-        eps = _as(model_out, compute)
-    xc = _as(x, compute)
+    compute = x.dtype if x.dtype in COMPUTE_DTYPES else torch.float32
+    xc, mo = _as(x, compute), _as(model_out, compute)
+    eps = mo
+    if step.guidance is not None and (x0_out is not None or eps_out is not None):
+        uncond, cond = mo.tensor_split(2)
+        eps = torch.lerp(uncond, cond, step.guidance)
     # Results go straight into fp32 (fp64) outputs; fp16/bf16 outputs get one rounding copy.
     if x0_out is not None:
         x0_x, x0_eps = step.x0_coefs
@@ -42,14 +52,13 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
             x0_out.copy_(torch.add(xc * x0_x, eps, alpha=x0_eps))
     if eps_out is not None:
         eps_out.copy_(eps)
-    direct = out.dtype == compute and out.data_ptr() != x.data_ptr()
-    acc = torch.mul(xc, step.x_coef, out=out) if direct else torch.mul(xc, step.x_coef)
-    acc.add_(eps, alpha=step.eps_coef)
+    noise_term = None
     if step.noise_coef != 0.0:
-        noise = step.noise
-        if noise is None:
-            noise = _keyed(x, step, "step", step.repeat_noise)
-        acc.add_(_as(noise, compute), alpha=step.noise_coef)
+        noise = step.noise if step.noise is not None else _keyed(x, step, "step", step.repeat_noise)
+        noise_term = _scaled(_as(noise, compute), step.noise_coef)
+    weights = None if step.guidance is None else guidance_weights(step.eps_coef, step.guidance, compute, x.device)
+    direct = out.dtype == compute and out.data_ptr() != x.data_ptr()
+    acc = _update(xc, mo, step.x_coef, step.eps_coef, weights, noise_term, out if direct else None)
     if step.mask is not None:
         orig_t = _as(step.orig, compute) * step.orig_coef
         if step.orig_noise_coef != 0.0:
@@ -58,6 +67,33 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
         # orig_t * m + acc * (1 - m), exact at m = 0 and 1.
         acc.lerp_(orig_t, _as(step.mask.mask, compute))
     return out if direct else out.copy_(acc)
+
+
+def guidance_weights(eps_coef: float, guidance: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """(1, 2) weights of the [uncond; cond] model outputs in eps_coef * eps: eps_coef * [1 - g, g]."""
+    return torch.tensor([[eps_coef * (1.0 - guidance), eps_coef * guidance]], dtype=dtype, device=device)
+
+
+def _update(xc, mo, x_coef: float, eps_coef: float, weights, noise_term, out):
+    """noise_term + x_coef * xc + eps_coef * eps, into out (a new tensor when out is None).
+
+    xc: (B, *s); mo: (B, *s) eps, or (2B, *s) [uncond; cond] with weights (see
+    `guidance_weights`); noise_term: (1 or B, *s) or None (it may be out itself).
+    """
+    if noise_term is None:
+        acc = torch.mul(xc, x_coef, out=out) if weights is None else None
+    else:
+        acc = torch.add(noise_term, xc, alpha=x_coef, out=out)
+    if weights is None:
+        return acc.add_(mo, alpha=eps_coef)
+    n = xc.numel()
+    base, beta = (xc, x_coef) if acc is None else (acc, 1.0)
+    flat = None if out is None else out.view(1, n)
+    return torch.addmm(base.reshape(1, n), weights, mo.reshape(2, n), beta=beta, out=flat).view(xc.shape)
+
+
+def _scaled(t: torch.Tensor, coef: float) -> torch.Tensor:
+    return t if coef == 1.0 else t * coef
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -71,20 +107,20 @@ def _keyed(x: torch.Tensor, step: StepArgs, stream: str, repeat: bool) -> torch.
                               repeat=repeat, device=x.device).view(x.shape)
 
 
-
-def torch_step_runner(step: StepArgs, dtype: torch.dtype):
+def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
     """A step function bound to one step's arguments, for a loop that knows them in advance.
 
     run(x, model_out, out, x0_out=None) -> out computes what
     `torch_ddim_step(x, model_out, out, step, x0_out)` computes, with the same torch ops
-    in the same order (so the same bits), minus its per-call decisions: for x, out and
-    x0_out of `dtype` float32 or float64, no mask, and noise either given or not needed,
-    a step is 2 to 5 torch ops. Otherwise, or when the model's output comes in another
-    dtype, it calls torch_ddim_step.
+    in the same order (so the same bits), minus its per-call work: for x, out and x0_out
+    of `dtype` float32 or float64 on `device`, no mask, and noise either given or not
+    needed, a step is 1 to 4 torch ops (the guidance weights are made once here; noise
+    predrawn with its coefficient costs no op to scale). Otherwise, or when the model's output comes in another dtype, it
+    calls torch_ddim_step.
 
     Args:
-        step: the step's StepArgs (a noise tensor is converted to `dtype` once here).
-        dtype: of x, out and x0_out.
+        step: the step's StepArgs.
+        dtype, device: of x, out and x0_out.
 
     Returns:
         run(x (B, *s), model_out (B or 2B, *s), out (B, *s), x0_out (B, *s) | None) -> out.
@@ -94,28 +130,23 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype):
     def generic(x, model_out, out, x0_out=None):
         return torch_ddim_step(x, model_out, out, step, x0_out)
 
-    if dtype not in (torch.float32, torch.float64) or step.mask is not None or step.draws_noise:
+    if dtype not in COMPUTE_DTYPES or step.mask is not None or step.draws_noise:
         return generic
     x_coef, eps_coef, guidance = step.x_coef, step.eps_coef, step.guidance
     x0_x, x0_eps = step.x0_coefs
     noise_coef = step.noise_coef
-    noise = None
-    if noise_coef != 0.0:
-        noise = _as(step.noise, dtype)
+    # Read per run, not copied here: callers refill the noise tensor in place between runs.
+    noise = None if noise_coef == 0.0 else _as(step.noise, dtype)
+    weights = None if guidance is None else guidance_weights(eps_coef, guidance, dtype, device)
 
     def run(x, model_out, out, x0_out=None):
         if model_out.dtype is not dtype or x.dtype is not dtype:
             return generic(x, model_out, out, x0_out)
-        if guidance is None:
-            eps = model_out
-        else:
-            uncond, cond = model_out.tensor_split(2)
-            eps = torch.lerp(uncond, cond, guidance)
         if x0_out is not None:
+            eps = model_out if guidance is None else torch.lerp(*model_out.tensor_split(2), guidance)
             torch.mul(x, x0_x, out=x0_out).add_(eps, alpha=x0_eps)
-        torch.mul(x, x_coef, out=out).add_(eps, alpha=eps_coef)
-        if noise is not None:
-            out.add_(noise, alpha=noise_coef)
+        noise_term = None if noise is None else _scaled(noise, noise_coef)
+        _update(x, model_out, x_coef, eps_coef, weights, noise_term, out)
         return out
 
     return run

@@ -58,7 +58,7 @@ def test_torch_runner_is_bit_identical(dtype, want_x0):
         expected, expected_x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
         torch_ddim_step(x, model_out, expected, step, expected_x0)
         got, got_x0 = torch.empty_like(x), torch.empty_like(x) if want_x0 else None
-        returned = torch_step_runner(step, dtype)(x, model_out, got, got_x0)
+        returned = torch_step_runner(step, dtype, "cpu")(x, model_out, got, got_x0)
         assert returned is got, name
         assert torch.equal(got, expected), name
         if want_x0:
@@ -70,7 +70,7 @@ def test_torch_runner_falls_back_for_another_model_dtype():
     step = StepArgs(**COEFS)
     x, model_out = inputs(torch.float32, False)
     expected = torch_ddim_step(x, model_out.double(), torch.empty_like(x), step)
-    got = torch_step_runner(step, torch.float32)(x, model_out.double(), torch.empty_like(x))
+    got = torch_step_runner(step, torch.float32, "cpu")(x, model_out.double(), torch.empty_like(x))
     assert torch.equal(got, expected)
 
 
@@ -235,3 +235,92 @@ def test_results_are_ordinary_tensors_the_caller_may_update_in_place():
         assert torch.equal(x, before + 1.0)
     with torch.inference_mode():  # a caller already in inference mode gets no extra copy
         assert sampler.sample(SHAPE, None, seed=1).is_inference()
+
+
+# ---------------------------------------------------------------- steps reused across calls
+class _Linear:
+    """eps-model whose output depends on x, t and the conditioning (so every input matters)."""
+
+    alpha_bar = torch.linspace(0.999, 0.01, 50, dtype=torch.float64)
+
+    def __call__(self, x, t, cond):
+        shift = 0.0 if cond is None else cond.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return 0.3 * x - 0.002 * t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) + shift
+
+
+def _fresh(**options):
+    return DDIMSampler(_Linear(), 6, ddim_eta=options.pop("eta", 1.0), backend="torch", **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+def test_reused_steps_draw_each_calls_noise(dtype, guided):
+    """A later call with the same key runs the kept steps, with its own seed's noise: the bits of a fresh sampler."""
+    cond, uncond = torch.tensor([0.5, -0.25]), torch.zeros(2)
+    kw = dict(uncond_scale=2.5, uncond_cond=uncond) if guided else {}
+    sampler = _fresh()
+    sampler.sample(SHAPE, cond, seed=1, dtype=dtype, **kw)
+    (kept,) = sampler._reused.values()
+    for seed, offset in ((2, 0), (3, 5)):
+        got = sampler.sample(SHAPE, cond, seed=seed, sample_offset=offset, dtype=dtype, temperature=0.8, **kw)
+        want = _fresh().sample(SHAPE, cond, seed=seed, sample_offset=offset, dtype=dtype, temperature=0.8, **kw)
+        assert torch.equal(got, want), (seed, offset)
+    again = sampler.sample(SHAPE, cond, seed=2, dtype=dtype, **kw)
+    assert torch.equal(again, _fresh().sample(SHAPE, cond, seed=2, dtype=dtype, **kw))
+    assert any(table is kept for table in sampler._reused.values()), "the first call's steps were not reused"
+
+
+def test_predrawn_noise_equals_each_steps_own_draw(monkeypatch):
+    from ddim_fused import plan as plan_module
+
+    cond = torch.tensor([0.5, -0.25])
+    for dtype in (torch.float32, torch.float64):
+        predrawn = _fresh().sample(SHAPE, cond, seed=4, temperature=0.7, dtype=dtype)
+        with monkeypatch.context() as patch:
+            patch.setattr(plan_module, "_PREDRAW_LIMIT", 0)  # every step draws its own noise
+            sampler = _fresh()
+            drawn = sampler.sample(SHAPE, cond, seed=4, temperature=0.7, dtype=dtype)
+            assert not sampler._reused, "steps that draw from the call's seed must not be reused"
+        assert torch.equal(predrawn, drawn), dtype
+
+
+def test_a_call_from_a_callback_leaves_the_outer_call_alone():
+    sampler, cond = _fresh(), torch.tensor([0.5, -0.25])
+    want = _fresh().sample(SHAPE, cond, seed=8)
+    inner = []
+    got = sampler.sample(SHAPE, cond, seed=8, callback=lambda info: inner.append(sampler.sample(SHAPE, cond, seed=9)))
+    assert torch.equal(got, want)
+    inner_want = _fresh().sample(SHAPE, cond, seed=9)
+    assert len(inner) == len(sampler.time_steps) and all(torch.equal(x, inner_want) for x in inner)
+
+
+def test_paint_and_explicit_noise_are_never_reused():
+    sampler, cond = _fresh(), torch.tensor([0.5, -0.25])
+    x = randn(SHAPE, seed=1)
+    sampler.paint(x, cond, 4, orig=randn(SHAPE, seed=2), mask=torch.ones(SHAPE))
+    sampler.p_sample(x, cond, torch.full((2,), 10), 10, 3, noise=randn(SHAPE, seed=3))
+    assert not sampler._reused
+
+
+def test_guided_torch_path_does_not_depend_on_the_batch():
+    """The guidance combine is one matrix product over the batch: each sample's bits stay its own."""
+    sampler = _fresh(seed=7)
+    cond, uncond = torch.linspace(-1, 1, 4), torch.zeros(4)
+    kw = dict(uncond_scale=3.0)
+    whole = sampler.sample((4, 3, 5, 6), cond, uncond_cond=uncond, **kw)
+    halves = [sampler.sample((2, 3, 5, 6), cond[i:i + 2], uncond_cond=uncond[i:i + 2], sample_offset=i, **kw)
+              for i in (0, 2)]
+    single = sampler.sample((1, 3, 5, 6), cond[3:], uncond_cond=uncond[3:], sample_offset=3, **kw)
+    assert torch.equal(torch.cat(halves), whole)
+    assert torch.equal(single[0], whole[3])
+
+
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_out_may_be_the_noise_it_reads(guidance):
+    """torch_ddim_step writes x_prev over its (pre-scaled) noise, as the diffusers scheduler asks."""
+    x, model_out = inputs(torch.float32, guidance is not None)
+    noise = randn(SHAPE, seed=9)
+    step = StepArgs(**COEFS, guidance=guidance, noise_coef=1.0, noise=noise.clone())
+    expected = torch_ddim_step(x, model_out, torch.empty_like(x), step)
+    assert torch.equal(torch_ddim_step(x, model_out, step.noise, step), expected)
+    assert not torch.equal(expected, noise)
