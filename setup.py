@@ -12,8 +12,8 @@ setup(
     packages=["ddim_fused", "ddim_fused.kernels", "ddim_fused.digits"],
     package_dir={"ddim_fused": "ddim_fused", "ddim_fused.kernels": "kernels"},
     # The embedded digits model and its classifier (plain state dicts, weights_only-loadable);
-    # the CPU noise kernel's C source, compiled on first use (ddim_fused/philox_native.py).
-    package_data={"ddim_fused.digits": ["weights/*.pt"], "ddim_fused": ["philox_cpu.c"]},
+    # the CPU kernels' C source, compiled on first use (ddim_fused/native.py).
+    package_data={"ddim_fused.digits": ["weights/*.pt"], "ddim_fused": ["cpu_kernels.c"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -5,7 +5,9 @@ Targets (CPU, 1 thread):
   (a small conv model runs between steps; timesteps come from `scheduler.timesteps`),
   at 1x4x32x32 and 1x4x64x64, eta 0 and 1;
 - `DDIMSampler.sample` per step <= 0.25x `ReferenceDDIMSampler.sample`, trivial model
-  (returns x), 1x4x8x8, at eta 0, eta 1 (keyed noise) and with guidance.
+  (returns x), 1x4x8x8, at eta 0, eta 1 (keyed noise) and with guidance: whole calls, as a
+  bulk run makes them (each with a new seed, so calls after the first reuse the sampler's
+  steps and draw their own noise).
 
 Target (GPU, `--device cuda`): host time per fused step <= 10 us, as the thread CPU time
 of the launch path: a whole 50-step `DDIMSampler.sample` on CUDA tensors (1x4x64x64,
@@ -20,6 +22,7 @@ thread CPU time, which leaves out time the thread spent waiting for a shared cor
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -94,9 +97,11 @@ def sampler_rows(rounds: int) -> list[dict]:
     rows = []
     for name, eta, guided in SAMPLER_CASES:
         scale, un = (3.0, uncond) if guided else (1.0, None)
-        fused = DDIMSampler(model, STEPS, "uniform", eta, seed=5)
+        fused = DDIMSampler(model, STEPS, "uniform", eta)
         ref = ReferenceDDIMSampler(model, STEPS, "uniform", eta)
-        fns = {"fused": lambda s=fused: s.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un),
+        seeds = itertools.count(1)  # a new seed per call: reused steps must draw fresh noise each time
+        fns = {"fused": lambda s=fused: s.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un,
+                                                 seed=next(seeds)),
                "reference": lambda s=ref: s.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un)}
         times = {k: [] for k in fns}
         for _ in range(rounds):
@@ -120,8 +125,9 @@ def gpu_rows(rounds: int, device: torch.device) -> list[dict]:
     rows = []
     for name, eta, guided in SAMPLER_CASES:
         scale, un = (3.0, uncond) if guided else (1.0, None)
-        fused = DDIMSampler(model, STEPS, "uniform", eta, seed=5)
-        run = lambda: fused.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un)  # noqa: E731
+        fused, seeds = DDIMSampler(model, STEPS, "uniform", eta), itertools.count(1)
+        run = lambda: fused.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un,  # noqa: E731
+                                   seed=next(seeds))
         rows.append(_gpu_row(f"sampler/step {name}", run, STEPS, rounds, device))
     x, eps, out = x_T.clone(), torch.randn_like(x_T), torch.empty_like(x_T)
     for name, extra in (("eta0", {}), ("eta1-keyed", {"noise_coef": 0.3, "seed": 7, "step_key": 3})):

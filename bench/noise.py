@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ddim_fused import philox_native
+from ddim_fused import native
 from ddim_fused.philox import keyed_normal_torch
 from ddim_fused.torch_step import torch_ddim_step
 
@@ -37,11 +37,11 @@ def _with_torch_ops(fn):
     """fn with the C kernel switched off for the duration of each call."""
 
     def run():
-        os.environ[philox_native.DISABLE_ENV] = "0"
+        os.environ[native.DISABLE_ENV] = "0"
         try:
             return fn()
         finally:
-            del os.environ[philox_native.DISABLE_ENV]
+            del os.environ[native.DISABLE_ENV]
 
     return run
 
@@ -75,10 +75,10 @@ def callables(shape=SHAPE) -> dict:
 
 def cold_build_seconds() -> float:
     """Seconds to compile and load the C kernel into an empty folder."""
-    command = philox_native.compiler()
+    command = native.compiler()
     with tempfile.TemporaryDirectory(prefix="ddim-fused-bench-") as folder:
         t0 = time.perf_counter()
-        philox_native.load_library(Path(folder), command)
+        native.load_library(Path(folder), command)
         return time.perf_counter() - t0
 
 
@@ -108,8 +108,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1 or args.budget <= 0:
         parser.error("--threads must be >= 1 and --budget > 0")
-    if philox_native.library() is None:
-        print("bench.noise: error: the CPU noise kernel is unavailable (no C compiler?)", file=sys.stderr)
+    if native.library() is None:
+        print("bench.noise: error: the CPU kernels are unavailable (no C compiler?)", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
     MALLOC_TUNED[0] = tune_malloc()

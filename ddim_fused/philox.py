@@ -3,7 +3,7 @@
 Same counters, key, uniform mapping and Box-Muller as `kernels/noise.py`, so the
 torch backend and the Triton kernel draw the same noise for one seed (bitwise in the
 integers, to float rounding of log/cos/sin in the normals). On the CPU the integer half
-runs in a small C kernel (`ddim_fused.philox_native`) when one can be built; elsewhere,
+runs in a small C kernel (`ddim_fused.native`) when one can be built; elsewhere,
 or without a C compiler, in torch integer ops. Both give the same bits.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .philox_native import keyed_normal_native, library
+from .native import keyed_normal_native, library
 from .validation import check_int
 
 NOISE_STREAMS = {"step": 0, "orig": 1, "initial": 2}

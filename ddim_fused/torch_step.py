@@ -1,9 +1,12 @@
-"""The DDIM step with torch ops: the CPU path, with the kernel's contract and semantics.
+"""The DDIM step off the GPU (the "torch" backend), with the kernel's contract and semantics.
 
-Same host coefficients and the same noise stream as kernels/ddim_step.py, computed in
-one accumulator (fp32 for fp16/bf16 inputs, as in the kernel's registers) with as few
-torch ops as the inputs allow, because on small latents each op costs more than its
-arithmetic:
+Same host coefficients and the same noise stream as kernels/ddim_step.py. A float32 step
+on contiguous CPU tensors without paint runs as one pass of the C kernel
+`ddim_update_f32` (`ddim_fused/cpu_kernels.c`, the kernel's formula in float32 without
+fused multiply-adds), when that library is available (`ddim_fused.native`). Every other
+step, and every step without the library, is computed in one accumulator (fp32 for
+fp16/bf16 inputs, as in the kernel's registers) with as few torch ops as the inputs
+allow, because on small latents each op costs more than its arithmetic:
 
     acc = noise_coef * noise + x_coef * x       (torch.add; torch.mul without noise)
     acc += eps_coef * eps                       (add_; under guidance one addmm instead)
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
 
@@ -37,6 +41,15 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
     Returns:
         out: (B, *s).
     """
+    noise = None
+    if step.noise_coef != 0.0:
+        noise = step.noise if step.noise is not None else _keyed(x, step, "step", step.repeat_noise)
+    if (step.mask is None and eps_out is None
+            and (noise is None or (noise.dtype is torch.float32 and noise.is_contiguous()))):
+        lib = _native(x, model_out, out, x0_out)
+        if lib is not None:
+            _native_update(lib, x, model_out, out, x0_out, noise, step)
+            return out
     compute = x.dtype if x.dtype in COMPUTE_DTYPES else torch.float32
     xc, mo = _as(x, compute), _as(model_out, compute)
     eps = mo
@@ -52,10 +65,7 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
             x0_out.copy_(torch.add(xc * x0_x, eps, alpha=x0_eps))
     if eps_out is not None:
         eps_out.copy_(eps)
-    noise_term = None
-    if step.noise_coef != 0.0:
-        noise = step.noise if step.noise is not None else _keyed(x, step, "step", step.repeat_noise)
-        noise_term = _scaled(_as(noise, compute), step.noise_coef)
+    noise_term = None if noise is None else _scaled(_as(noise, compute), step.noise_coef)
     weights = None if step.guidance is None else guidance_weights(step.eps_coef, step.guidance, compute, x.device)
     direct = out.dtype == compute and out.data_ptr() != x.data_ptr()
     acc = _update(xc, mo, step.x_coef, step.eps_coef, weights, noise_term, out if direct else None)
@@ -67,6 +77,29 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
         # orig_t * m + acc * (1 - m), exact at m = 0 and 1.
         acc.lerp_(orig_t, _as(step.mask.mask, compute))
     return out if direct else out.copy_(acc)
+
+
+def _native(x, model_out, out, x0_out):
+    """The C library when these tensors can take the float32 CPU kernel, else None."""
+    if not (x.is_cpu and x.dtype is torch.float32 and model_out.dtype is torch.float32
+            and out.dtype is torch.float32 and x.is_contiguous() and model_out.is_contiguous()
+            and out.is_contiguous()):
+        return None
+    if x0_out is not None and not (x0_out.dtype is torch.float32 and x0_out.is_contiguous()):
+        return None
+    return native.library()
+
+
+def _native_update(lib, x, model_out, out, x0_out, noise, step: StepArgs) -> None:
+    """`ddim_update_f32` on (B, *s) float32 contiguous CPU tensors; noise (1 or B, *s) or None."""
+    batch = x.shape[0]
+    numel = x.numel() // batch if batch else 0
+    guided = step.guidance is not None  # eps_c: the second half of model_out, 4 bytes per element
+    lib.ddim_update_f32(out.data_ptr(), None if x0_out is None else x0_out.data_ptr(), x.data_ptr(),
+                        model_out.data_ptr(), model_out.data_ptr() + 4 * batch * numel if guided else None,
+                        None if noise is None else noise.data_ptr(), batch, numel,
+                        0 if noise is None else noise.shape[0], step.x_coef, step.eps_coef,
+                        step.guidance if guided else 0.0, step.noise_coef, *step.x0_coefs)
 
 
 def guidance_weights(eps_coef: float, guidance: float, dtype: torch.dtype, device) -> torch.Tensor:
@@ -137,6 +170,9 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
     noise_coef = step.noise_coef
     # Read per run, not copied here: callers refill the noise tensor in place between runs.
     noise = None if noise_coef == 0.0 else _as(step.noise, dtype)
+    if (dtype is torch.float32 and torch.device(device).type == "cpu" and native.library() is not None
+            and (noise is None or noise.is_contiguous())):
+        return _native_runner(step, noise, generic)
     weights = None if guidance is None else guidance_weights(eps_coef, guidance, dtype, device)
 
     def run(x, model_out, out, x0_out=None):
@@ -147,6 +183,26 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
             torch.mul(x, x0_x, out=x0_out).add_(eps, alpha=x0_eps)
         noise_term = None if noise is None else _scaled(noise, noise_coef)
         _update(x, model_out, x_coef, eps_coef, weights, noise_term, out)
+        return out
+
+    return run
+
+
+def _native_runner(step: StepArgs, noise, generic):
+    """run() of `torch_step_runner` for float32 CPU tensors: one `ddim_update_f32` call per step."""
+    update = native.library().ddim_update_f32
+    guided = step.guidance is not None
+    noise_ptr, noise_rows = (None, 0) if noise is None else (noise.data_ptr(), noise.shape[0])
+    coefs = (step.x_coef, step.eps_coef, step.guidance if guided else 0.0, step.noise_coef, *step.x0_coefs)
+
+    def run(x, model_out, out, x0_out=None):
+        if _native(x, model_out, out, x0_out) is None:
+            return generic(x, model_out, out, x0_out)
+        batch = x.shape[0]
+        numel = x.numel() // batch if batch else 0
+        eps = model_out.data_ptr()
+        update(out.data_ptr(), None if x0_out is None else x0_out.data_ptr(), x.data_ptr(), eps,
+               eps + 4 * batch * numel if guided else None, noise_ptr, batch, numel, noise_rows, *coefs)
         return out
 
     return run

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from ddim_fused import philox_native  # noqa: E402 - imports no triton
+from ddim_fused import native as native_module  # noqa: E402 - imports no triton
 
 
 def _triton_route() -> tuple[torch.device | None, str]:
@@ -64,12 +64,12 @@ def restore_threads():
 
 
 @pytest.fixture
-def native():
-    """The CPU noise C kernel (ddim_fused.philox_native); skipped (not passed) without a C compiler."""
-    if philox_native.compiler() is None:
-        pytest.skip("no C compiler: the CPU noise kernel cannot be built here")
-    lib = philox_native.library()
-    assert lib is not None, "a C compiler exists but the CPU noise kernel did not build"
+def cpu_lib():
+    """The CPU C kernels (ddim_fused.native); skipped (not passed) without a C compiler."""
+    if native_module.compiler() is None:
+        pytest.skip("no C compiler: the CPU kernels cannot be built here")
+    lib = native_module.library()
+    assert lib is not None, "a C compiler exists but the CPU kernels did not build"
     return lib
 
 

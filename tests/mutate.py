@@ -53,7 +53,7 @@ MUTATIONS = (
              ("tests/test_step_precision.py::test_exact_ties_round_to_even", "tests/test_kernel_step.py"),
              "the kernel's bf16 store rounds ties away from zero instead of to even"),
     Mutation("torch-path-low-precision-math", "ddim_fused/torch_step.py",
-             "compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32",
+             "compute = x.dtype if x.dtype in COMPUTE_DTYPES else torch.float32",
              "compute = x.dtype",
              ("tests/test_step_precision.py", "tests/test_sampler_parity.py"),
              "the torch path computes fp16/bf16 steps in fp16/bf16 instead of fp32"),
@@ -94,6 +94,16 @@ MUTATIONS = (
     Mutation("initial-latent-step-stream", "ddim_fused/plan.py",
              'keyed_normal(shape, seed, 0, "initial",', 'keyed_normal(shape, seed, 0, "step",',
              ("tests/test_sampler_parity.py",), 'the initial latent comes from the "step" stream, not "initial"'),
+    Mutation("reused-steps-keep-old-noise", "ddim_fused/sampler.py",
+             "            table.refill(policy, step_fn)\n", "            pass\n",
+             ("tests/test_host_cost.py",), "a call reusing a sampler's steps runs with the previous call's noise"),
+    Mutation("c-step-guidance-halves-swapped", "ddim_fused/cpu_kernels.c",
+             "if (eps_c) e = e + guidance * (eps_c[i] - e);", "if (eps_c) e = eps_c[i] + guidance * (e - eps_c[i]);",
+             ("tests/test_native.py", "tests/test_sampler_parity.py"),
+             "the C step's guidance reads [cond; uncond] instead of [uncond; cond]"),
+    Mutation("scheduler-noise-unscaled", "ddim_fused/diffusers.py",
+             "noise.normal_(0.0, coefs.std, generator=generator)", "noise.normal_(0.0, 1.0, generator=generator)",
+             ("tests/test_diffusers_scheduler.py",), "the diffusers step adds its eta > 0 noise without std"),
 )
 
 

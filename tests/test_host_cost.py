@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from ddim_fused import DDIMSampler
+from ddim_fused import DDIMSampler, native
 from ddim_fused.backend import kernels
 from ddim_fused.masks import mask_layout
 from ddim_fused.step_args import StepArgs
@@ -19,6 +19,17 @@ from ddim_fused.torch_step import torch_ddim_step, torch_step_runner
 
 SHAPE = (2, 3, 5, 7)
 COEFS = dict(x_coef=1.37, eps_coef=-0.41, x0_coefs=(2.1, -1.3))
+
+
+@pytest.fixture(params=["c-kernel", "torch-ops"])
+def cpu_path(request, monkeypatch):
+    """Both ways the torch backend runs a float32 CPU step: the C kernel, and torch ops without it."""
+    if request.param == "c-kernel":
+        if native.library() is None:
+            pytest.skip("no C compiler: the CPU kernels cannot be built here")
+    else:
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+    return request.param
 
 
 def randn(shape, dtype=torch.float32, seed=0, device="cpu"):
@@ -51,7 +62,7 @@ def inputs(dtype, guided, device="cpu"):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("want_x0", [False, True], ids=["no-x0", "x0"])
-def test_torch_runner_is_bit_identical(dtype, want_x0):
+def test_torch_runner_is_bit_identical(dtype, want_x0, cpu_path):
     for name, step in step_variants(dtype):
         x, model_out = inputs(dtype, step.guidance is not None)
         x_before, model_before = x.clone(), model_out.clone()
@@ -254,7 +265,7 @@ def _fresh(**options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
-def test_reused_steps_draw_each_calls_noise(dtype, guided):
+def test_reused_steps_draw_each_calls_noise(dtype, guided, cpu_path):
     """A later call with the same key runs the kept steps, with its own seed's noise: the bits of a fresh sampler."""
     cond, uncond = torch.tensor([0.5, -0.25]), torch.zeros(2)
     kw = dict(uncond_scale=2.5, uncond_cond=uncond) if guided else {}
@@ -270,7 +281,7 @@ def test_reused_steps_draw_each_calls_noise(dtype, guided):
     assert any(table is kept for table in sampler._reused.values()), "the first call's steps were not reused"
 
 
-def test_predrawn_noise_equals_each_steps_own_draw(monkeypatch):
+def test_predrawn_noise_equals_each_steps_own_draw(monkeypatch, cpu_path):
     from ddim_fused import plan as plan_module
 
     cond = torch.tensor([0.5, -0.25])
@@ -302,7 +313,7 @@ def test_paint_and_explicit_noise_are_never_reused():
     assert not sampler._reused
 
 
-def test_guided_torch_path_does_not_depend_on_the_batch():
+def test_guided_torch_path_does_not_depend_on_the_batch(cpu_path):
     """The guidance combine is one matrix product over the batch: each sample's bits stay its own."""
     sampler = _fresh(seed=7)
     cond, uncond = torch.linspace(-1, 1, 4), torch.zeros(4)
@@ -316,7 +327,7 @@ def test_guided_torch_path_does_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize("guidance", [None, 2.0])
-def test_out_may_be_the_noise_it_reads(guidance):
+def test_out_may_be_the_noise_it_reads(guidance, cpu_path):
     """torch_ddim_step writes x_prev over its (pre-scaled) noise, as the diffusers scheduler asks."""
     x, model_out = inputs(torch.float32, guidance is not None)
     noise = randn(SHAPE, seed=9)
@@ -324,3 +335,15 @@ def test_out_may_be_the_noise_it_reads(guidance):
     expected = torch_ddim_step(x, model_out, torch.empty_like(x), step)
     assert torch.equal(torch_ddim_step(x, model_out, step.noise, step), expected)
     assert not torch.equal(expected, noise)
+
+
+def test_a_float32_cpu_step_is_one_c_kernel_call(cpu_lib, monkeypatch):
+    calls = []
+    real = cpu_lib.ddim_update_f32
+    monkeypatch.setattr(cpu_lib, "ddim_update_f32", lambda *args: calls.append(args) or real(*args))
+    for guidance in (1.0, 2.0):
+        calls.clear()
+        sampler = _fresh()
+        un = torch.zeros(2) if guidance != 1.0 else None
+        sampler.sample(SHAPE, torch.tensor([0.5, -0.25]), seed=3, uncond_scale=guidance, uncond_cond=un)
+        assert len(calls) == len(sampler.time_steps), guidance

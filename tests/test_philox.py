@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_fused import philox, philox_native
+from ddim_fused import philox, native
 from ddim_fused.philox import NOISE_STREAMS, _keyed_normal_ops, keyed_normal_torch, philox4x32
 
 MASK32 = 0xFFFFFFFF
@@ -43,7 +43,7 @@ def test_normals_match_the_float64_oracle(stream):
 
 @pytest.mark.parametrize("numel", [1, 3, 4, 5, 4099])
 @pytest.mark.parametrize("repeat", [False, True])
-def test_c_kernel_and_torch_ops_give_the_same_bits(native, numel, repeat):
+def test_c_kernel_and_torch_ops_give_the_same_bits(cpu_lib, numel, repeat):
     steps = torch.tensor([9, 0, 2**32 + 5])  # step keys use their low 32 bits, as in the kernel
     for stream, stream_id in NOISE_STREAMS.items():
         fast = keyed_normal_torch(3, numel, 2**40 + 3, steps.tolist(), stream, 2**32 - 1, repeat=repeat)
@@ -52,7 +52,7 @@ def test_c_kernel_and_torch_ops_give_the_same_bits(native, numel, repeat):
         assert torch.equal(fast, ops), stream
 
 
-def test_the_same_bits_with_one_or_two_torch_threads(native):
+def test_the_same_bits_with_one_or_two_torch_threads(cpu_lib):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -65,8 +65,8 @@ def test_the_same_bits_with_one_or_two_torch_threads(native):
 
 
 def test_torch_ops_path_when_the_kernel_is_disabled(monkeypatch):
-    monkeypatch.setenv(philox_native.DISABLE_ENV, "0")
-    assert philox_native.library() is None
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert native.library() is None
 
     def kernel_called(*args, **kwargs):
         raise AssertionError("the C kernel ran although it is disabled")

@@ -102,8 +102,10 @@ def test_limited_step_kernel_equals_torch_path(prediction_type, limit, device):
         mask[..., :2] = 1
         painted = sampler.paint(sampler.q_sample(x, 2, seed=5), cond, 3, orig=x, mask=mask, seed=5)
         runs.append((x, painted))
-    assert_close(runs[0][0], runs[1][0], rtol=2e-6)
-    assert_close(runs[0][1], runs[1][1], rtol=2e-6)
+    # Two float32 evaluations of the same formulas (the kernel fuses multiply-adds, the torch
+    # path's C kernel rounds every product) through five steps: a few units in the last place.
+    assert_close(runs[0][0], runs[1][0], rtol=3e-6)
+    assert_close(runs[0][1], runs[1][1], rtol=3e-6)
 
 
 @needs_diffusers

@@ -1,17 +1,20 @@
-"""The keyed noise stream on the CPU through a small C kernel, built once per machine.
+"""The CPU kernels (`cpu_kernels.c`): the keyed noise stream and the fused float32 step.
 
-In torch integer ops, Philox4x32-10 takes ~130 full-size int64 passes per draw, several
-times the cost of `torch.randn`; in C (`philox_cpu.c`) it is a few vector instructions
-per counter. The C side makes the Philox uniforms and the final radius * cos/sin
-products, both exactly rounded; log, sqrt, cos and sin stay torch ops, so the normals are
-the same bits as those of the torch-ops path in `ddim_fused.philox`.
+Noise: in torch integer ops, Philox4x32-10 takes ~130 full-size int64 passes per draw,
+several times the cost of `torch.randn`; in C it is a few vector instructions per counter.
+The C side makes the Philox uniforms and the final radius * cos/sin products, both exactly
+rounded; log, sqrt, cos and sin stay torch ops, so the normals are the same bits as those
+of the torch-ops path in `ddim_fused.philox`.
+
+Step: `ddim_update_f32` computes a float32 DDIM step (guidance, noise, pred_x0) in one
+pass, where torch ops take 2 to 5 passes and as many dispatches (`ddim_fused.torch_step`
+calls it).
 
 The library is compiled with the system C compiler ($CC, else cc, gcc or clang; about a
-second)
-into $XDG_CACHE_HOME/ddim-fused (default ~/.cache/ddim-fused), under a name hashed from
-the source, the command and the machine, and loaded from there afterwards. With no
+second) into $XDG_CACHE_HOME/ddim-fused (default ~/.cache/ddim-fused), under a name hashed
+from the source, the command and the machine, and loaded from there afterwards. With no
 compiler, or DDIM_FUSED_CPU_KERNEL=0, `library()` returns None (with one warning for a
-failed build) and callers draw with torch ops.
+failed build) and callers use torch ops.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import torch
 
 from .validation import check_int, check_tensor
 
-SOURCE = Path(__file__).with_name("philox_cpu.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DISABLE_ENV = "DDIM_FUSED_CPU_KERNEL"
 # "-x c" last: the source is C even where $CC names a C++ driver (which would mangle the names).
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-x", "c")
@@ -82,7 +85,7 @@ def load_library(directory: Path, command: list[str]) -> ctypes.CDLL:
     """
     source = SOURCE.read_bytes()
     recipe = b"\0".join([source, *(s.encode() for s in (*command, *FLAGS, platform.machine()))])
-    target = directory / f"philox_cpu-{hashlib.sha256(recipe).hexdigest()[:16]}.so"
+    target = directory / f"cpu_kernels-{hashlib.sha256(recipe).hexdigest()[:16]}.so"
     if not target.exists():
         directory.mkdir(parents=True, exist_ok=True)
         _compile(command, target)
@@ -94,7 +97,7 @@ def load_library(directory: Path, command: list[str]) -> ctypes.CDLL:
 
 def _compile(command: list[str], target: Path) -> None:
     # Build under a private name, then rename: a concurrent process never loads a half-written file.
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".philox_cpu-", suffix=".so")
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".cpu_kernels-", suffix=".so")
     os.close(fd)
     try:
         try:
@@ -117,6 +120,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ddim_philox_uniforms.restype = None
     lib.ddim_box_muller_store.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.ddim_box_muller_store.restype = None
+    f32 = ctypes.c_float
+    lib.ddim_update_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, f32, f32, f32, f32, f32]
+    lib.ddim_update_f32.restype = None
     return lib
 
 
@@ -149,9 +155,8 @@ def _build_or_warn() -> Optional[ctypes.CDLL]:
                     return load_library(Path(private), command)  # a loaded library outlives its file
         except (NativeBuildError, OSError) as err:
             reason = str(err)
-    warnings.warn(f"ddim_fused: the CPU noise kernel is unavailable ({reason}); keyed noise is drawn with "
-                  f"torch ops, several times slower (set {DISABLE_ENV}=0 to silence this)", RuntimeWarning,
-                  stacklevel=3)
+    warnings.warn(f"ddim_fused: the CPU kernels are unavailable ({reason}); keyed noise and float32 steps run "
+                  f"as torch ops, slower (set {DISABLE_ENV}=0 to silence this)", RuntimeWarning, stacklevel=3)
     return None
 
 

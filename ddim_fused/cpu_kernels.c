@@ -1,6 +1,8 @@
-/* The keyed Philox4x32-10 normal stream on the CPU: the integer half and the final store.
+/* The CPU kernels of ddim_fused, built and loaded by ddim_fused/native.py:
+ * - the keyed Philox4x32-10 normal stream: the integer half and the final store;
+ * - the fused DDIM update in float32 (ddim_update_f32, at the end of this file).
  *
- * Built and loaded by ddim_fused/philox_native.py. The counters, key, uniform mapping
+ * The noise stream: The counters, key, uniform mapping
  * and lane order are those of kernels/noise.py. Only exactly rounded float operations
  * happen here (int -> float of a 23-bit value, +0.5, *2^-23, *2pi, and the final
  * radius * cos/sin product), so the results are the same bits as the same operations
@@ -174,5 +176,35 @@ void ddim_box_muller_store(float *out, const float *radius, const float *cos_ang
             for (int64_t j = 0; j < 4 && 4 * (first + i) + j < numel; j++) dst[4 * i + j] = lane[j];
         }
         idx += count;
+    }
+}
+
+/* The fused DDIM update in float32, one pass over B samples of `numel` elements (the
+ * torch path's float32 step on the CPU; ddim_fused/torch_step.py calls it):
+ *
+ *   e       = eps[i], or eps[i] + guidance * (eps_c[i] - eps[i]) when eps_c is given
+ *   x0_out  = x0_x * x[i] + x0_eps * e                          (when x0_out is given)
+ *   out[i]  = (x_coef * x[i] + eps_coef * e) + noise_coef * n   (n from noise, when given)
+ *
+ * Each product and sum is rounded to float32 (no contraction: -ffp-contract=off), in
+ * this order. noise holds B rows, or one row shared by every sample (noise_rows == 1).
+ * out may be x itself or the noise (each element is read before it is written).
+ */
+void ddim_update_f32(float *out, float *x0_out, const float *x, const float *eps, const float *eps_c,
+                     const float *noise, int64_t batch, int64_t numel, int64_t noise_rows, float x_coef,
+                     float eps_coef, float guidance, float noise_coef, float x0_x, float x0_eps) {
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t base = b * numel;
+        const float *n = noise ? noise + (noise_rows == 1 ? 0 : base) : 0;
+        for (int64_t j = 0; j < numel; j++) {
+            const int64_t i = base + j;
+            const float xi = x[i];
+            float e = eps[i];
+            if (eps_c) e = e + guidance * (eps_c[i] - e);
+            if (x0_out) x0_out[i] = x0_x * xi + x0_eps * e;
+            float acc = x_coef * xi + eps_coef * e;
+            if (n) acc = acc + noise_coef * n[j];
+            out[i] = acc;
+        }
     }
 }

@@ -1,0 +1,172 @@
+"""The CPU kernels: the noise stream (both code paths, chunking, counters past 2**32), the fused
+float32 update against a float32 numpy oracle, and the build and cache."""
+import warnings
+
+import numpy as np
+
+import pytest
+import torch
+
+from ddim_fused import native
+from ddim_fused.philox import philox4x32
+from ddim_fused.step_args import StepArgs
+from ddim_fused.torch_step import torch_ddim_step
+
+TWO_PI_F32 = torch.tensor(6.283185307179586, dtype=torch.float32)
+
+
+def planes_from_torch(counters, sample_key, step_key, stream, seed):
+    """The four planes ddim_philox_uniforms writes, from philox4x32 (int64 torch ops)."""
+    c3 = (counters >> 32) * 4 + stream
+    r0, r1, r2, r3 = philox4x32(counters & 0xFFFFFFFF, torch.full_like(counters, sample_key),
+                                torch.full_like(counters, step_key), c3, seed)
+    u0, u1, u2, u3 = (((r >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0) for r in (r0, r1, r2, r3))
+    return torch.stack([u0, u2, u1 * TWO_PI_F32, u3 * TWO_PI_F32])
+
+
+@pytest.mark.parametrize("simd", [True, False])
+def test_counters_past_2_32_carry_into_the_fourth_word(cpu_lib, simd):
+    # 19 counters across the 2**32 boundary: vector groups with mixed high words, then a scalar tail.
+    first, count, n_counters = 2**32 - 9, 19, 2**33
+    sample_keys, step_keys = torch.tensor([0, 77]), torch.tensor([0, 5])
+    out = torch.full((4, count), float("nan"))
+    cpu_lib.ddim_philox_uniforms(out.data_ptr(), n_counters + first, n_counters + first + count, n_counters,
+                                 sample_keys.data_ptr(), step_keys.data_ptr(), 2, 2**63 + 12345, int(simd))
+    want = planes_from_torch(torch.arange(first, first + count), 77, 5, 2, 2**63 + 12345)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_chunks_and_code_paths_do_not_change_the_bits(cpu_lib, chunk):
+    # Rows of 10 counters (numel 37: a partial last counter), chunks that split rows anywhere.
+    rows, numel = 5, 37
+    sample_keys, step_keys = torch.arange(rows) + 3, torch.arange(rows) * 2
+    whole = native.keyed_normal_native(cpu_lib, torch.empty(rows, numel), sample_keys, step_keys, 1, 99,
+                                              chunk_counters=10**6)
+    for simd in (True, False):
+        out = torch.full((rows, numel), float("nan"))
+        native.keyed_normal_native(cpu_lib, out, sample_keys, step_keys, 1, 99, simd=simd,
+                                          chunk_counters=chunk)
+        assert torch.equal(out, whole), simd
+
+
+def test_a_built_library_is_loaded_from_the_cache(cpu_lib, tmp_path, monkeypatch):
+    command = native.compiler()
+    native.load_library(tmp_path, command)
+    built = list(tmp_path.glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob(".cpu_kernels-*"))
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again although the library was cached")
+
+    monkeypatch.setattr(native.subprocess, "run", no_compiler)
+    lib = native.load_library(tmp_path, command)
+    assert hasattr(lib, "ddim_box_muller_store")
+
+
+@pytest.mark.parametrize("command, message", [(["false"], "failed"), (["/nonexistent/cc"], "cannot run")])
+def test_a_failed_build_says_why_and_leaves_nothing_behind(tmp_path, command, message):
+    with pytest.raises(native.NativeBuildError, match=message):
+        native.load_library(tmp_path, command)
+    assert not list(tmp_path.iterdir())
+
+
+def test_without_a_working_compiler_the_stream_falls_back_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    with pytest.warns(RuntimeWarning, match="CPU kernels are unavailable"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second build attempt would warn again
+        assert native.library() is None
+
+
+def test_cc_may_carry_flags(monkeypatch):
+    monkeypatch.setenv("CC", "ccache gcc -m64")
+    assert native.compiler() == ["ccache", "gcc", "-m64"]
+
+
+@pytest.mark.parametrize("change, error, name", [
+    (dict(out=torch.empty(3, 8, dtype=torch.float64)), TypeError, "out"),
+    (dict(out=torch.empty(8, 3).t()), ValueError, "contiguous"),
+    (dict(out=torch.empty(24)), ValueError, "out"),
+    (dict(sample_keys=torch.zeros(2, dtype=torch.int64)), ValueError, "sample_keys"),
+    (dict(step_keys=torch.zeros(3, dtype=torch.int32)), TypeError, "step_keys"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(chunk_counters=0), ValueError, "chunk_counters"),
+])
+def test_the_kernel_wrapper_checks_what_it_hands_to_c(cpu_lib, change, error, name):
+    args = dict(out=torch.empty(3, 8), sample_keys=torch.zeros(3, dtype=torch.int64),
+                step_keys=torch.zeros(3, dtype=torch.int64), stream_id=0, seed=1, chunk_counters=4) | change
+    with pytest.raises(error, match=name):
+        native.keyed_normal_native(cpu_lib, **args)
+
+
+# ---------------------------------------------------------------- ddim_update_f32
+def update_oracle(x, eps, eps_c, noise, x_coef, eps_coef, guidance, noise_coef, x0_x, x0_eps):
+    """ddim_update_f32's documented arithmetic in numpy float32, one rounding per operation."""
+    f = np.float32
+    x, e = x.numpy(), eps.numpy()
+    if eps_c is not None:
+        e = e + f(guidance) * (eps_c.numpy() - e)
+    x0 = f(x0_x) * x + f(x0_eps) * e
+    acc = f(x_coef) * x + f(eps_coef) * e
+    if noise is not None:
+        acc = acc + f(noise_coef) * noise.numpy()
+    return torch.from_numpy(acc), torch.from_numpy(x0)
+
+
+def f32(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+@pytest.mark.parametrize("noise_rows", [0, 1, 3], ids=["no-noise", "one-row", "per-sample"])
+def test_fused_update_is_the_documented_float32_arithmetic(cpu_lib, guided, noise_rows):
+    shape = (3, 2, 5, 7)
+    x, eps, eps_c = f32(shape, 1), f32(shape, 2), f32(shape, 3) if guided else None
+    noise = f32((noise_rows,) + shape[1:], 4) if noise_rows else None
+    coefs = dict(x_coef=1.0137, eps_coef=-0.4129, guidance=7.5 if guided else 0.0, noise_coef=0.3311,
+                 x0_x=2.0917, x0_eps=-1.7703)
+    model_out = torch.cat([eps, eps_c]) if guided else eps
+    out, x0 = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+    cpu_lib.ddim_update_f32(out.data_ptr(), x0.data_ptr(), x.data_ptr(), model_out.data_ptr(),
+                            model_out[3:].data_ptr() if guided else None,
+                            None if noise is None else noise.data_ptr(), 3, 70, noise_rows, *coefs.values())
+    want, want_x0 = update_oracle(x, eps, eps_c, noise, *coefs.values())
+    assert torch.equal(out, want) and torch.equal(x0, want_x0)
+
+
+def test_fused_update_may_write_over_its_x_or_its_noise(cpu_lib):
+    shape = (2, 3, 4)
+    x, eps, noise = f32(shape, 1), f32(shape, 2), f32(shape, 3)
+    want, _ = update_oracle(x, eps, None, noise, 0.9, 0.2, 0.0, 0.5, 0.0, 0.0)
+    for target in ("x", "noise"):
+        xs, ns = x.clone(), noise.clone()
+        out = xs if target == "x" else ns
+        cpu_lib.ddim_update_f32(out.data_ptr(), None, xs.data_ptr(), eps.data_ptr(), None, ns.data_ptr(), 2, 12, 2,
+                                0.9, 0.2, 0.0, 0.5, 0.0, 0.0)
+        assert torch.equal(out, want), target
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0])
+@pytest.mark.parametrize("noise", ["none", "given", "keyed"])
+def test_torch_step_with_and_without_the_c_kernel(cpu_lib, monkeypatch, guidance, noise):
+    """The C pass and the torch ops compute the same step, to float32 rounding (a few units in the last place)."""
+    shape = (2, 3, 4, 5)
+    x = f32(shape, 1)
+    model_out = f32(((2 if guidance else 1) * 2,) + shape[1:], 2)
+    fields = dict(x_coef=1.01, eps_coef=-0.3, x0_coefs=(1.7, -0.9), guidance=guidance)
+    if noise != "none":
+        fields.update(noise_coef=0.4, seed=5, step_key=2, noise=f32(shape, 3) if noise == "given" else None)
+    step = StepArgs(**fields)
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(native.DISABLE_ENV, enabled)
+        out, x0 = torch.empty(shape), torch.empty(shape)
+        torch_ddim_step(x, model_out, out, step, x0)
+        results.append((out, x0))
+    (c_out, c_x0), (t_out, t_x0) = results
+    torch.testing.assert_close(c_out, t_out, rtol=3e-6, atol=3e-6)
+    torch.testing.assert_close(c_x0, t_x0, rtol=3e-6, atol=3e-6)
