@@ -29,9 +29,11 @@ training time step on the host (float64, from diffusers' own float32 alphas_cump
     x_prev  = x_coef * sample + m_coef * model_output + std * noise
     pred_x0 = a * sample + b * model_output
 
-and runs it as one fused kernel on CUDA or with torch ops elsewhere (`ddim_fused.backend`
-decides, as for the sampler; float64 runs on the torch path, strided inputs are copied
-once). clip_sample and thresholding are not
+and runs it as one fused kernel on CUDA, or on the torch path elsewhere (one pass of the
+C kernel for float32 on the CPU; `ddim_fused.backend` decides, as for the sampler; float64
+runs on the torch path, strided inputs are copied once). At eta > 0 the noise is drawn as
+diffusers draws it, with the caller's generator, already scaled by std, into the buffer
+that becomes prev_sample. clip_sample and thresholding are not
 linear: pred_x0 is written first, clipped in torch, and a second fused launch finishes.
 
 Host-device synchronisation: none per step when the timestep is an int, a float, a CPU

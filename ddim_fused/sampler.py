@@ -391,7 +391,14 @@ class DDIMSampler:
             key, table = plan.reuse
             self._reused[key] = table
             while len(self._reused) > _REUSED_TABLES:
-                self._reused.pop(next(iter(self._reused)), None)
+                try:
+                    self._reused.pop(next(iter(self._reused)), None)
+                except (RuntimeError, StopIteration):  # another thread changed it meanwhile
+                    break
+
+    def __getstate__(self) -> dict:
+        """Pickled and copied samplers start without kept steps (they hold closures and buffers)."""
+        return {**self.__dict__, "_reused": {}}
 
     def _step_args(self, shared: StepArgs, i: int, temperature: float, noise, drawn, paint: dict):
         """(i, StepArgs, SplitStep | None) of DDIM step i: `shared` with the step's own fields.

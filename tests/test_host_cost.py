@@ -347,3 +347,14 @@ def test_a_float32_cpu_step_is_one_c_kernel_call(cpu_lib, monkeypatch):
         un = torch.zeros(2) if guidance != 1.0 else None
         sampler.sample(SHAPE, torch.tensor([0.5, -0.25]), seed=3, uncond_scale=guidance, uncond_cond=un)
         assert len(calls) == len(sampler.time_steps), guidance
+
+
+def test_a_copied_or_pickled_sampler_keeps_no_steps_of_the_original():
+    import copy
+    import pickle
+
+    sampler, cond = _fresh(), torch.tensor([0.5, -0.25])
+    want = sampler.sample(SHAPE, cond, seed=2)
+    for clone in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
+        assert not clone._reused and sampler._reused
+        assert torch.equal(clone.sample(SHAPE, cond, seed=2), want)
