@@ -305,9 +305,10 @@ def _split_runner(step_fn: Callable, policy, args: StepArgs, split: SplitStep, l
 class StepTable(NamedTuple):
     """A plan's steps, with the predrawn noise their runners read (see KeyedNoise.predraw).
 
-    reusable: whether the records depend on nothing of the call but that noise (no step
-    draws noise from the call's seed itself), so a later call with the same steps, shape,
-    dtype, device, guidance, temperature and noise source may run them after `refill`.
+    reusable: whether the records depend on nothing of the call but that noise and the
+    seed and sample offset of kernel launches that draw their own (`launches`, rebound by
+    `CallLaunch.rekey`), so a later call with the same steps, shape, dtype, device,
+    guidance, temperature and noise source may run them after `refill`.
     """
 
     records: tuple[StepPlan, ...]
@@ -315,12 +316,15 @@ class StepTable(NamedTuple):
     noise: Optional[torch.Tensor] = None  # (K, B, *s) scaled noise of the noisy steps
     noise_keys: tuple[int, ...] = ()
     noise_coefs: tuple[float, ...] = ()
+    launches: object = None  # the kernel path's CallLaunch when its steps draw keyed noise
 
     def refill(self, policy, step_fn) -> None:
-        """Draw this call's noise (policy's seed and sample offset) into the buffer the steps read."""
+        """Give the steps this call's noise: its predrawn rows, or its keys for the kernel's own draws."""
         if self.noise is not None:
             policy.predraw(self.noise_keys, self.noise_coefs, self.noise.shape[1:], self.noise.dtype,
                            self.noise.device, step_fn, out=self.noise)
+        if self.launches is not None:
+            self.launches.rekey(policy.seed, policy.sample_offset)
 
 
 @dataclass(frozen=True)

@@ -329,9 +329,9 @@ class DDIMSampler:
             noise: explicit (1 or B, *s) step noise of a single-step call.
             paint: dict of mask (MaskLayout), orig, orig_noise for paint.
             invert: inversion steps (alpha_prev up to alpha, no noise).
-            reuse: take the steps of an earlier call with the same key (see `_step_table`)
-                when they depend on nothing of that call but its predrawn noise; the
-                caller hands them back with `_give_back` after its loop.
+            reuse: take the steps of an earlier call with the same key (see `StepTable`)
+                when they depend on nothing of that call but its noise; they are handed
+                back with `_give_back` after the loop.
         """
         batch = shape[0]
         check_int("sample_offset", sample_offset, 0, 2**32 - batch)
@@ -380,10 +380,14 @@ class DDIMSampler:
         records = tuple(StepPlan(i, table["time_steps"][i], t_batch, args,
                                  step_runner(step_fn, policy, args, dtype, device, launches, split, self.limit), split)
                         for (i, args, split), t_batch in zip(steps, t_rows))
-        reusable = not any(args.draws_noise or args.draws_orig_noise for _, args, _ in steps)
+        # Steps that draw from the call's seed: the kernel's bound launches can be rekeyed to
+        # another call's; the torch path and split steps carry the seed in their arguments.
+        draws = [(args.draws_noise or args.draws_orig_noise, split) for _, args, split in steps]
+        rekeyed = launches if any(d for d, _ in draws) else None
+        reusable = not any(d and (launches is None or split is not None) for d, split in draws)
         if drawn is None:
-            return StepTable(records, reusable)
-        return StepTable(records, reusable, drawn, tuple(noisy), tuple(noisy.values()))
+            return StepTable(records, reusable, launches=rekeyed)
+        return StepTable(records, reusable, drawn, tuple(noisy), tuple(noisy.values()), rekeyed)
 
     def _give_back(self, plan: Plan) -> None:
         """Keep a finished call's reusable steps for the next call with the same key (the newest few)."""

@@ -6,7 +6,8 @@ looking up the compiled kernel). In a sampler call only the tensors x, model_out
 and x0_out change between launches, so `bind_ddim_step` does the rest once per call:
 
 - per call (`CallLaunch`): the launch layout of each noise mode the steps use (one
-  `step_launch`, so one source of truth for the argument list), with its geometry;
+  `step_launch`, so one source of truth for the argument list), with its geometry; a
+  later call with the same steps may `rekey` them to its own seed and sample_offset;
 - per step (`CallLaunch.step`): that layout with the step's coefficients and keys;
 - per launch (`BoundStep.__call__`): four tensor slots filled, then the compiled kernel
   launched directly through its `compiled[grid](*args)` runner, which skips the binder.
@@ -79,6 +80,14 @@ _STEP_SLOTS = tuple((_SLOT[slot], field, kind) for slot, field, kind in (
     ("step_key", "step_key", int), ("noise_ptr", "noise", None), ("orig_noise_ptr", "orig_noise", None),
 ))
 _X0_X, _X0_EPS = _SLOT["x0_x_coef"], _SLOT["x0_eps_coef"]
+_SEED, _OFFSET = _SLOT["seed"], _SLOT["sample_offset"]
+
+
+def _int_type(value: int) -> str:
+    """The type Triton gives an integer argument of this value (its binder's ranges)."""
+    if -2**31 <= value < 2**31:
+        return "i32"
+    return "u64" if value >= 2**63 else "i64"
 
 
 class CallLaunch:
@@ -93,8 +102,23 @@ class CallLaunch:
         self._x = x
         # Noise mode -> (grid, argument list, compile options), from the mode's first step.
         self._layouts: dict = {}
-        # Direct runners, shared by every step of the call: (mode, dtypes, alignments) -> runner.
+        # Direct runners, shared by every step of the call:
+        # (mode, dtypes, alignments, integer types of the keys) -> runner.
         self.runners: dict = {}
+        self._steps: list = []  # every BoundStep made here, for rekey
+        self.key_types: tuple = ()  # Triton's integer types of the bound seed and sample_offset
+
+    def rekey(self, seed: int, sample_offset: int) -> None:
+        """Bind every step to another call's seed and sample_offset (steps that draw keyed noise).
+
+        Later launches of the same steps then draw that call's noise: what binding its steps
+        anew would launch. Triton types an integer argument by its range (i32, i64, u64),
+        so a direct runner is kept per integer type of these two as well.
+        """
+        check_keys(seed, 0, sample_offset, self._x.shape[0])
+        for values in [layout[1] for layout in self._layouts.values()] + [step._values for step in self._steps]:
+            values[_SEED], values[_OFFSET] = int(seed), int(sample_offset)
+        self.key_types = (_int_type(seed), _int_type(sample_offset))
 
     def step(self, step) -> "BoundStep | None":
         """run(x, model_out, out, x0_out=None) -> out for one step's StepArgs; None for empty tensors.
@@ -111,6 +135,7 @@ class CallLaunch:
             if launch is None:
                 return None
             layout = self._layouts[mode] = (launch.grid, *_ordered(launch))
+            self.key_types = (_int_type(int(step.seed or 0)), _int_type(int(step.sample_offset)))
         elif step.draws_noise or step.draws_orig_noise:
             check_keys(step.seed, step.step_key, step.sample_offset, self._x.shape[0])
         grid, values, options = layout
@@ -119,7 +144,9 @@ class CallLaunch:
             value = getattr(step, field)
             values[slot] = value if kind is None else kind(value)
         values[_X0_X], values[_X0_EPS] = float(step.x0_coefs[0]), float(step.x0_coefs[1])
-        return BoundStep(self, mode, grid, values, options, step.guidance is not None, self._x.shape[0])
+        bound = BoundStep(self, mode, grid, values, options, step.guidance is not None, self._x.shape[0])
+        self._steps.append(bound)
+        return bound
 
 
 class BoundStep:
@@ -145,7 +172,7 @@ class BoundStep:
             return out
         key = (self._mode, model_out.dtype, x.dtype, out.dtype, None if x0_out is None else x0_out.dtype,
                x.data_ptr() & 15, model_out.data_ptr() & 15, out.data_ptr() & 15,
-               0 if x0_out is None else x0_out.data_ptr() & 15)
+               0 if x0_out is None else x0_out.data_ptr() & 15, self._call.key_types)
         runner = self._call.runners.get(key)
         if runner is None:
             compiled = _ddim_step_kernel[self._grid](*values, **self._options)

@@ -358,3 +358,60 @@ def test_a_copied_or_pickled_sampler_keeps_no_steps_of_the_original():
     for clone in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
         assert not clone._reused and sampler._reused
         assert torch.equal(clone.sample(SHAPE, cond, seed=2), want)
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+def test_reused_kernel_steps_are_rekeyed_to_each_call(device, guided):
+    """The kernel path's steps draw their own noise: a reused call rebinds them to its seed and offset."""
+    cond = torch.tensor([0.5, -0.25], device=device)
+    kw = dict(uncond_scale=2.5, uncond_cond=torch.zeros(2, device=device)) if guided else {}
+
+    def fresh():
+        return DDIMSampler(_Linear(), 3, ddim_eta=1.0, backend="triton")
+
+    sampler = fresh()
+    sampler.sample(SHAPE, cond, seed=1, device=device, **kw)
+    (kept,) = sampler._reused.values()
+    assert kept.launches is not None
+    # Seeds and offsets of other integer types than the first call's (Triton types them by range).
+    for seed, offset in ((2**40 + 3, 0), (7, 2**31 + 5), (2**63 - 1, 2**32 - 2)):
+        got = sampler.sample(SHAPE, cond, seed=seed, sample_offset=offset, device=device, **kw)
+        want = fresh().sample(SHAPE, cond, seed=seed, sample_offset=offset, device=device, **kw)
+        assert torch.equal(got, want), (seed, offset)
+    assert any(table is kept for table in sampler._reused.values()), "the first call's steps were not reused"
+
+
+def test_rekey_checks_the_keys_and_keeps_a_runner_per_integer_type(monkeypatch):
+    bound_step = kernels().bound_step
+    ordinary, direct = [], []
+
+    class StandInKernel:
+        arg_names = bound_step._ARG_NAMES
+
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                ordinary.append(args)
+                return _StandInCompiled(direct)
+            return launch
+
+    monkeypatch.setattr(bound_step, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(bound_step, "_ddim_step_kernel", StandInKernel())
+    x, model_out = inputs(torch.float32, False)
+    call = bound_step.bind_ddim_step(torch.empty(SHAPE, device="meta"))
+    run = call.step(StepArgs(**COEFS, noise_coef=0.3, seed=5, step_key=2, sample_offset=1))
+    out = torch.empty_like(x)
+    seed_slot, offset_slot = bound_step._SEED, bound_step._OFFSET
+    run(x, model_out, out)
+    run(x, model_out, out)
+    call.rekey(9, 3)  # still i32 keys: the same compiled kernel, launched directly
+    run(x, model_out, out)
+    assert len(ordinary) == 1 and [a[seed_slot] for _, a in direct] == [5, 9]
+    assert direct[-1][1][offset_slot] == 3
+    call.rekey(2**40, 3)  # an i64 seed: another compiled variant, so first an ordinary launch
+    run(x, model_out, out)
+    run(x, model_out, out)
+    assert len(ordinary) == 2 and ordinary[-1][seed_slot] == 2**40 and direct[-1][1][seed_slot] == 2**40
+    with pytest.raises(ValueError, match="sample_offset"):
+        call.rekey(1, 2**32 - 1)  # the batch's last sample index would pass 2**32 - 1
+    with pytest.raises(ValueError, match="seed"):
+        call.rekey(2**63, 0)
