@@ -415,3 +415,12 @@ def test_rekey_checks_the_keys_and_keeps_a_runner_per_integer_type(monkeypatch):
         call.rekey(1, 2**32 - 1)  # the batch's last sample index would pass 2**32 - 1
     with pytest.raises(ValueError, match="seed"):
         call.rekey(2**63, 0)
+
+
+def test_key_integer_types_are_tritons():
+    """The direct runners are kept per integer type of the keys: the types Triton's binder gives them."""
+    mangle_type = getattr(pytest.importorskip("triton.runtime.jit"), "mangle_type", None)
+    if mangle_type is None:
+        pytest.skip("this Triton has no triton.runtime.jit.mangle_type to compare with")
+    for value in (0, 1, 5, 2**31 - 1, 2**31, 2**32 - 1, 2**40, 2**63 - 1, 2**63):
+        assert kernels().bound_step._int_type(value) == mangle_type(value), value
