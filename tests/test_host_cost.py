@@ -149,8 +149,10 @@ class _StandInCompiled:
         return runner
 
 
-def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
-    """After the first ordinary launch, launches go to the compiled kernel's runner with the same arguments."""
+def stand_in_kernel(monkeypatch):
+    """(bound_step module, ordinary launches, direct launches) with direct launches on and a
+    stand-in for the jit kernel: ordinary launches record (grid, args, options) and return a
+    _StandInCompiled that records (grid, args) of direct ones."""
     bound_step = kernels().bound_step
     ordinary, direct = [], []
 
@@ -165,6 +167,12 @@ def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
 
     monkeypatch.setattr(bound_step, "DIRECT_LAUNCH", True)
     monkeypatch.setattr(bound_step, "_ddim_step_kernel", StandInKernel())
+    return bound_step, ordinary, direct
+
+
+def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
+    """After the first ordinary launch, launches go to the compiled kernel's runner with the same arguments."""
+    bound_step, ordinary, direct = stand_in_kernel(monkeypatch)
     x, model_out = inputs(torch.float32, False)
     run = bound_step.bind_ddim_step(torch.empty(SHAPE, device="meta")).step(StepArgs(**COEFS))
     out = torch.empty_like(x)
@@ -382,20 +390,7 @@ def test_reused_kernel_steps_are_rekeyed_to_each_call(device, guided):
 
 
 def test_rekey_checks_the_keys_and_keeps_a_runner_per_integer_type(monkeypatch):
-    bound_step = kernels().bound_step
-    ordinary, direct = [], []
-
-    class StandInKernel:
-        arg_names = bound_step._ARG_NAMES
-
-        def __getitem__(self, grid):
-            def launch(*args, **options):
-                ordinary.append(args)
-                return _StandInCompiled(direct)
-            return launch
-
-    monkeypatch.setattr(bound_step, "DIRECT_LAUNCH", True)
-    monkeypatch.setattr(bound_step, "_ddim_step_kernel", StandInKernel())
+    bound_step, ordinary, direct = stand_in_kernel(monkeypatch)
     x, model_out = inputs(torch.float32, False)
     call = bound_step.bind_ddim_step(torch.empty(SHAPE, device="meta"))
     run = call.step(StepArgs(**COEFS, noise_coef=0.3, seed=5, step_key=2, sample_offset=1))
@@ -410,7 +405,7 @@ def test_rekey_checks_the_keys_and_keeps_a_runner_per_integer_type(monkeypatch):
     call.rekey(2**40, 3)  # an i64 seed: another compiled variant, so first an ordinary launch
     run(x, model_out, out)
     run(x, model_out, out)
-    assert len(ordinary) == 2 and ordinary[-1][seed_slot] == 2**40 and direct[-1][1][seed_slot] == 2**40
+    assert len(ordinary) == 2 and ordinary[-1][1][seed_slot] == 2**40 and direct[-1][1][seed_slot] == 2**40
     with pytest.raises(ValueError, match="sample_offset"):
         call.rekey(1, 2**32 - 1)  # the batch's last sample index would pass 2**32 - 1
     with pytest.raises(ValueError, match="seed"):
