@@ -1,21 +1,18 @@
 """The DDIM step off the GPU (the "torch" backend), with the kernel's contract and semantics.
 
-Same host coefficients and the same noise stream as kernels/ddim_step.py. A float32 step
-on contiguous CPU tensors without paint runs as one pass of the C kernel
-`ddim_update_f32` (`ddim_fused/cpu_kernels.c`, the kernel's formula in float32 without
-fused multiply-adds), when that library is available (`ddim_fused.native`). Every other
-step, and every step without the library, is computed in one accumulator (fp32 for
-fp16/bf16 inputs, as in the kernel's registers) with as few torch ops as the inputs
-allow, because on small latents each op costs more than its arithmetic:
+Same host coefficients, the same noise stream and the same formula as
+kernels/ddim_step.py (guided eps = eps_u + g * (eps_c - eps_u)). A float32 step on
+contiguous CPU tensors without paint runs as one pass of the C kernel `ddim_update_f32`
+(`ddim_fused/cpu_kernels.c`: float32, every product and sum rounded, no fused
+multiply-adds), when that library is available (`ddim_fused.native`). Every other step,
+and every step without the library, is torch ops on one accumulator (fp32 for fp16/bf16
+inputs, as in the kernel's registers), as few as the inputs allow:
 
-    acc = noise_coef * noise + x_coef * x       (torch.add; torch.mul without noise)
-    acc += eps_coef * eps                       (add_; under guidance one addmm instead)
+    eps  = lerp(eps_u, eps_c, g)               (under guidance)
+    acc  = noise_coef * noise + x_coef * x     (torch.add; torch.mul without noise)
+    acc += eps_coef * eps                      (add_)
 
-Under guidance eps_coef * eps is one matrix product of the two weights
-[eps_coef * (1 - g), eps_coef * g] with the [uncond; cond] rows of model_out, so the
-combine costs no op of its own. It rounds differently from the kernel's
-eps_u + g * (eps_c - eps_u) (by a few units in the last place of x_prev); pred_x0 and the
-guided eps, when asked for, come from the kernel's form (torch.lerp).
+The two paths differ by a few units in the last place.
 """
 from __future__ import annotations
 
@@ -52,10 +49,7 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
             return out
     compute = x.dtype if x.dtype in COMPUTE_DTYPES else torch.float32
     xc, mo = _as(x, compute), _as(model_out, compute)
-    eps = mo
-    if step.guidance is not None and (x0_out is not None or eps_out is not None):
-        uncond, cond = mo.tensor_split(2)
-        eps = torch.lerp(uncond, cond, step.guidance)
+    eps = mo if step.guidance is None else torch.lerp(*mo.tensor_split(2), step.guidance)
     # Results go straight into fp32 (fp64) outputs; fp16/bf16 outputs get one rounding copy.
     if x0_out is not None:
         x0_x, x0_eps = step.x0_coefs
@@ -66,9 +60,8 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
     if eps_out is not None:
         eps_out.copy_(eps)
     noise_term = None if noise is None else _scaled(_as(noise, compute), step.noise_coef)
-    weights = None if step.guidance is None else guidance_weights(step.eps_coef, step.guidance, compute, x.device)
     direct = out.dtype == compute and out.data_ptr() != x.data_ptr()
-    acc = _update(xc, mo, step.x_coef, step.eps_coef, weights, noise_term, out if direct else None)
+    acc = _update(xc, eps, step.x_coef, step.eps_coef, noise_term, out if direct else None)
     if step.mask is not None:
         orig_t = _as(step.orig, compute) * step.orig_coef
         if step.orig_noise_coef != 0.0:
@@ -102,27 +95,16 @@ def _native_update(lib, x, model_out, out, x0_out, noise, step: StepArgs) -> Non
                         step.guidance if guided else 0.0, step.noise_coef, *step.x0_coefs)
 
 
-def guidance_weights(eps_coef: float, guidance: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """(1, 2) weights of the [uncond; cond] model outputs in eps_coef * eps: eps_coef * [1 - g, g]."""
-    return torch.tensor([[eps_coef * (1.0 - guidance), eps_coef * guidance]], dtype=dtype, device=device)
-
-
-def _update(xc, mo, x_coef: float, eps_coef: float, weights, noise_term, out):
+def _update(xc, eps, x_coef: float, eps_coef: float, noise_term, out):
     """noise_term + x_coef * xc + eps_coef * eps, into out (a new tensor when out is None).
 
-    xc: (B, *s); mo: (B, *s) eps, or (2B, *s) [uncond; cond] with weights (see
-    `guidance_weights`); noise_term: (1 or B, *s) or None (it may be out itself).
+    xc, eps: (B, *s); noise_term: (1 or B, *s) or None (it may be out itself).
     """
     if noise_term is None:
-        acc = torch.mul(xc, x_coef, out=out) if weights is None else None
+        acc = torch.mul(xc, x_coef, out=out)
     else:
         acc = torch.add(noise_term, xc, alpha=x_coef, out=out)
-    if weights is None:
-        return acc.add_(mo, alpha=eps_coef)
-    n = xc.numel()
-    base, beta = (xc, x_coef) if acc is None else (acc, 1.0)
-    flat = None if out is None else out.view(1, n)
-    return torch.addmm(base.reshape(1, n), weights, mo.reshape(2, n), beta=beta, out=flat).view(xc.shape)
+    return acc.add_(eps, alpha=eps_coef)
 
 
 def _scaled(t: torch.Tensor, coef: float) -> torch.Tensor:
@@ -147,9 +129,9 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
     `torch_ddim_step(x, model_out, out, step, x0_out)` computes, with the same torch ops
     in the same order (so the same bits), minus its per-call work: for x, out and x0_out
     of `dtype` float32 or float64 on `device`, no mask, and noise either given or not
-    needed, a step is 1 to 4 torch ops (the guidance weights are made once here; noise
-    predrawn with its coefficient costs no op to scale). Otherwise, or when the model's output comes in another dtype, it
-    calls torch_ddim_step.
+    needed, a step is one C kernel call (float32 on the CPU) or 2 to 5 torch ops (noise
+    predrawn with its coefficient costs no op to scale). Otherwise, or when the model's
+    output comes in another dtype, it calls torch_ddim_step.
 
     Args:
         step: the step's StepArgs.
@@ -173,16 +155,14 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
     if (dtype is torch.float32 and torch.device(device).type == "cpu" and native.library() is not None
             and (noise is None or noise.is_contiguous())):
         return _native_runner(step, noise, generic)
-    weights = None if guidance is None else guidance_weights(eps_coef, guidance, dtype, device)
 
     def run(x, model_out, out, x0_out=None):
         if model_out.dtype is not dtype or x.dtype is not dtype:
             return generic(x, model_out, out, x0_out)
+        eps = model_out if guidance is None else torch.lerp(*model_out.tensor_split(2), guidance)
         if x0_out is not None:
-            eps = model_out if guidance is None else torch.lerp(*model_out.tensor_split(2), guidance)
             torch.mul(x, x0_x, out=x0_out).add_(eps, alpha=x0_eps)
-        noise_term = None if noise is None else _scaled(noise, noise_coef)
-        _update(x, model_out, x_coef, eps_coef, weights, noise_term, out)
+        _update(x, eps, x_coef, eps_coef, None if noise is None else _scaled(noise, noise_coef), out)
         return out
 
     return run

@@ -322,7 +322,7 @@ def test_paint_and_explicit_noise_are_never_reused():
 
 
 def test_guided_torch_path_does_not_depend_on_the_batch(cpu_path):
-    """The guidance combine is one matrix product over the batch: each sample's bits stay its own."""
+    """Guided steps, C kernel or torch ops: each sample's bits stay its own whatever the batch."""
     sampler = _fresh(seed=7)
     cond, uncond = torch.linspace(-1, 1, 4), torch.zeros(4)
     kw = dict(uncond_scale=3.0)
