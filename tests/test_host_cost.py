@@ -419,3 +419,14 @@ def test_key_integer_types_are_tritons():
         pytest.skip("this Triton has no triton.runtime.jit.mangle_type to compare with")
     for value in (0, 1, 5, 2**31 - 1, 2**31, 2**32 - 1, 2**40, 2**63 - 1, 2**63):
         assert kernels().bound_step._int_type(value) == mangle_type(value), value
+
+
+def test_steps_kept_under_inference_mode_are_reused_outside_it_and_back():
+    sampler, cond = _fresh(), torch.tensor([0.5, -0.25])
+    with torch.inference_mode():
+        first = sampler.sample(SHAPE, cond, seed=1)
+    second = sampler.sample(SHAPE, cond, seed=2)
+    with torch.inference_mode():
+        third = sampler.sample(SHAPE, cond, seed=3)
+    for seed, got in ((1, first), (2, second), (3, third)):
+        assert torch.equal(got, _fresh().sample(SHAPE, cond, seed=seed)), seed
