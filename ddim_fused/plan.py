@@ -161,10 +161,7 @@ class KeyedNoise:
         drawn = keyed_normal_torch(shape[0], numel, self.seed, list(step_keys), "step", self.sample_offset,
                                    repeat=self.repeat, device=device)
         if out is None:
-            # An ordinary tensor even when made under inference mode: later calls refill it
-            # in place, in or out of that mode.
-            with torch.inference_mode(False):
-                out = torch.empty((len(step_keys), *shape), dtype=compute, device=device)
+            out = torch.empty((len(step_keys), *shape), dtype=compute, device=device)
         scale = torch.tensor(coefs, dtype=compute, device=device).view(-1, 1, 1)
         # In the compute dtype, as torch_ddim_step scales a step's noise: the same bits.
         torch.mul(drawn, scale, out=out.view(drawn.shape))

@@ -349,8 +349,11 @@ class DDIMSampler:
         if table is not None:
             table.refill(policy, step_fn)
         else:
-            table = self._step_table(list(indices), shape, device, dtype, step_fn, guide.scale, policy,
-                                     temperature, noise, paint or {}, invert)
+            # Ordinary tensors even when this call runs under inference mode: a later call,
+            # in or out of that mode, refills the kept noise in place.
+            with torch.inference_mode(False):
+                table = self._step_table(list(indices), shape, device, dtype, step_fn, guide.scale, policy,
+                                         temperature, noise, paint or {}, invert)
         return Plan(step_fn, guide, policy, table.records, has_x0=not invert, limit=self.limit,
                     reuse=(key, table) if key is not None and table.reusable else None)
 
