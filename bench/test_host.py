@@ -22,3 +22,12 @@ def test_scheduler_rows_cover_every_case():
     rows = host.scheduler_rows(1)
     assert [(tuple(r["shape"]), r["eta"]) for r in rows] == list(host.SCHEDULER_CASES)
     assert all(r["ratio"] == pytest.approx(r["fused_us"] / r["stock_us"]) for r in rows)
+
+
+def test_gpu_rows_render_with_and_without_a_target():
+    rows = [{"kind": "gpu-host", "label": "sampler/step eta0", "shape": [1, 4, 64, 64], "fused_us": 7.5,
+             "target_us": host.GPU_STEP_TARGET_US, "device": "GPU"},
+            {"kind": "gpu-host", "label": "sampler/step eta0 new sampler", "shape": [1, 4, 64, 64], "fused_us": 30.0,
+             "target_us": None, "device": "GPU"}]
+    reused, new = host.format_rows(rows).splitlines()
+    assert "meets <= 10 us" in reused and "no target" in new
