@@ -20,9 +20,9 @@ from .validation import FLOAT_DTYPES, broadcast_batch, check_float, check_int, c
 from .x0_clip import X0Limit
 
 PAINT_BLENDS = ("alpha", "alpha_prev")
+PREV_TIMESTEP_RULES = ("previous", "ratio")
 # Step tables a sampler keeps for reuse by later calls (one per shape, dtype and options).
 _REUSED_TABLES = 4
-PREV_TIMESTEP_RULES = ("previous", "ratio")
 
 
 class DDIMSampler:
