@@ -184,15 +184,17 @@ void ddim_box_muller_store(float *out, const float *radius, const float *cos_ang
  *
  *   e       = eps[i], or eps[i] + guidance * (eps_c[i] - eps[i]) when eps_c is given
  *   x0_out  = x0_x * x[i] + x0_eps * e                          (when x0_out is given)
+ *   eps_out = e                                                 (when eps_out is given)
  *   out[i]  = (x_coef * x[i] + eps_coef * e) + noise_coef * n   (n from noise, when given)
  *
  * Each product and sum is rounded to float32 (no contraction: -ffp-contract=off), in
  * this order. noise holds B rows, or one row shared by every sample (noise_rows == 1).
- * out may be x itself or the noise (each element is read before it is written).
+ * out may be x itself, or the noise when it has B rows (each element is read before it
+ * is written).
  */
-void ddim_update_f32(float *out, float *x0_out, const float *x, const float *eps, const float *eps_c,
-                     const float *noise, int64_t batch, int64_t numel, int64_t noise_rows, float x_coef,
-                     float eps_coef, float guidance, float noise_coef, float x0_x, float x0_eps) {
+void ddim_update_f32(float *out, float *x0_out, float *eps_out, const float *x, const float *eps,
+                     const float *eps_c, const float *noise, int64_t batch, int64_t numel, int64_t noise_rows,
+                     float x_coef, float eps_coef, float guidance, float noise_coef, float x0_x, float x0_eps) {
     for (int64_t b = 0; b < batch; b++) {
         const int64_t base = b * numel;
         const float *n = noise ? noise + (noise_rows == 1 ? 0 : base) : 0;
@@ -202,6 +204,7 @@ void ddim_update_f32(float *out, float *x0_out, const float *x, const float *eps
             float e = eps[i];
             if (eps_c) e = e + guidance * (eps_c[i] - e);
             if (x0_out) x0_out[i] = x0_x * xi + x0_eps * e;
+            if (eps_out) eps_out[i] = e;
             float acc = x_coef * xi + eps_coef * e;
             if (n) acc = acc + noise_coef * n[j];
             out[i] = acc;

@@ -146,7 +146,8 @@ def run_captured(sampler, spec: LoopSpec, device: torch.device) -> torch.Tensor:
 def _capture(store, spec: LoopSpec, device) -> CapturedLoop:
     # Ordinary tensors even when the first call runs under inference mode: later replays,
     # in or out of it, update them in place.
-    with torch.cuda.device(device), torch.inference_mode(False):
+    # inference_mode(False) turns grad mode on: no_grad keeps the warm-up and capture without autograd.
+    with torch.cuda.device(device), torch.inference_mode(False), torch.no_grad():
         seed_t = torch.tensor(spec.seed, dtype=torch.int64, device=device)
         offset_t = torch.tensor(spec.sample_offset, dtype=torch.int64, device=device)
         statics = {name: value.clone(memory_format=torch.contiguous_format)

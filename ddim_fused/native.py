@@ -6,7 +6,7 @@ The C side makes the Philox uniforms and the final radius * cos/sin products, bo
 rounded; log, sqrt, cos and sin stay torch ops, so the normals are the same bits as those
 of the torch-ops path in `ddim_fused.philox`.
 
-Step: `ddim_update_f32` computes a float32 DDIM step (guidance, noise, pred_x0) in one
+Step: `ddim_update_f32` computes a float32 DDIM step (guidance, noise, pred_x0, eps) in one
 pass, where torch ops take 2 to 5 passes and as many dispatches (`ddim_fused.torch_step`
 calls it).
 
@@ -121,7 +121,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ddim_box_muller_store.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.ddim_box_muller_store.restype = None
     f32 = ctypes.c_float
-    lib.ddim_update_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, f32, f32, f32, f32, f32]
+    lib.ddim_update_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, f32, f32, f32, f32, f32]
     lib.ddim_update_f32.restype = None
     return lib
 

@@ -1,6 +1,7 @@
 """DDIMSampler: labml's DDIM sampler API, one model call and one fused step per step."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional
 
@@ -343,15 +344,16 @@ class DDIMSampler:
         key = None
         if reuse and paint is None and noise is None:
             key = (tuple(indices), tuple(shape), device, dtype, step_fn, guide.scale, temperature, type(policy),
-                   policy.repeat, invert)
+                   policy.repeat, invert, self.limit)
         # Popped while in use, so a concurrent call with the same key builds its own.
         table = self._reused.pop(key, None) if key is not None else None
         if table is not None:
             table.refill(policy, step_fn)
         else:
             # Ordinary tensors even when this call runs under inference mode: a later call,
-            # in or out of that mode, refills the kept noise in place.
-            with torch.inference_mode(False):
+            # in or out of that mode, refills the kept noise in place. (inference_mode(False)
+            # turns grad mode on, hence no_grad.)
+            with torch.inference_mode(False), torch.no_grad():
                 table = self._step_table(list(indices), shape, device, dtype, step_fn, guide.scale, policy,
                                          temperature, noise, paint or {}, invert)
         return Plan(step_fn, guide, policy, table.records, has_x0=not invert, limit=self.limit,
@@ -383,9 +385,11 @@ class DDIMSampler:
         records = tuple(StepPlan(i, table["time_steps"][i], t_batch, args,
                                  step_runner(step_fn, policy, args, dtype, device, launches, split, self.limit), split)
                         for (i, args, split), t_batch in zip(steps, t_rows))
-        # Steps that draw from the call's seed: the kernel's bound launches can be rekeyed to
-        # another call's; the torch path and split steps carry the seed in their arguments.
-        draws = [(args.draws_noise or args.draws_orig_noise, split) for _, args, split in steps]
+        # Steps that draw from the call's seed (torch.randn noise is drawn per run instead):
+        # the kernel's bound launches can be rekeyed to another call's; the torch path and
+        # split steps carry the seed in their arguments.
+        draws = [(not policy.fills(args) and (args.draws_noise or args.draws_orig_noise), split)
+                 for _, args, split in steps]
         rekeyed = launches if any(d for d, _ in draws) else None
         reusable = not any(d and (launches is None or split is not None) for d, split in draws)
         if drawn is None:
@@ -406,6 +410,9 @@ class DDIMSampler:
     def __getstate__(self) -> dict:
         """Pickled and copied samplers start without kept steps (they hold closures and buffers)."""
         return {**self.__dict__, "_reused": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"_reused": {}, **state})  # also samplers pickled before steps were kept
 
     def _step_args(self, shared: StepArgs, i: int, temperature: float, noise, drawn, paint: dict):
         """(i, StepArgs, SplitStep | None) of DDIM step i: `shared` with the step's own fields.
@@ -460,7 +467,8 @@ class DDIMSampler:
         buffers = (torch.empty_like(x), torch.empty_like(x)) if callback is None else None
         call_model = plan.guide.call
         try:
-            with torch.inference_mode(callback is None):
+            # (inference_mode(False) would turn grad mode on inside sample's no_grad.)
+            with torch.inference_mode() if callback is None else contextlib.nullcontext():
                 for n, step in enumerate(plan.steps):
                     model_out = call_model(x, step.t_batch)
                     out = buffers[n & 1] if buffers is not None else torch.empty_like(x)

@@ -41,11 +41,10 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
     noise = None
     if step.noise_coef != 0.0:
         noise = step.noise if step.noise is not None else _keyed(x, step, "step", step.repeat_noise)
-    if (step.mask is None and eps_out is None
-            and (noise is None or (noise.dtype is torch.float32 and noise.is_contiguous()))):
-        lib = _native(x, model_out, out, x0_out)
+    if step.mask is None:
+        lib = _native(x, model_out, out, x0_out, eps_out, noise, step.guidance is not None)
         if lib is not None:
-            _native_update(lib, x, model_out, out, x0_out, noise, step)
+            _native_update(lib, x, model_out, out, x0_out, eps_out, noise, step)
             return out
     compute = x.dtype if x.dtype in COMPUTE_DTYPES else torch.float32
     xc, mo = _as(x, compute), _as(model_out, compute)
@@ -72,27 +71,34 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
     return out if direct else out.copy_(acc)
 
 
-def _native(x, model_out, out, x0_out):
-    """The C library when these tensors can take the float32 CPU kernel, else None."""
-    if not (x.is_cpu and x.dtype is torch.float32 and model_out.dtype is torch.float32
-            and out.dtype is torch.float32 and x.is_contiguous() and model_out.is_contiguous()
-            and out.is_contiguous()):
-        return None
-    if x0_out is not None and not (x0_out.dtype is torch.float32 and x0_out.is_contiguous()):
+def _native(x, model_out, out, x0_out, eps_out, noise, guided: bool):
+    """The C library when these tensors can take `ddim_update_f32`, else None.
+
+    It can when every tensor is float32, contiguous, on the CPU and of the step's sizes
+    (the C side reads and writes through raw pointers): x, out, x0_out, eps_out (B, *s),
+    model_out (B or 2B, *s), noise (1 or B, *s) or None.
+    """
+    size = x.numel()
+    if not (all(t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
+                for t in (x, model_out, out, x0_out, eps_out, noise) if t is not None)
+            and model_out.numel() == (2 * size if guided else size)
+            and all(t.numel() == size for t in (out, x0_out, eps_out) if t is not None)
+            and (noise is None or noise.numel() in (size, size // max(x.shape[0], 1)))):
         return None
     return native.library()
 
 
-def _native_update(lib, x, model_out, out, x0_out, noise, step: StepArgs) -> None:
-    """`ddim_update_f32` on (B, *s) float32 contiguous CPU tensors; noise (1 or B, *s) or None."""
+def _native_update(lib, x, model_out, out, x0_out, eps_out, noise, step: StepArgs) -> None:
+    """`ddim_update_f32` on tensors `_native` accepted; noise (1 or B, *s) or None."""
     batch = x.shape[0]
     numel = x.numel() // batch if batch else 0
     guided = step.guidance is not None  # eps_c: the second half of model_out, 4 bytes per element
-    lib.ddim_update_f32(out.data_ptr(), None if x0_out is None else x0_out.data_ptr(), x.data_ptr(),
-                        model_out.data_ptr(), model_out.data_ptr() + 4 * batch * numel if guided else None,
-                        None if noise is None else noise.data_ptr(), batch, numel,
-                        0 if noise is None else noise.shape[0], step.x_coef, step.eps_coef,
-                        step.guidance if guided else 0.0, step.noise_coef, *step.x0_coefs)
+    noise_rows = 0 if noise is None else (1 if noise.numel() == numel and batch != 1 else batch)
+    lib.ddim_update_f32(out.data_ptr(), None if x0_out is None else x0_out.data_ptr(),
+                        None if eps_out is None else eps_out.data_ptr(), x.data_ptr(), model_out.data_ptr(),
+                        model_out.data_ptr() + 4 * batch * numel if guided else None,
+                        None if noise is None else noise.data_ptr(), batch, numel, noise_rows, step.x_coef,
+                        step.eps_coef, step.guidance if guided else 0.0, step.noise_coef, *step.x0_coefs)
 
 
 def _update(xc, eps, x_coef: float, eps_coef: float, noise_term, out):
@@ -150,11 +156,10 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
     x_coef, eps_coef, guidance = step.x_coef, step.eps_coef, step.guidance
     x0_x, x0_eps = step.x0_coefs
     noise_coef = step.noise_coef
+    if dtype is torch.float32 and torch.device(device).type == "cpu" and native.library() is not None:
+        return _native_runner(step, generic)
     # Read per run, not copied here: callers refill the noise tensor in place between runs.
     noise = None if noise_coef == 0.0 else _as(step.noise, dtype)
-    if (dtype is torch.float32 and torch.device(device).type == "cpu" and native.library() is not None
-            and (noise is None or noise.is_contiguous())):
-        return _native_runner(step, noise, generic)
 
     def run(x, model_out, out, x0_out=None):
         if model_out.dtype is not dtype or x.dtype is not dtype:
@@ -168,21 +173,20 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
     return run
 
 
-def _native_runner(step: StepArgs, noise, generic):
-    """run() of `torch_step_runner` for float32 CPU tensors: one `ddim_update_f32` call per step."""
-    update = native.library().ddim_update_f32
+def _native_runner(step: StepArgs, generic):
+    """run() of `torch_step_runner` for float32 CPU tensors: one `ddim_update_f32` call per step.
+
+    Exactly torch_ddim_step's choice between the C pass and torch ops (the same bits), with
+    the step's noise tensor read at each run.
+    """
+    lib = native.library()
+    noise = step.noise if step.noise_coef != 0.0 else None
     guided = step.guidance is not None
-    noise_ptr, noise_rows = (None, 0) if noise is None else (noise.data_ptr(), noise.shape[0])
-    coefs = (step.x_coef, step.eps_coef, step.guidance if guided else 0.0, step.noise_coef, *step.x0_coefs)
 
     def run(x, model_out, out, x0_out=None):
-        if _native(x, model_out, out, x0_out) is None:
+        if _native(x, model_out, out, x0_out, None, noise, guided) is None:
             return generic(x, model_out, out, x0_out)
-        batch = x.shape[0]
-        numel = x.numel() // batch if batch else 0
-        eps = model_out.data_ptr()
-        update(out.data_ptr(), None if x0_out is None else x0_out.data_ptr(), x.data_ptr(), eps,
-               eps + 4 * batch * numel if guided else None, noise_ptr, batch, numel, noise_rows, *coefs)
+        _native_update(lib, x, model_out, out, x0_out, None, noise, step)
         return out
 
     return run

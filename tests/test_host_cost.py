@@ -430,3 +430,72 @@ def test_steps_kept_under_inference_mode_are_reused_outside_it_and_back():
         third = sampler.sample(SHAPE, cond, seed=3)
     for seed, got in ((1, first), (2, second), (3, third)):
         assert torch.equal(got, _fresh().sample(SHAPE, cond, seed=seed)), seed
+
+
+def test_a_p_sample_loop_is_sample_bit_for_bit(cpu_path):
+    """labml's loop of p_sample calls and sample() take the same step path (C kernel or torch ops)."""
+    sampler, cond = _fresh(), torch.tensor([0.5, -0.25])
+    x_last = randn(SHAPE, seed=4)
+    want = sampler.sample(SHAPE, cond, x_last=x_last, seed=3)
+    x = x_last
+    for index in range(len(sampler.time_steps) - 1, -1, -1):
+        t = torch.full((SHAPE[0],), int(sampler.time_steps[index]), dtype=torch.long)
+        x, _, _ = sampler.p_sample(x, cond, t, int(t[0]), index, seed=3)
+    assert torch.equal(x, want)
+
+
+def test_torch_noise_steps_are_reused_on_the_kernel_path(device):
+    """torch.randn steps draw per run, not from a seed: reused calls must not try to rekey them."""
+    sampler = DDIMSampler(_Linear(), 3, ddim_eta=1.0, backend="triton", noise_source="torch")
+    cond = torch.tensor([0.5, -0.25], device=device)
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        got = sampler.sample(SHAPE, cond, device=device)
+        torch.manual_seed(seed)
+        want = DDIMSampler(_Linear(), 3, ddim_eta=1.0, backend="triton", noise_source="torch").sample(
+            SHAPE, cond, device=device)
+        assert torch.equal(got, want), seed
+    assert sampler._reused, "the steps were not kept"
+
+
+def test_a_changed_limit_is_honoured_by_the_next_call():
+    sampler, cond = _fresh(clip_sample=True, clip_sample_range=0.1), torch.tensor([0.5, -0.25])
+    sampler.sample(SHAPE, cond, seed=2)
+    sampler.limit = None
+    assert torch.equal(sampler.sample(SHAPE, cond, seed=2), _fresh().sample(SHAPE, cond, seed=2))
+
+
+class _Trainable(torch.nn.Module):
+    """An eps-model with parameters that records whether grad mode was on when it ran."""
+
+    alpha_bar = torch.linspace(0.999, 0.01, 50, dtype=torch.float64)
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.3))
+        self.grad_modes = []
+
+    def forward(self, x, t, cond):
+        self.grad_modes.append(torch.is_grad_enabled())
+        return self.scale.to(x.dtype) * x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("with_callback", [False, True], ids=["no-callback", "callback"])
+def test_the_model_runs_without_grad(dtype, with_callback):
+    model = _Trainable()
+    sampler = DDIMSampler(model, 3, ddim_eta=1.0, backend="torch")
+    callback = (lambda info: None) if with_callback else None
+    x = sampler.sample(SHAPE, None, seed=1, dtype=dtype, callback=callback)
+    assert not x.requires_grad and model.grad_modes and not any(model.grad_modes)
+
+
+def test_a_sampler_pickled_before_steps_were_kept_still_loads():
+    import pickle
+
+    sampler, cond = _fresh(), torch.tensor([0.5, -0.25])
+    state = dict(sampler.__dict__)
+    del state["_reused"]
+    old = DDIMSampler.__new__(DDIMSampler)
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert torch.equal(old.sample(SHAPE, cond, seed=2), sampler.sample(SHAPE, cond, seed=2))

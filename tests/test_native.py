@@ -114,7 +114,7 @@ def update_oracle(x, eps, eps_c, noise, x_coef, eps_coef, guidance, noise_coef, 
     acc = f(x_coef) * x + f(eps_coef) * e
     if noise is not None:
         acc = acc + f(noise_coef) * noise.numpy()
-    return torch.from_numpy(acc), torch.from_numpy(x0)
+    return torch.from_numpy(acc), torch.from_numpy(x0), torch.from_numpy(np.ascontiguousarray(e))
 
 
 def f32(shape, seed):
@@ -130,23 +130,23 @@ def test_fused_update_is_the_documented_float32_arithmetic(cpu_lib, guided, nois
     coefs = dict(x_coef=1.0137, eps_coef=-0.4129, guidance=7.5 if guided else 0.0, noise_coef=0.3311,
                  x0_x=2.0917, x0_eps=-1.7703)
     model_out = torch.cat([eps, eps_c]) if guided else eps
-    out, x0 = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
-    cpu_lib.ddim_update_f32(out.data_ptr(), x0.data_ptr(), x.data_ptr(), model_out.data_ptr(),
+    out, x0, eps_out = (torch.full(shape, float("nan")) for _ in range(3))
+    cpu_lib.ddim_update_f32(out.data_ptr(), x0.data_ptr(), eps_out.data_ptr(), x.data_ptr(), model_out.data_ptr(),
                             model_out[3:].data_ptr() if guided else None,
                             None if noise is None else noise.data_ptr(), 3, 70, noise_rows, *coefs.values())
-    want, want_x0 = update_oracle(x, eps, eps_c, noise, *coefs.values())
-    assert torch.equal(out, want) and torch.equal(x0, want_x0)
+    want, want_x0, want_eps = update_oracle(x, eps, eps_c, noise, *coefs.values())
+    assert torch.equal(out, want) and torch.equal(x0, want_x0) and torch.equal(eps_out, want_eps)
 
 
 def test_fused_update_may_write_over_its_x_or_its_noise(cpu_lib):
     shape = (2, 3, 4)
     x, eps, noise = f32(shape, 1), f32(shape, 2), f32(shape, 3)
-    want, _ = update_oracle(x, eps, None, noise, 0.9, 0.2, 0.0, 0.5, 0.0, 0.0)
+    want, _, _ = update_oracle(x, eps, None, noise, 0.9, 0.2, 0.0, 0.5, 0.0, 0.0)
     for target in ("x", "noise"):
         xs, ns = x.clone(), noise.clone()
         out = xs if target == "x" else ns
-        cpu_lib.ddim_update_f32(out.data_ptr(), None, xs.data_ptr(), eps.data_ptr(), None, ns.data_ptr(), 2, 12, 2,
-                                0.9, 0.2, 0.0, 0.5, 0.0, 0.0)
+        cpu_lib.ddim_update_f32(out.data_ptr(), None, None, xs.data_ptr(), eps.data_ptr(), None, ns.data_ptr(), 2, 12,
+                                2, 0.9, 0.2, 0.0, 0.5, 0.0, 0.0)
         assert torch.equal(out, want), target
 
 
@@ -164,9 +164,8 @@ def test_torch_step_with_and_without_the_c_kernel(cpu_lib, monkeypatch, guidance
     results = []
     for enabled in ("1", "0"):
         monkeypatch.setenv(native.DISABLE_ENV, enabled)
-        out, x0 = torch.empty(shape), torch.empty(shape)
-        torch_ddim_step(x, model_out, out, step, x0)
-        results.append((out, x0))
-    (c_out, c_x0), (t_out, t_x0) = results
-    torch.testing.assert_close(c_out, t_out, rtol=3e-6, atol=3e-6)
-    torch.testing.assert_close(c_x0, t_x0, rtol=3e-6, atol=3e-6)
+        outs = [torch.empty(shape) for _ in range(3)]  # x_prev, pred_x0, guided eps
+        torch_ddim_step(x, model_out, outs[0], step, outs[1], outs[2])
+        results.append(outs)
+    for c_kernel, torch_ops in zip(*results):
+        torch.testing.assert_close(c_kernel, torch_ops, rtol=3e-6, atol=3e-6)
