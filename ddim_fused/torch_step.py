@@ -76,16 +76,21 @@ def _native(x, model_out, out, x0_out, eps_out, noise, guided: bool):
 
     It can when every tensor is float32, contiguous, on the CPU and of the step's sizes
     (the C side reads and writes through raw pointers): x, out, x0_out, eps_out (B, *s),
-    model_out (B or 2B, *s), noise (1 or B, *s) or None.
+    model_out (B or 2B, *s), noise (1 or B, *s) or None. Checked in one expression with
+    no loop: it runs every step.
     """
     size = x.numel()
-    if not (all(t.is_cpu and t.dtype is torch.float32 and t.is_contiguous()
-                for t in (x, model_out, out, x0_out, eps_out, noise) if t is not None)
-            and model_out.numel() == (2 * size if guided else size)
-            and all(t.numel() == size for t in (out, x0_out, eps_out) if t is not None)
-            and (noise is None or noise.numel() in (size, size // max(x.shape[0], 1)))):
+    if not (_f32_cpu(x) and _f32_cpu(out) and out.numel() == size and _f32_cpu(model_out)
+            and model_out.numel() == (size + size if guided else size)
+            and (x0_out is None or (_f32_cpu(x0_out) and x0_out.numel() == size))
+            and (eps_out is None or (_f32_cpu(eps_out) and eps_out.numel() == size))
+            and (noise is None or (_f32_cpu(noise) and noise.numel() in (size, size // max(x.shape[0], 1))))):
         return None
     return native.library()
+
+
+def _f32_cpu(t: torch.Tensor) -> bool:
+    return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
 
 
 def _native_update(lib, x, model_out, out, x0_out, eps_out, noise, step: StepArgs) -> None:
@@ -176,15 +181,20 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
 def _native_runner(step: StepArgs, generic):
     """run() of `torch_step_runner` for float32 CPU tensors: one `ddim_update_f32` call per step.
 
-    Exactly torch_ddim_step's choice between the C pass and torch ops (the same bits), with
-    the step's noise tensor read at each run.
+    Like the kernel's bound steps it trusts its plan for what cannot change between runs:
+    x, out and x0_out are contiguous (B, *s) CPU tensors of the plan's dtype and model_out
+    a contiguous (B or 2B, *s) CPU tensor (`ddim_fused.plan.check_model_out`); it checks
+    per run only the dtypes, which a model may change. The step's noise tensor is held
+    here and read at each run. Same choice between the C pass and torch ops as
+    torch_ddim_step on such tensors, so the same bits.
     """
     lib = native.library()
     noise = step.noise if step.noise_coef != 0.0 else None
-    guided = step.guidance is not None
+    if noise is not None and not _f32_cpu(noise):
+        return generic
 
     def run(x, model_out, out, x0_out=None):
-        if _native(x, model_out, out, x0_out, None, noise, guided) is None:
+        if model_out.dtype is not torch.float32 or x.dtype is not torch.float32:
             return generic(x, model_out, out, x0_out)
         _native_update(lib, x, model_out, out, x0_out, None, noise, step)
         return out
