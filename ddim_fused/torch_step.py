@@ -161,8 +161,9 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
     x_coef, eps_coef, guidance = step.x_coef, step.eps_coef, step.guidance
     x0_x, x0_eps = step.x0_coefs
     noise_coef = step.noise_coef
-    if dtype is torch.float32 and torch.device(device).type == "cpu" and native.library() is not None:
-        return _native_runner(step, generic)
+    lib = native.library() if dtype is torch.float32 and torch.device(device).type == "cpu" else None
+    if lib is not None:
+        return _native_runner(lib, step, generic)
     # Read per run, not copied here: callers refill the noise tensor in place between runs.
     noise = None if noise_coef == 0.0 else _as(step.noise, dtype)
 
@@ -178,7 +179,7 @@ def torch_step_runner(step: StepArgs, dtype: torch.dtype, device):
     return run
 
 
-def _native_runner(step: StepArgs, generic):
+def _native_runner(lib, step: StepArgs, generic):
     """run() of `torch_step_runner` for float32 CPU tensors: one `ddim_update_f32` call per step.
 
     Like the kernel's bound steps it trusts its plan for what cannot change between runs:
@@ -188,7 +189,6 @@ def _native_runner(step: StepArgs, generic):
     here and read at each run. Same choice between the C pass and torch ops as
     torch_ddim_step on such tensors, so the same bits.
     """
-    lib = native.library()
     noise = step.noise if step.noise_coef != 0.0 else None
     if noise is not None and not _f32_cpu(noise):
         return generic
