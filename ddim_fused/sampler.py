@@ -369,8 +369,8 @@ class DDIMSampler:
                   .expand(len(indices), per_call).contiguous().unbind(0))
         drawn, noisy = None, {}
         if not invert and noise is None:
-            noisy = {i: table["noise_scale"][i] * temperature for i in indices}
-            noisy = {i: coef for i, coef in noisy.items() if coef != 0.0}
+            noisy = {i: table["noise_scale"][i] * temperature for i in indices
+                     if table["noise_scale"][i] * temperature != 0.0}
             drawn = policy.predraw(list(noisy), list(noisy.values()), shape, dtype, device, step_fn)
         rows = None if drawn is None else dict(zip(noisy, drawn.unbind(0)))
         launches = bind_launches(step_fn, shape, dtype)
