@@ -8,7 +8,8 @@
 #   --stage tests   the test suite on CUDA tensors with the real compiler (no interpreter)
 #   --stage bench   the benchmark (python -m bench; --quick for the small matrix)
 #   --stage all     (default) tests, then the quick benchmark, then the full one
-#   --stage session smoke, tests, then the quick benchmark: one 10-minute device call
+#   --stage session smoke, the loop timings, tests, then the rest of the quick benchmark:
+#                   one 10-minute device call
 #                   with limits that add up to under 600 s, e.g. GPU_SMOKE_S=100
 #                   GPU_TESTS_S=180 GPU_GRAPH_S=60 GPU_HOST_S=30 GPU_THROUGHPUT_S=60
 #                   GPU_BENCH_S=120
@@ -97,17 +98,21 @@ run_tests() {
     TESTS_STATUS="tests $( [ "$code" -eq 0 ] && echo passed || echo "FAILED (exit $code)") in this call"
 }
 
-run_bench() {  # run_bench [--quick]
+run_loops() {  # run_loops NAME: the short loop timings, into $DEST/NAME
+    # The whole loop captured as one CUDA graph against the uncaptured loop and diffusers';
+    # the host cost per fused step on the GPU path.
+    echo "== CUDA-graph loop and host cost"
+    timeout "${GPU_GRAPH_S:-120}" $PY -m bench.gpu_graph --out-dir "$DEST/$1" 2>&1 | tee -a "$DEST/$1.log"
+    status "$1-graph" "${PIPESTATUS[0]}"
+    timeout "${GPU_HOST_S:-60}" $PY -m bench.host --device cuda --out-dir "$DEST/$1" 2>&1 \
+        | tee -a "$DEST/$1.log"
+    status "$1-host" "${PIPESTATUS[0]}"
+}
+
+run_bench() {  # run_bench [--quick] [--loops-done]
     local name=bench${1:+-quick}
     echo "== benchmark ${1:-full}"
-    # First the short ones: the whole loop captured as one CUDA graph against the uncaptured
-    # loop and diffusers'; the host cost per fused step on the GPU path.
-    echo "== CUDA-graph loop and host cost"
-    timeout "${GPU_GRAPH_S:-120}" $PY -m bench.gpu_graph --out-dir "$DEST/$name" 2>&1 | tee "$DEST/$name.log"
-    status "$name-graph" "${PIPESTATUS[0]}"
-    timeout "${GPU_HOST_S:-60}" $PY -m bench.host --device cuda --out-dir "$DEST/$name" 2>&1 \
-        | tee -a "$DEST/$name.log"
-    status "$name-host" "${PIPESTATUS[0]}"
+    [ "${2:-}" = --loops-done ] || run_loops "$name"
     # ddim-fused generate's samples/s on the GPU, one fresh process per model.
     timeout "${GPU_THROUGHPUT_S:-150}" $PY -m bench.throughput --device cuda --threads 1 ${1:+--quick} \
         --out "$DEST/$name/throughput.json" 2>&1 | tee -a "$DEST/$name.log"
@@ -136,7 +141,7 @@ case "$STAGE" in
     tests) run_tests ;;
     bench) run_bench $QUICK ;;
     all) run_tests; run_bench --quick; [ -n "$QUICK" ] || run_bench ;;
-    session) run_smoke; run_tests; run_bench --quick ;;
+    session) run_smoke; run_loops bench-quick; run_tests; run_bench --quick --loops-done ;;
 esac
 echo "results in $DEST"
 exit "$FAILED"
