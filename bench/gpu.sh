@@ -6,6 +6,7 @@
 #   --stage smoke   the GPU-only paths in about two minutes (tests of the direct launches, the
 #                   captured loop, the operator, the noise; the main job on the GPU)
 #   --stage tests   the test suite on CUDA tensors with the real compiler (no interpreter)
+#   --stage loops   the loop timings alone: the captured loop (bench.gpu_graph), host cost
 #   --stage bench   the benchmark (python -m bench; --quick for the small matrix)
 #   --stage all     (default) tests, then the quick benchmark, then the full one
 #   --stage session smoke, the loop timings, tests, then the rest of the quick benchmark:
@@ -48,8 +49,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$STAGE" in
-    smoke|tests|bench|all|session) ;;
-    *) echo "gpu.sh: error: --stage must be smoke, tests, bench, all or session, got '$STAGE'" >&2; exit 2 ;;
+    smoke|tests|loops|bench|all|session) ;;
+    *) echo "gpu.sh: error: --stage must be smoke, tests, loops, bench, all or session, got '$STAGE'" >&2; exit 2 ;;
 esac
 
 PY=${PYTHON:-python3}
@@ -139,6 +140,7 @@ run_smoke() {
 case "$STAGE" in
     smoke) run_smoke ;;
     tests) run_tests ;;
+    loops) run_loops bench-quick ;;
     bench) run_bench $QUICK ;;
     all) run_tests; run_bench --quick; [ -n "$QUICK" ] || run_bench ;;
     session) run_smoke; run_loops bench-quick; run_tests; run_bench --quick --loops-done ;;

@@ -211,6 +211,21 @@ def _loop_row(loop_id, model, shape, name, t, model_s, skipped=None):
     return row
 
 
+def _against_diffusers(checks: dict) -> dict:
+    """A trained model's 50-step loop amplifies the rounding of two fp32 formulas far beyond
+    LOOP_RTOL (more so under guidance), so there diffusers' own fp32 loop is the yardstick:
+    each fused loop may be at most twice its distance from the reference (the tests' rule).
+    Without diffusers the fixed LOOP_RTOL stays."""
+    yardstick = checks.get("diffusers", {}).get("check_error")
+    if yardstick is None or not np.isfinite(yardstick):
+        return checks
+    checks = {name: check for name, check in checks.items() if name != "diffusers"}
+    bound = max(LOOP_RTOL, 2 * yardstick)
+    for check in checks.values():
+        check.update(check_bound=bound, parity_ok=bool(np.isfinite(check["check_error"]) and check["check_error"] <= bound))
+    return checks
+
+
 def _digits_loops(device, budget_s, log):
     try:
         from ddim_fused.digits import load_digits_model  # noqa: PLC0415
@@ -226,7 +241,7 @@ def _digits_loops(device, budget_s, log):
     for loop_id, cfg in (("digits", False), ("digits-cfg", True)):
         fns, missing, expected = loop_fns(model, shape, device, torch.float32, cfg=cfg, cond=cond,
                                           uncond=model.null_cond(B))
-        checks = verify(fns, expected)
+        checks = _against_diffusers(verify(fns, expected))
         times = time_interleaved(fns, device, budget_s=budget_s, warmup=1, min_samples=5)
         for name in LOOP_PROVIDERS:
             if name in missing:

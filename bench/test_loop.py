@@ -5,6 +5,7 @@ The trivial eps-model and a tiny latent leave only the samplers' own per-step co
 import pytest
 import torch
 
+from bench import loop
 from bench.cases import ETA
 from bench.loop import TrivialEps, loop_fns, verify
 from bench.providers import availability
@@ -38,3 +39,16 @@ def test_loop(benchmark, device, provider, config):
         run = fns[provider]
     benchmark.extra_info.update(provider=provider, config=config, steps=50)
     benchmark(run)
+
+
+def test_a_model_loop_is_held_to_twice_diffusers_distance():
+    def check(err):
+        return {"check_error": err, "check_bound": loop.LOOP_RTOL, "parity_ok": err <= loop.LOOP_RTOL}
+
+    checks = loop._against_diffusers({"fused": check(3e-4), "fused-cudagraph": check(8e-4), "diffusers": check(2e-4)})
+    assert set(checks) == {"fused", "fused-cudagraph"}  # the yardstick is not checked against itself
+    assert checks["fused"]["parity_ok"] and not checks["fused-cudagraph"]["parity_ok"]
+    assert checks["fused"]["check_bound"] == 4e-4
+    # Without a finite yardstick the fixed bound stays.
+    unchanged = loop._against_diffusers({"fused": check(3e-4), "diffusers": check(float("nan"))})
+    assert not unchanged["fused"]["parity_ok"]

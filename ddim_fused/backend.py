@@ -108,17 +108,21 @@ def kernels() -> ModuleType:
     return module
 
 
-def keyed_normal(shape, seed: int, step_key=0, stream: str = "step", sample_offset: int = 0, *,
-                 device, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+def keyed_normal(shape, seed, step_key=0, stream: str = "step", sample_offset=0, *,
+                 device, dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Keyed Philox normals of `shape` (B, *s), by the kernel or by torch ops (same values).
 
-    Args: as `ddim_fused.philox.keyed_normal_torch`; the result has `dtype` on `device`.
+    Args: as `ddim_fused.philox.keyed_normal_torch` (seed and sample_offset may be 0-d
+    int64 device tensors; an int step_key on the kernel); the result has `dtype` on
+    `device`, written into `out` when given (a contiguous tensor of that shape and dtype).
     """
     if uses_kernel(backend, device, dtype):
         return kernels().keyed_normal(shape, seed, step_key, NOISE_STREAMS[stream], sample_offset, device=device,
-                                      dtype=dtype)
+                                      dtype=dtype, out=out)
     numel = 1
     for s in shape[1:]:
         numel *= int(s)
     noise = keyed_normal_torch(shape[0], numel, seed, step_key, stream, sample_offset, device=device)
-    return noise.view(tuple(shape)).to(dtype)
+    noise = noise.view(tuple(shape)).to(dtype)
+    return noise if out is None else out.copy_(noise)

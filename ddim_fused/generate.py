@@ -682,15 +682,20 @@ def _join_group(device: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = torch.device(device)
+    # More processes on a node than GPUs: they share the GPUs round-robin, and talk over
+    # gloo, since NCCL refuses two ranks on one GPU.
+    shared_gpus = False
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        gpus = max(torch.cuda.device_count(), 1)
+        shared_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > gpus
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % gpus)
     if world > 1:
         import torch.distributed as dist  # noqa: PLC0415
 
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if dev.type == "cuda" and not shared_gpus else "gloo")
     return rank, world, dev
 
 

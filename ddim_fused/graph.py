@@ -44,9 +44,10 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from .backend import keyed_normal, uses_kernel
 from .masks import mask_layout
-from .philox import keyed_normal_torch
 from .plan import Plan
+from .torch_step import torch_ddim_step
 from .validation import broadcast_batch, check_int
 
 _GRAPHS_ATTR = "_cuda_graphs"
@@ -178,28 +179,37 @@ def graph_loop(plan: Plan, x_static: Optional[torch.Tensor], shape, dtype, seed_
         noise_buffer, orig_noise_buffer: (B, *s) fp32 buffers the body refills per step
             with the keyed draws of that step (None: not needed).
     """
-    batch = shape[0]
-    numel = 1
-    for s in shape[1:]:
-        numel *= int(s)
     device = seed_t.device
-    # Step keys as device tensors made now: a host-to-device copy cannot be captured.
-    keys = {step.index: torch.tensor(step.index, dtype=torch.int64, device=device) for step in plan.steps}
+    # The noise an uncaptured call would draw: on the kernel path the kernel's own keyed
+    # noise (the noise kernel reading the keys from seed_t and offset_t), on the torch path
+    # its torch ops; the initial latent as `initial_noise` draws it.
+    step_backend = "torch" if plan.step_fn is torch_ddim_step else "triton"
+    zero_t = torch.zeros((), dtype=torch.int64, device=device)
+    # Step keys as device tensors made now (a host-to-device copy cannot be captured),
+    # for the torch ops; the kernel takes them as launch arguments.
+    keys = {i: torch.tensor(i, dtype=torch.int64, device=device) for i in {0, *(step.index for step in plan.steps)}}
     call_model = plan.guide.call
 
-    def draw(key, stream, repeat_noise):
-        return keyed_normal_torch(batch, numel, seed_t, key, stream, offset_t, repeat=repeat_noise, device=device)
-
-    initial_key = torch.zeros((), dtype=torch.int64, device=device)
+    def draw(out, key: int, stream, repeat_noise, backend):
+        # Repeated noise keys every sample as sample 0: one row, broadcast.
+        rows = out[:1] if repeat_noise else out
+        key = key if uses_kernel(backend, device, out.dtype) else keys[key]
+        keyed_normal(rows.shape, seed_t, key, stream, zero_t if repeat_noise else offset_t, device=device,
+                     dtype=out.dtype, backend=backend, out=rows)
+        if repeat_noise:
+            out[1:].copy_(rows.expand_as(out[1:]))
+        return out
 
     def body() -> torch.Tensor:
-        x = x_static if x_static is not None else draw(initial_key, "initial", False).view(shape).to(dtype)
+        x = x_static
+        if x is None:
+            x = draw(torch.empty(shape, dtype=dtype, device=device), 0, "initial", False, "auto")
         buffers = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
         for n, step in enumerate(plan.steps):
             if noise_buffer is not None and step.args.noise_coef != 0.0:
-                noise_buffer.copy_(draw(keys[step.index], "step", repeat).view(shape))
+                draw(noise_buffer, step.index, "step", repeat, step_backend)
             if orig_noise_buffer is not None and step.args.orig_noise_coef != 0.0:
-                orig_noise_buffer.copy_(draw(keys[step.index], "orig", False).view(shape))
+                draw(orig_noise_buffer, step.index, "orig", False, step_backend)
             model_out = call_model(x, step.t_batch)
             out = buffers[n & 1]
             if model_out.data_ptr() == out.data_ptr():  # the model returned an earlier step's input

@@ -205,13 +205,21 @@ def block_normals(scale, seed, sample_offset, step_key, stream, first, numel, n_
         return tl.where((lane & 1) == 0, cos_part, sin_part)
 
 
-@triton.jit(do_not_specialize=["seed", "step_key", "stream", "sample_offset", "n_magic", "n_shift", "g_magic",
+@triton.jit(do_not_specialize=["seed_arg", "step_key", "stream", "offset_arg", "n_magic", "n_shift", "g_magic",
                                "g_shift"])
 def _keyed_normal_kernel(out_ptr, bulk, total, numel, n_magic, n_shift, g_magic, g_shift,
-                         seed, step_key, stream, sample_offset,
-                         GROUPED: tl.constexpr, COORDS: tl.constexpr, HAS_TAIL: tl.constexpr,
-                         FAST_MATH: tl.constexpr, SPLIT_COUNTERS: tl.constexpr, BLOCK: tl.constexpr,
-                         TAIL: tl.constexpr):
+                         seed_arg, step_key, stream, offset_arg,
+                         KEYS_IN_MEMORY: tl.constexpr, GROUPED: tl.constexpr, COORDS: tl.constexpr,
+                         HAS_TAIL: tl.constexpr, FAST_MATH: tl.constexpr, SPLIT_COUNTERS: tl.constexpr,
+                         BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    # KEYS_IN_MEMORY: seed_arg and offset_arg point to int64 values read here, so a captured
+    # CUDA graph draws the noise of whatever keys each replay writes there.
+    if KEYS_IN_MEMORY:
+        seed = tl.load(seed_arg)
+        sample_offset = tl.load(offset_arg)
+    else:
+        seed = seed_arg
+        sample_offset = offset_arg
     pid = tl.program_id(0)
     if COORDS == COORDS_DIRECT:
         first = pid * BLOCK
@@ -240,14 +248,19 @@ def split_counters(dtype: torch.dtype) -> int:
     return 1 if dtype.itemsize >= 4 else 2
 
 
-def noise_launch(out: torch.Tensor, seed: int, step_key: int, stream: int, sample_offset: int) -> Launch:
-    """The launch that fills a contiguous (B, *s) `out` (B * s elements >= 1) with keyed normals."""
+def noise_launch(out: torch.Tensor, seed, step_key: int, stream: int, sample_offset) -> Launch:
+    """The launch that fills a contiguous (B, *s) `out` (B * s elements >= 1) with keyed normals.
+
+    seed and sample_offset: both ints, or both 0-d int64 tensors on out's device that the
+    kernel reads when it runs.
+    """
     batch = out.shape[0]
     geo = geometry(batch, out[0].numel())
     numel = geo.total // batch
     args = (out, geo.bulk, geo.total, numel, geo.n_magic, geo.n_shift, geo.g_magic, geo.g_shift,
             seed, step_key, stream, sample_offset)
-    kwargs = dict(GROUPED=numel % 4 == 0, COORDS=geo.coords, HAS_TAIL=geo.bulk < geo.total, FAST_MATH=FAST_MATH,
+    kwargs = dict(KEYS_IN_MEMORY=isinstance(seed, torch.Tensor), GROUPED=numel % 4 == 0, COORDS=geo.coords,
+                  HAS_TAIL=geo.bulk < geo.total, FAST_MATH=FAST_MATH,
                   SPLIT_COUNTERS=split_counters(out.dtype), BLOCK=geo.block, TAIL=TAIL,
                   # Explicit, so results do not change when Triton's default flips (3.10 disables it).
                   enable_fp_fusion=True)
@@ -256,33 +269,49 @@ def noise_launch(out: torch.Tensor, seed: int, step_key: int, stream: int, sampl
 
 def keyed_normal(
     shape,
-    seed: int,
+    seed,
     step_key: int = 0,
     stream: int = 0,
-    sample_offset: int = 0,
+    sample_offset=0,
     *,
     device: torch.device | str = "cuda",
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Standard normal noise, sample b keyed by global index sample_offset + b.
 
     Args:
         shape: (B, *sample_shape).
-        seed: int in [0, 2**63).
+        seed: int in [0, 2**63), or a 0-d int64 tensor on `device` holding one, read by
+            the kernel when it runs (never on the host: the launch can be captured in a
+            CUDA graph and replayed with new values; their range is the caller's to keep).
         step_key: DDIM step index, int in [0, 2**32).
         stream: a stream id, one of ddim_fused.philox.NOISE_STREAMS' values.
-        sample_offset: global index of the first sample; sample_offset + B <= 2**32.
+        sample_offset: global index of the first sample; sample_offset + B <= 2**32. An int,
+            or a tensor as seed (both or neither).
         device, dtype: of the result (fp32, fp16 or bf16).
+        out: a contiguous tensor of `shape`, `device` and `dtype` to write into instead of a new one.
 
     Returns:
-        noise: tensor of `shape`, the values of `ddim_fused.philox.keyed_normal_torch`
-        within NOISE_ATOL[FAST_MATH].
+        noise: tensor of `shape` (out, if given), the values of
+        `ddim_fused.philox.keyed_normal_torch` within NOISE_ATOL[FAST_MATH].
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1 or shape[0] < 1:
         raise ValueError(f"shape must start with a batch size >= 1, got {shape}")
-    check_keys(seed, step_key, sample_offset, shape[0])
-    out = torch.empty(shape, device=device, dtype=dtype)
+    if out is None:
+        out = torch.empty(shape, device=device, dtype=dtype)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}, got {out.dtype} "
+                         f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (strided)'}")
+    if isinstance(seed, torch.Tensor) or isinstance(sample_offset, torch.Tensor):
+        for name, key in (("seed", seed), ("sample_offset", sample_offset)):
+            if not (isinstance(key, torch.Tensor) and key.dim() == 0 and key.dtype == torch.int64
+                    and key.device == out.device):
+                raise ValueError(f"{name}: tensor keys must both be 0-d int64 tensors on {out.device}")
+        check_keys(0, step_key, 0, shape[0])
+    else:
+        check_keys(seed, step_key, sample_offset, shape[0])
     if out.numel() == 0:
         return out
     launch = noise_launch(out, seed, step_key, stream, sample_offset)

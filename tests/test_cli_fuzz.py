@@ -34,7 +34,8 @@ from ddim_fused.digits.train import weights_dir
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("DDIM_FUSED_FUZZ_EXAMPLES", "10"))
 # Folders of the checkout that tools write to while the tests run.
-SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis"}
+# bench/results: where bench/gpu.sh writes its logs while this test runs.
+SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "results"}
 
 # ---------------------------------------------------------------------------- vocabulary
 # No NUL (an argv cannot hold one), no lone surrogates (nor can a decoded argv), no "/" (a

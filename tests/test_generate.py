@@ -130,3 +130,17 @@ def test_unwritable_directory(tmp_path):
     with pytest.raises(gen.OutputPathError, match="is a file, not a folder"):
         run(blocker)
     assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("local_rank, local_world, gpus, expected", [
+    (1, 2, 2, 1),  # one GPU per process
+    (1, 2, 1, 0),  # two processes share the only GPU
+    (3, 4, 2, 1),  # round-robin
+])
+def test_processes_beyond_the_gpu_count_share_the_gpus(monkeypatch, local_rank, local_world, gpus, expected):
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert gen._join_group("cuda")[2] == torch.device("cuda", expected)
+    assert gen._join_group("cuda:0")[2] == torch.device("cuda", 0)  # an explicit GPU stays

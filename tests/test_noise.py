@@ -140,3 +140,28 @@ def test_several_steps_in_one_call_equal_separate_calls():
     together = keyed_normal_torch(3, 1173, 77, [4, 0, 9], "step", 2)
     for k, step in enumerate((4, 0, 9)):
         assert torch.equal(together[k], keyed_normal_torch(3, 1173, 77, step, "step", 2))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5), (2, 4, 4)], ids=["ungrouped", "grouped"])
+def test_keys_read_from_device_memory_give_the_same_noise(device, shape):
+    """What a captured loop launches: keys in 0-d tensors, read by the kernel when it runs."""
+    seed, offset = 2**40 + 5, 7
+    expected = kernels().keyed_normal(shape, seed, 3, NOISE_STREAMS["orig"], offset, device=device)
+    seed_t = torch.tensor(seed, device=device)
+    offset_t = torch.tensor(offset, device=device)
+    out = torch.full(shape, float("nan"), device=device)
+    got = kernels().keyed_normal(shape, seed_t, 3, NOISE_STREAMS["orig"], offset_t, device=device, out=out)
+    assert got is out and torch.equal(out, expected)
+    seed_t.fill_(seed + 1)  # a replay's new keys, written in place
+    kernels().keyed_normal(shape, seed_t, 3, NOISE_STREAMS["orig"], offset_t, device=device, out=out)
+    assert torch.equal(out, kernels().keyed_normal(shape, seed + 1, 3, NOISE_STREAMS["orig"], offset, device=device))
+
+
+def test_tensor_keys_and_out_are_checked(device):
+    seed_t = torch.tensor(1, device=device)
+    with pytest.raises(ValueError, match="sample_offset: tensor keys"):
+        kernels().keyed_normal((2, 4), seed_t, 0, 0, 0, device=device)
+    with pytest.raises(ValueError, match="seed: tensor keys"):
+        kernels().keyed_normal((2, 4), seed_t.to(torch.int32), 0, 0, seed_t, device=device)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        kernels().keyed_normal((2, 4), 1, 0, 0, 0, device=device, out=torch.empty(4, 2, device=device).t())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ddim_fused import DDIMSampler, initial_noise
+from ddim_fused.backend import kernels
 from ddim_fused.schedules import make_alpha_bar
 from ddim_fused.x0_clip import X0Limit
 from tests.byo_models import diffusers, needs_diffusers
@@ -104,8 +105,10 @@ def test_limited_step_kernel_equals_torch_path(prediction_type, limit, device):
         runs.append((x, painted))
     # Two float32 evaluations of the same formulas (the kernel fuses multiply-adds, the torch
     # path's C kernel rounds every product) through five steps: a few units in the last place.
-    assert_close(runs[0][0], runs[1][0], rtol=3e-6)
-    assert_close(runs[0][1], runs[1][1], rtol=3e-6)
+    # A compiled kernel's noise is also within NOISE_ATOL of the torch path's, per step.
+    atol = 2 * kernels().noise.NOISE_ATOL[True] if x.is_cuda else 0.0
+    assert_close(runs[0][0], runs[1][0], rtol=3e-6, atol=atol)
+    assert_close(runs[0][1], runs[1][1], rtol=3e-6, atol=atol)
 
 
 @needs_diffusers
