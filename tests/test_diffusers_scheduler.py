@@ -106,9 +106,12 @@ def paired_errors(config, steps=12, eta=0.0, noise=None, use_clipped_model_outpu
         if return_dict:
             out_s = (out_s.prev_sample, out_s.pred_original_sample)
             out_f = (out_f.prev_sample, out_f.pred_original_sample)
-        # pred_x0 = (x - sqrt(1-a) eps) / sqrt(a): a rounding of x's terms is amplified by
-        # 1/sqrt(a) (12x at t=960), beyond FP32_RTOL of a clipped pred_x0's own scale.
-        x0_atol = 8 * torch.finfo(torch.float32).eps * x.abs().max().item() / stock.alphas_cumprod[int(t)].item() ** 0.5
+        # Epsilon prediction: pred_x0 = (x - sqrt(1-a) eps) / sqrt(a), so a rounding of x's
+        # terms is amplified by 1/sqrt(a) (12x at t=960), beyond FP32_RTOL of a clipped
+        # pred_x0's own scale. (v and sample prediction do not divide by sqrt(a).)
+        x0_atol = 0.0
+        if stock.config.prediction_type == "epsilon" and stock.alphas_cumprod[int(t)] > 0:
+            x0_atol = 8 * torch.finfo(torch.float32).eps * x.abs().max().item() / stock.alphas_cumprod[int(t)].item() ** 0.5
         for k, name in enumerate(("prev_sample", "pred_original_sample")):
             if check:
                 assert_close(out_f[k], out_s[k], rtol=FP32_RTOL, atol=x0_atol if k else 0.0,

@@ -3,6 +3,7 @@
 .ci/run pulls its two commands out of README.md; if the README's section or comments
 change shape, these tests fail instead of CI silently running something else.
 """
+import os
 import re
 import subprocess
 import sys
@@ -72,11 +73,22 @@ def test_ci_refuses_a_readme_without_the_commands(tmp_path, edit):
 
 
 def _collect_from_elsewhere(ini: Path, cwd: Path, target: Path) -> subprocess.CompletedProcess:
-    """pytest --collect-only of target, run from cwd with the given ini file."""
+    """pytest --collect-only of target, run from cwd with the given ini file.
+
+    The package is importable there (linked into a folder on PYTHONPATH, as an install
+    would make it, also where the checkout was never installed); `tests` is not.
+    """
+    site = cwd / "site"
+    site.mkdir(exist_ok=True)
+    for name in ("ddim_fused", "kernels"):  # kernels/ beside the package, as ddim_fused.backend loads it
+        if not (site / name).exists():
+            (site / name).symlink_to(ROOT / name, target_is_directory=True)
+    env = env_without_checkout()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env["PYTHONPATH"]) if p)
     code = ("import sys, pytest; sys.exit(pytest.main(['-c', sys.argv[1], '--rootdir', sys.argv[2], "
             "'--collect-only', '-q', '-p', 'no:cacheprovider', sys.argv[3]]))")
     return subprocess.run([sys.executable, "-c", code, str(ini), str(ROOT), str(target)],
-                          cwd=cwd, capture_output=True, text=True, timeout=300, env=env_without_checkout())
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_bare_pytest_imports_the_shared_test_helpers(tmp_path):
