@@ -12,11 +12,11 @@ orig / mask / orig_noise, whether each is given).
 Per call, in static device buffers: the Philox seed and sample offset (0-d int64
 tensors), the initial latent (x_last or x; else it is drawn inside the graph from the
 seed), cond / uncond_cond, orig, mask, orig_noise. The loop draws its keyed noise
-inside the graph with torch ops from the seed tensor (`keyed_normal_torch` with tensor
-keys) and hands each step that noise as a tensor, so every replay draws the noise of
-its own seed. The noise is the kernel's keyed stream: the same integers, with torch's
-log/cos/sin, so a captured loop matches an uncaptured one to float rounding of the
-noise (and a replay matches the capture bit for bit).
+inside the graph from the seed and offset tensors into a buffer each step reads, so
+every replay draws the noise of its own seed: on the kernel path with the noise kernel
+reading the keys from device memory (the normals the uncaptured step kernel draws), on
+the torch path with its torch ops. A captured loop matches an uncaptured one to float
+rounding of the noise scaling (and a replay matches the capture bit for bit).
 
 Warm-up: before capturing, the loop runs once on a side stream, so Triton compiles,
 cuDNN/cuBLAS pick their algorithms and lazy state is created outside the capture.
