@@ -10,7 +10,8 @@ and x0_out change between launches, so `bind_ddim_step` does the rest once per c
   later call with the same steps may `rekey` them to its own seed and sample_offset;
 - per step (`CallLaunch.step`): that layout with the step's coefficients and keys;
 - per launch (`BoundStep.__call__`): four tensor slots filled, then the compiled kernel
-  launched directly through its `compiled[grid](*args)` runner, which skips the binder.
+  launched directly (`direct_runner`: the call Triton's `compiled[grid](*args)` runner
+  makes), which skips the binder.
 
 The compiled kernel is the one the first ordinary launch returned. Triton specialises
 a kernel on its tensors' dtypes and on whether their addresses are multiples of 16, so
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton import knobs
 
 from .ddim_step import _ddim_step_kernel, step_launch
 from .geometry import _INTERPRETED, Launch
@@ -177,11 +179,44 @@ class BoundStep:
         if runner is None:
             compiled = _ddim_step_kernel[self._grid](*values, **self._options)
             if hasattr(compiled, "__getitem__") and hasattr(compiled, "function"):
-                # The runner reads grid[0], grid[1] and grid[2]; JITFunction.run pads them with 1s.
-                self._call.runners[key] = compiled[tuple(self._grid) + (1,) * (3 - len(self._grid))]
+                self._call.runners[key] = direct_runner(compiled, self._grid)
             return out
         runner(*values)
         return out
+
+
+def _cuda_current() -> tuple:
+    """(current device index (), raw current stream (device index)): how Triton's driver finds
+    the stream of a launch when torch is loaded."""
+    return torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
+
+
+def direct_runner(compiled, grid):
+    """run(*args): the launch `compiled[grid](*args)` makes, less its per-launch Python.
+
+    Triton's runner (3.6 to 3.9) looks up the current device and stream, builds launch
+    metadata for the profiler hooks, then calls `compiled.run` with the metadata and both
+    hook chains, which the C launcher calls around the launch. While both chains are empty
+    (no profiler attached) this makes the same `compiled.run` call with None for the three,
+    which the C launcher skips; once a hook is added, it launches through Triton's runner.
+    """
+    # The runner reads grid[0], grid[1] and grid[2]; JITFunction.run pads them with 1s.
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    runner = compiled[grid]  # Triton's own; making it also loads the compiled module
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if not (isinstance(enter, knobs.HookChain) and isinstance(leave, knobs.HookChain)):
+        return runner
+    launch, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    device, stream = _cuda_current()
+    g0, g1, g2 = grid
+
+    def run(*args):
+        if enter.calls or leave.calls:
+            runner(*args)
+        else:
+            launch(g0, g1, g2, stream(device()), function, metadata, None, None, None, *args)
+
+    return run
 
 
 def bind_ddim_step(x: torch.Tensor) -> CallLaunch:

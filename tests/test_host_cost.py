@@ -6,6 +6,7 @@
   interpreter (the direct-runner dispatch is checked with a stand-in compiled kernel);
 - the sampler's ping-pong buffers never alias what it returns.
 """
+import inspect
 import itertools
 
 import pytest
@@ -136,25 +137,34 @@ def test_bound_steps_read_their_own_noise_tensors(device):
 
 
 class _StandInCompiled:
-    """Plays a Triton CompiledKernel: records the arguments its runner is launched with."""
+    """Plays a Triton CompiledKernel: records the launches of `run` (what the direct runner
+    calls) and of its Triton runner `compiled[grid]` (used while a launch hook is set)."""
 
-    function = object()
+    function, packed_metadata, stream = object(), object(), 1234
 
-    def __init__(self, launches):
-        self.launches = launches
+    def __init__(self, launches, runner_launches=None):
+        self.launches, self.runner_launches = launches, runner_launches
+
+    def run(self, g0, g1, g2, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        assert (stream, function, metadata) == (self.stream, self.function, self.packed_metadata)
+        assert launch_metadata is None and enter_hook is None and exit_hook is None
+        self.launches.append(((g0, g1, g2), args))
 
     def __getitem__(self, grid):
         def runner(*args):  # as Triton's CompiledKernel runner: three grid dimensions, always
-            self.launches.append(((grid[0], grid[1], grid[2]), args))
+            self.runner_launches.append(((grid[0], grid[1], grid[2]), args))
         return runner
 
 
-def stand_in_kernel(monkeypatch):
+def stand_in_kernel(monkeypatch, runner_launches=None):
     """(bound_step module, ordinary launches, direct launches) with direct launches on and a
     stand-in for the jit kernel: ordinary launches record (grid, args, options) and return a
     _StandInCompiled that records (grid, args) of direct ones."""
     bound_step = kernels().bound_step
     ordinary, direct = [], []
+    # Device 3's current stream is the stand-in's.
+    monkeypatch.setattr(bound_step, "_cuda_current",
+                        lambda: (lambda: 3, lambda device: _StandInCompiled.stream if device == 3 else None))
 
     class StandInKernel:
         arg_names = bound_step._ARG_NAMES
@@ -162,7 +172,7 @@ def stand_in_kernel(monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **options):
                 ordinary.append((grid, args, options))
-                return _StandInCompiled(direct)
+                return _StandInCompiled(direct, runner_launches)
             return launch
 
     monkeypatch.setattr(bound_step, "DIRECT_LAUNCH", True)
@@ -186,6 +196,50 @@ def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
     shifted = storage[1:].view(SHAPE)
     run(x, model_out, shifted)
     assert len(ordinary) == 2 and len(direct) == 2
+
+
+def test_a_launch_hook_sends_direct_launches_through_tritons_runner(monkeypatch):
+    """A profiler's hooks want Triton's launch metadata: while one is set, Triton's runner launches."""
+    knobs = pytest.importorskip("triton").knobs
+    through_runner = []
+    bound_step, ordinary, direct = stand_in_kernel(monkeypatch, through_runner)
+    x, model_out = inputs(torch.float32, False)
+    run = bound_step.bind_ddim_step(torch.empty(SHAPE, device="meta")).step(StepArgs(**COEFS))
+    out = torch.empty_like(x)
+    run(x, model_out, out)
+    run(x, model_out, out)
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        run(x, model_out, out)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    run(x, model_out, out)
+    assert len(ordinary) == 1 and len(direct) == 2 and len(through_runner) == 1
+    assert through_runner[0][1] == direct[0][1] == ordinary[0][1]
+
+
+def _source(fn) -> str:
+    return " ".join(inspect.getsource(fn).split())
+
+
+def test_the_direct_runner_mirrors_tritons_runner():
+    """The installed Triton's runner makes the call `direct_runner` makes (a GPU runs it; this
+    reads it): compiled.run with three grid dimensions, the stream, function, packed metadata,
+    launch metadata and both hook chains, and the stream is torch's current raw stream."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.driver import GPUDriver  # noqa: PLC0415
+    from triton.compiler.compiler import CompiledKernel  # noqa: PLC0415
+
+    runner = _source(CompiledKernel.__getitem__)
+    assert ("self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, launch_metadata, "
+            "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)") in runner, runner
+    assert "device = driver.active.get_current_device() stream = driver.active.get_current_stream(device)" in runner
+    driver = _source(GPUDriver.__init__)
+    assert "self.get_current_stream = _cuda_getCurrentRawStream" in driver
+    assert "self.get_current_device = torch.cuda.current_device" in driver
+    assert "return torch._C._cuda_getDevice()" in _source(torch.cuda.current_device)  # after its lazy init
+    assert isinstance(triton.knobs.runtime.launch_enter_hook, triton.knobs.HookChain)
 
 
 class _Recorder:
