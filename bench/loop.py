@@ -29,6 +29,9 @@ LOOP_PROVIDERS = ("fused", "reference", "diffusers", "fused-cudagraph")
 # Relative RMS error of a 50-step fp32 loop against the reference's fp32 loop: rounding
 # differences of two fp32 formulas, compounded over the steps.
 LOOP_RTOL = 1e-5
+# A trained model's loops: no fp32 loop may sit further than this from the reference
+# (the digits model measured 2e-5, 3.7e-4 under guidance, on an H100).
+MODEL_LOOP_CAP = 1e-3
 LOOP_TORCH_SEED = 2468  # torch's seed before each checked run, so torch.randn draws agree
 
 
@@ -212,16 +215,16 @@ def _loop_row(loop_id, model, shape, name, t, model_s, skipped=None):
 
 
 def _against_diffusers(checks: dict) -> dict:
-    """A trained model's 50-step loop amplifies the rounding of two fp32 formulas far beyond
-    LOOP_RTOL (more so under guidance), so there diffusers' own fp32 loop is the yardstick:
-    each fused loop may be at most twice its distance from the reference (the tests' rule).
-    Without diffusers the fixed LOOP_RTOL stays."""
+    """The checks of a trained model's loops: a 50-step loop amplifies the rounding of two
+    fp32 formulas far beyond LOOP_RTOL (more so under guidance), so there diffusers' own
+    fp32 loop is the yardstick: each fused loop may be at most twice its distance from the
+    reference (the tests' rule). Every loop, diffusers' too, must stay within MODEL_LOOP_CAP
+    (which alone bounds the fused loops where diffusers is not installed)."""
     yardstick = checks.get("diffusers", {}).get("check_error")
-    if yardstick is None or not np.isfinite(yardstick):
-        return checks
-    checks = {name: check for name, check in checks.items() if name != "diffusers"}
-    bound = max(LOOP_RTOL, 2 * yardstick)
-    for check in checks.values():
+    finite = yardstick is not None and bool(np.isfinite(yardstick))
+    for name, check in checks.items():
+        bound = MODEL_LOOP_CAP if name == "diffusers" or not finite else min(MODEL_LOOP_CAP,
+                                                                            max(LOOP_RTOL, 2 * yardstick))
         check.update(check_bound=bound, parity_ok=bool(np.isfinite(check["check_error"]) and check["check_error"] <= bound))
     return checks
 

@@ -599,8 +599,8 @@ def run_generation(
 
     Rank 0 creates out_dir, takes its lock (held until the run ends, so a second run into
     the same folder fails at once), checks or writes run.json and removes temporary files
-    a killed run left. Under torchrun (WORLD_SIZE > 1) it joins the process group (gloo on
-    CPU, nccl on CUDA), takes shards k with k % world_size == rank, and rank 0 writes the
+    a killed run left. Under torchrun (WORLD_SIZE > 1) it joins the process group (gloo, on
+    CPU and CUDA alike), takes shards k with k % world_size == rank, and rank 0 writes the
     manifest once every rank has finished. A rank that fails makes every rank raise, after
     the others have written their shards, so a resume only redoes what is missing.
 
@@ -682,20 +682,18 @@ def _join_group(device: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = torch.device(device)
-    # More processes on a node than GPUs: they share the GPUs round-robin, and talk over
-    # gloo, since NCCL refuses two ranks on one GPU.
-    shared_gpus = False
     if dev.type == "cuda" and dev.index is None:
-        gpus = max(torch.cuda.device_count(), 1)
-        shared_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > gpus
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % gpus)
+        # More processes on a node than GPUs share the GPUs round-robin.
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
     if world > 1:
         import torch.distributed as dist  # noqa: PLC0415
 
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" and not shared_gpus else "gloo")
+            # The ranks only exchange two integers (a barrier and `_gather_status`): gloo on
+            # the CPU serves every layout, where NCCL refuses two ranks on one GPU.
+            dist.init_process_group("gloo")
     return rank, world, dev
 
 
@@ -711,7 +709,7 @@ def _gather_status(world: int, failed: bool, written: int) -> tuple[int, int]:
         return int(failed), written
     import torch.distributed as dist  # noqa: PLC0415
 
-    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # a group the caller made may be NCCL
     status = torch.tensor([int(failed), written], dtype=torch.int64, device=backend_device)
     dist.all_reduce(status)
     return int(status[0]), int(status[1])

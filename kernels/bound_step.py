@@ -198,23 +198,22 @@ def direct_runner(compiled, grid):
     metadata for the profiler hooks, then calls `compiled.run` with the metadata and both
     hook chains, which the C launcher calls around the launch. While both chains are empty
     (no profiler attached) this makes the same `compiled.run` call with None for the three,
-    which the C launcher skips; once a hook is added, it launches through Triton's runner.
+    which the C launcher skips; otherwise it launches through Triton's runner.
     """
     # The runner reads grid[0], grid[1] and grid[2]; JITFunction.run pads them with 1s.
     grid = tuple(grid) + (1,) * (3 - len(grid))
     runner = compiled[grid]  # Triton's own; making it also loads the compiled module
-    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    if not (isinstance(enter, knobs.HookChain) and isinstance(leave, knobs.HookChain)):
-        return runner
     launch, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
     device, stream = _cuda_current()
+    runtime, chain = knobs.runtime, knobs.HookChain
     g0, g1, g2 = grid
 
     def run(*args):
-        if enter.calls or leave.calls:
-            runner(*args)
-        else:
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if type(enter) is chain and type(leave) is chain and not (enter.calls or leave.calls):
             launch(g0, g1, g2, stream(device()), function, metadata, None, None, None, *args)
+        else:
+            runner(*args)
 
     return run
 

@@ -142,6 +142,9 @@ VARIANTS = [
             "int64 sample coordinates; mask gathered without vectors"),
     Variant("normals fp32", normals(LATENT), "noise", 0),
     Variant("normals fp16", normals(LATENT, "fp16"), "noise", 0),
+    Variant("normals fp32, keys read from memory",
+            lambda: noise_launch(meta(LATENT), meta((), torch.int64), 7, 0, meta((), torch.int64)), "noise", 2,
+            "a captured loop's draw: seed and offset are two 8-byte loads"),
 ]
 
 

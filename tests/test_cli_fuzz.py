@@ -34,8 +34,9 @@ from ddim_fused.digits.train import weights_dir
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("DDIM_FUSED_FUZZ_EXAMPLES", "10"))
 # Folders of the checkout that tools write to while the tests run.
-# bench/results: where bench/gpu.sh writes its logs while this test runs.
-SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "results"}
+# By name anywhere, or by path from the root: bench/results is where bench/gpu.sh writes
+# its logs while this test runs.
+SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "bench/results"}
 
 # ---------------------------------------------------------------------------- vocabulary
 # No NUL (an argv cannot hold one), no lone surrogates (nor can a decoded argv), no "/" (a
@@ -147,10 +148,12 @@ def no_training(monkeypatch):
 
 
 def tree(folder: Path, skip=frozenset()) -> dict:
-    """{relative path: (size, mtime_ns)} of the files under folder, folders in `skip` left out."""
+    """{relative path: (size, mtime_ns)} of the files under folder, folders in `skip` (a name,
+    or a path relative to folder) left out."""
     found = {}
     for here, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
+        dirs[:] = [d for d in dirs if d not in skip and Path(here, d).relative_to(folder).as_posix() not in skip
+                   and not d.endswith(".egg-info")]
         for name in names:
             path = Path(here, name)
             st_ = path.lstat()

@@ -144,3 +144,21 @@ def test_processes_beyond_the_gpu_count_share_the_gpus(monkeypatch, local_rank, 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert gen._join_group("cuda")[2] == torch.device("cuda", expected)
     assert gen._join_group("cuda:0")[2] == torch.device("cuda", 0)  # an explicit GPU stays
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_ranks_join_over_gloo_on_every_device(monkeypatch, device):
+    """NCCL refuses two ranks on one GPU; the ranks only exchange two integers, so gloo always."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: joined.append(dev))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    rank, world, dev = gen._join_group(device)
+    assert (rank, world) == (2, 3) and joined[-1] == "gloo"
+    assert dev == (torch.device("cuda", 0) if device == "cuda" else torch.device("cpu"))

@@ -102,11 +102,12 @@ def test_capturable_paint_loop_gives_the_ordinary_bits(fixed_orig_noise):
     del x, orig, mask
 
 
-def test_capturable_loop_on_the_kernel_path_matches_the_ordinary_loop(device):
+@pytest.mark.parametrize("repeat_noise", [False, True], ids=["per-sample", "repeated"])
+def test_capturable_loop_on_the_kernel_path_matches_the_ordinary_loop(device, repeat_noise):
     """The kernel (interpreter on a CPU) reads the noise the loop refills into its buffer each step."""
     sampler = DDIMSampler(TinyModel(), 4, ddim_eta=1.0, backend="triton")
     cond = torch.tensor([0.1, -0.2], device=device)
-    options = sample_options()
+    options = sample_options(repeat_noise=repeat_noise)
     spec = graph.sample_spec(sampler, SHAPE, device, torch.float32, cond, **options)
     # The ordinary loop draws noise in the kernel: equal to float rounding of log/cos/sin.
     torch.testing.assert_close(graph.run_uncaptured(spec, device), sampler.sample(SHAPE, cond, device=device, **options),
@@ -115,6 +116,20 @@ def test_capturable_loop_on_the_kernel_path_matches_the_ordinary_loop(device):
     spec2 = graph.sample_spec(sampler, SHAPE, device, torch.float32, cond, **options2)
     torch.testing.assert_close(replayed(spec, spec2, device), sampler.sample(SHAPE, cond, device=device, **options2),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_capturable_paint_loop_on_the_kernel_path_matches_the_ordinary_loop(device):
+    """Paint's drawn orig noise comes from its own keyed stream, in the loop as in the kernel."""
+    sampler = DDIMSampler(TinyModel(), 6, ddim_eta=0.8, backend="triton")
+    mask = (randn((SHAPE[0], 1) + SHAPE[2:], 5, device) > 0).float()
+    specs, expected = [], []
+    for seed, offset in ((5, 0), (99, 4)):
+        call = dict(orig=randn(SHAPE, 4, device), mask=mask, orig_noise=None, seed=seed, sample_offset=offset)
+        x = randn(SHAPE, 3, device)
+        specs.append(graph.paint_spec(sampler, x, None, 5, uncond_scale=1.0, uncond_cond=None, **call))
+        expected.append(sampler.paint(x, None, 5, **call))
+    torch.testing.assert_close(graph.run_uncaptured(specs[0], device), expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(replayed(specs[0], specs[1], device), expected[1], rtol=1e-5, atol=1e-5)
 
 
 def test_capturable_loop_does_not_modify_its_inputs():

@@ -217,6 +217,9 @@ def test_a_launch_hook_sends_direct_launches_through_tritons_runner(monkeypatch)
     run(x, model_out, out)
     assert len(ordinary) == 1 and len(direct) == 2 and len(through_runner) == 1
     assert through_runner[0][1] == direct[0][1] == ordinary[0][1]
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", hook)  # a hook assigned, not added
+    run(x, model_out, out)
+    assert len(direct) == 2 and len(through_runner) == 2
 
 
 def _source(fn) -> str:
