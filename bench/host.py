@@ -13,7 +13,8 @@ Targets (CPU, 1 thread):
 Target (GPU, `--device cuda`): host time per fused step <= 10 us, as the thread CPU time
 of the launch path: a whole 50-step `DDIMSampler.sample` on CUDA tensors (1x4x64x64,
 trivial model, a new seed per call) divided by 50, and one `ddim_fused.ddim_step` call
-(the validated op); a new sampler per call is reported beside them without a target.
+(the validated op); a new sampler per call, and the two schedulers' steps in the loop
+above on CUDA tensors, are reported beside them without a target.
 The GPU work is queued asynchronously, so the CPU time is the host's own cost.
 
 Each measurement alternates the two providers (A/B, many rounds) and reports medians of
@@ -59,7 +60,7 @@ def _scheduler_loop(scheduler, model, latent, eta, record):
     """A pipeline's loop: model call, then scheduler.step timed on its own (thread CPU time)."""
     scheduler.set_timesteps(STEPS)
     x = latent
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(latent.device).manual_seed(0)
     for t in scheduler.timesteps:
         eps = model(x)
         start = time.thread_time()
@@ -68,8 +69,11 @@ def _scheduler_loop(scheduler, model, latent, eta, record):
     return x
 
 
-def scheduler_rows(rounds: int) -> list[dict]:
-    """Median step cost of DDIMScheduler vs FusedDDIMScheduler inside a loop, per case."""
+def scheduler_rows(rounds: int, device: torch.device = torch.device("cpu")) -> list[dict]:
+    """Median step cost of DDIMScheduler vs FusedDDIMScheduler inside a loop, per case.
+
+    On CUDA the host time of each step (the GPU work is queued), reported without a target.
+    """
     from diffusers import DDIMScheduler  # noqa: PLC0415 - optional dependency
 
     from ddim_fused.diffusers import FusedDDIMScheduler  # noqa: PLC0415 - imports diffusers
@@ -77,8 +81,8 @@ def scheduler_rows(rounds: int) -> list[dict]:
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
     rows = []
     for shape, eta in SCHEDULER_CASES:
-        conv = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1).eval()
-        latent = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        conv = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1).eval().to(device)
+        latent = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
         schedulers = {"stock": DDIMScheduler(**config), "fused": FusedDDIMScheduler(**config)}
         times = {name: [] for name in schedulers}
         with torch.no_grad():
@@ -87,7 +91,8 @@ def scheduler_rows(rounds: int) -> list[dict]:
                     _scheduler_loop(scheduler, conv, latent, eta, times[name])
         stock, fused = statistics.median(times["stock"]), statistics.median(times["fused"])
         rows.append({"kind": "scheduler-step", "shape": list(shape), "eta": eta, "stock_us": stock * 1e6,
-                     "fused_us": fused * 1e6, "ratio": fused / stock, "target": SCHEDULER_TARGET})
+                     "fused_us": fused * 1e6, "ratio": fused / stock, "device": device.type,
+                     "target": SCHEDULER_TARGET if device.type == "cpu" else None})
     return rows
 
 
@@ -173,7 +178,8 @@ def format_rows(rows: list[dict]) -> str:
                          f" per step on {row['device']} ({verdict})")
             continue
         shape = "x".join(map(str, row["shape"]))
-        label = (f"scheduler.step {shape} eta {row['eta']:g}" if row["kind"] == "scheduler-step"
+        on = " on cuda" if row.get("device") == "cuda" else ""
+        label = (f"scheduler.step {shape} eta {row['eta']:g}{on}" if row["kind"] == "scheduler-step"
                  else f"sampler/step {row['case']} {shape}")
         base = row.get("stock_us", row.get("reference_us"))
         if row["target"] is None:
@@ -204,6 +210,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     if args.device == "cuda":
         rows = gpu_rows(args.rounds, torch.device("cuda"))
+        try:
+            rows += scheduler_rows(max(1, args.rounds // 4), torch.device("cuda"))
+        except ImportError as err:  # diffusers is optional on a GPU machine
+            print(f"scheduler rows skipped: diffusers is not installed ({err})")
     else:
         rows = sampler_rows(args.rounds) + scheduler_rows(max(1, args.rounds // 4))
     text = format_rows(rows)

@@ -22,6 +22,7 @@ def test_scheduler_rows_cover_every_case():
     rows = host.scheduler_rows(1)
     assert [(tuple(r["shape"]), r["eta"]) for r in rows] == list(host.SCHEDULER_CASES)
     assert all(r["ratio"] == pytest.approx(r["fused_us"] / r["stock_us"]) for r in rows)
+    assert all(r["device"] == "cpu" and r["target"] == host.SCHEDULER_TARGET for r in rows)
 
 
 def test_gpu_rows_render_with_and_without_a_target():
@@ -31,3 +32,10 @@ def test_gpu_rows_render_with_and_without_a_target():
              "target_us": None, "device": "GPU"}]
     reused, new = host.format_rows(rows).splitlines()
     assert "meets <= 10 us" in reused and "no target" in new
+
+
+def test_scheduler_rows_on_cuda_render_without_a_target():
+    row = {"kind": "scheduler-step", "shape": [1, 4, 32, 32], "eta": 1.0, "stock_us": 200.0, "fused_us": 50.0,
+           "ratio": 0.25, "device": "cuda", "target": None}
+    line = host.format_rows([row])
+    assert "scheduler.step 1x4x32x32 eta 1 on cuda" in line and "no target" in line
