@@ -117,13 +117,13 @@ def keyed_normal(shape, seed, step_key=0, stream: str = "step", sample_offset=0,
     int64 device tensors; an int step_key on the kernel); the result has `dtype` on
     `device`, written into `out` when given (a contiguous tensor of that shape and dtype).
     """
+    if uses_kernel(backend, device, dtype):  # the kernel's launcher checks out itself
+        return kernels().keyed_normal(shape, seed, step_key, NOISE_STREAMS[stream], sample_offset, device=device,
+                                      dtype=dtype, out=out)
     if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous()
                             or out.device.type != torch.device(device).type):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    if uses_kernel(backend, device, dtype):
-        return kernels().keyed_normal(shape, seed, step_key, NOISE_STREAMS[stream], sample_offset, device=device,
-                                      dtype=dtype, out=out)
     numel = 1
     for s in shape[1:]:
         numel *= int(s)

@@ -136,8 +136,7 @@ class _FusedStepMixin:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         super().set_timesteps(int(num_inference_steps))  # on the CPU: the host copy costs no sync
-        self._host_timesteps = self.timesteps.numpy().copy()
-        self._host_timestep_list = self._host_timesteps.tolist()
+        self._host_timestep_list = self.timesteps.tolist()
         if device is not None:
             self.timesteps = self.timesteps.to(device)
         self._timesteps_ref = self.timesteps
