@@ -26,12 +26,20 @@ SHAPE = (4, 4, 64, 64)
 
 
 class _StubCompiled:
-    """Stands in for a CompiledKernel: its runner does nothing."""
+    """Stands in for a CompiledKernel: its runner and its C launcher do nothing."""
 
-    function = None
+    function = packed_metadata = None
 
     def __getitem__(self, grid):
         return lambda *args: None
+
+    def run(self, *args):
+        return None
+
+
+def _no_cuda() -> tuple:
+    """Stands in for the current device and stream lookups of a direct runner (a CPU has neither)."""
+    return (lambda: 0), (lambda device: 0)
 
 
 class _StubKernel:
@@ -54,30 +62,40 @@ def _per_call_us(fn, n: int) -> float:
     return best * 1e6
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.launch_cost", description=__doc__.splitlines()[0])
-    parser.add_argument("--launches", type=int, default=20000, help="launches per round (default 20000)")
-    args = parser.parse_args(argv)
+def launch_rows(launches: int) -> dict[str, float]:
+    """Microseconds of Python per step for each launcher, the kernel stubbed out for the duration."""
     ks = kernels()
     step_mod, bound_mod = ks.ddim_step, ks.bound_step
+    saved = (step_mod._ddim_step_kernel, bound_mod._ddim_step_kernel, bound_mod.DIRECT_LAUNCH, bound_mod._cuda_current)
     x, eps = torch.randn(SHAPE), torch.randn(SHAPE)
     out = torch.empty_like(x)
     step = StepArgs(1.1, -0.3, noise_coef=0.2, seed=5, step_key=7, x0_coefs=(1.0, 2.0))
     meta = torch.empty(SHAPE, device="meta")
     rows = {}
-    step_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, None)
-    bound_mod._ddim_step_kernel = step_mod._ddim_step_kernel
-    rows["launch_ddim_step"] = _per_call_us(lambda: step_mod.launch_ddim_step(x, eps, out, step), args.launches)
-    bound_mod.DIRECT_LAUNCH = False
-    run = bound_mod.bind_ddim_step(meta).step(step)
-    rows["bound step, ordinary launch"] = _per_call_us(lambda: run(x, eps, out), args.launches)
-    bound_mod.DIRECT_LAUNCH = True
-    bound_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, _StubCompiled())
-    run = bound_mod.bind_ddim_step(meta).step(step)
-    rows["bound step, direct runner"] = _per_call_us(lambda: run(x, eps, out), args.launches)
-    rows["binding a call and one step"] = _per_call_us(lambda: bound_mod.bind_ddim_step(meta).step(step),
-                                                       args.launches // 10)
-    for name, us in rows.items():
+    try:
+        step_mod._ddim_step_kernel = bound_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, None)
+        rows["launch_ddim_step"] = _per_call_us(lambda: step_mod.launch_ddim_step(x, eps, out, step), launches)
+        bound_mod.DIRECT_LAUNCH = False
+        run = bound_mod.bind_ddim_step(meta).step(step)
+        rows["bound step, ordinary launch"] = _per_call_us(lambda: run(x, eps, out), launches)
+        bound_mod.DIRECT_LAUNCH = True
+        bound_mod._cuda_current = _no_cuda
+        bound_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, _StubCompiled())
+        run = bound_mod.bind_ddim_step(meta).step(step)
+        rows["bound step, direct runner"] = _per_call_us(lambda: run(x, eps, out), launches)
+        rows["binding a call and one step"] = _per_call_us(lambda: bound_mod.bind_ddim_step(meta).step(step),
+                                                           max(1, launches // 10))
+    finally:
+        (step_mod._ddim_step_kernel, bound_mod._ddim_step_kernel, bound_mod.DIRECT_LAUNCH,
+         bound_mod._cuda_current) = saved
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.launch_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--launches", type=int, default=20000, help="launches per round (default 20000)")
+    args = parser.parse_args(argv)
+    for name, us in launch_rows(args.launches).items():
         print(f"{name:32s} {us:8.2f} us (Python only, kernel launch stubbed)")
     return 0
 
