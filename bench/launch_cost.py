@@ -6,14 +6,20 @@ dispatch. The Triton kernel object is replaced by a stand-in whose launch does n
 so this measures only the launchers' own Python work: not Triton's binder, not the
 driver, not the GPU. Runs on a CPU (thread CPU time, best of 5 rounds).
 
+One row times a part of Triton's own ordinary launch that needs no GPU: its check that
+every global a kernel reads still has its compile-time value (`JITFunction.run` compares
+each one), on the step kernel compiled as for a GPU (no interpreter, in a subprocess).
+
     python -m bench.launch_cost [--launches N]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # import the kernels without a GPU
 
@@ -23,6 +29,7 @@ from ddim_fused.backend import kernels  # noqa: E402
 from ddim_fused.step_args import StepArgs  # noqa: E402
 
 SHAPE = (4, 4, 64, 64)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class _StubCompiled:
@@ -62,6 +69,34 @@ def _per_call_us(fn, n: int) -> float:
     return best * 1e6
 
 
+# The loop JITFunction.run makes over a kernel's globals at every ordinary launch.
+_GLOBAL_CHECK = """
+import sys, time
+from kernels.ddim_step import _ddim_step_kernel as kernel
+kernel.cache_key  # finds the globals the kernel reads
+used, absent, n, best = kernel.used_global_vals, object(), int(sys.argv[1]), float("inf")
+for _ in range(5):
+    start = time.thread_time()
+    for _ in range(n):
+        for (name, _), (value, scope) in used.items():
+            if scope.get(name, absent) != value:
+                raise RuntimeError(name)
+    best = min(best, (time.thread_time() - start) / n)
+print(len(used), best * 1e6)
+"""
+
+
+def global_check_us(launches: int) -> tuple[int, float]:
+    """(globals the step kernel reads, microseconds Triton's per-launch check of them takes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _GLOBAL_CHECK, str(launches)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+        raise RuntimeError(f"timing the global check failed: {run.stderr.strip().splitlines()[-1:]}")
+    count, us = run.stdout.split()
+    return int(count), float(us)
+
+
 def launch_rows(launches: int) -> dict[str, float]:
     """Microseconds of Python per step for each launcher, the kernel stubbed out for the duration."""
     ks = kernels()
@@ -97,6 +132,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for name, us in launch_rows(args.launches).items():
         print(f"{name:32s} {us:8.2f} us (Python only, kernel launch stubbed)")
+    count, us = global_check_us(args.launches)
+    print(f"{'Triton global check, step':32s} {us:8.2f} us (per ordinary launch; the kernel reads {count} globals)")
     return 0
 
 

@@ -13,3 +13,8 @@ def test_rows_cover_every_launcher_and_restore_the_kernel():
     assert all(us > 0 for us in rows.values())
     assert (ks.ddim_step._ddim_step_kernel, ks.bound_step._ddim_step_kernel, ks.bound_step.DIRECT_LAUNCH,
             ks.bound_step._cuda_current) == before
+
+
+def test_global_check_counts_the_step_kernels_globals():
+    count, us = launch_cost.global_check_us(20)
+    assert count == 2 and us > 0  # INTERPRETED, read in cast.py and noise.py: see tests/test_host_cost.py

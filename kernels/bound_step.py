@@ -32,7 +32,7 @@ import triton
 from triton import knobs
 
 from .ddim_step import _ddim_step_kernel, step_launch
-from .geometry import _INTERPRETED, Launch
+from .geometry import INTERPRETED, Launch
 from .noise import check_keys
 
 _ARG_NAMES = tuple(_ddim_step_kernel.arg_names)
@@ -48,7 +48,7 @@ def _version(text: str) -> tuple[int, int]:
 
 # Triton versions whose JITFunction.run launches `kernel.run(..., *bound_args.values())`.
 DIRECT_VERSIONS = ((3, 6), (3, 9))
-DIRECT_LAUNCH = (not _INTERPRETED and DIRECT_VERSIONS[0] <= _version(triton.__version__) <= DIRECT_VERSIONS[1])
+DIRECT_LAUNCH = (not INTERPRETED.value and DIRECT_VERSIONS[0] <= _version(triton.__version__) <= DIRECT_VERSIONS[1])
 
 
 def _mode_key(step) -> tuple:

@@ -1,20 +1,19 @@
 """Storing fp32 register values in an output's dtype, rounded to nearest even."""
-import os
-
 import triton
 import triton.language as tl
+
+from .geometry import INTERPRETED
 
 # The GPU converts fp32 to bf16 with round-to-nearest-even (cvt.rn.bf16.f32, NaN and
 # +-Inf kept), but Triton's CPU interpreter truncates; there the rounding is done by
 # hand, so CPU parity tests judge the arithmetic a GPU runs.
-_ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
 def cast_for_store(values, ptr):
     """values (fp32 block) converted to ptr's element dtype with round-to-nearest-even."""
     if ptr.dtype.element_ty == tl.bfloat16:
-        if _ROUND_BF16_BY_HAND:
+        if INTERPRETED:
             return round_to_bf16(values)
         else:
             return values.to(tl.bfloat16)

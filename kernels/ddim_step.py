@@ -13,21 +13,18 @@ import triton
 import triton.language as tl
 
 from .cast import cast_for_store
-from .geometry import (BLOCK, BLOCK_NO_NOISE, COORDS_DIRECT, COORDS_SPLIT, TAIL, Launch, div_magic, geometry,
-                       sample_coords, udiv)
-from .noise import FAST_MATH, STREAM_ORIG, STREAM_STEP, block_normals, check_keys, split_counters
+from .geometry import BLOCK, BLOCK_NO_NOISE, TAIL, Launch, div_magic, geometry, sample_coords, udiv
+from .noise import FAST_MATH, block_normals, check_keys, split_counters
 
-# Noise sources (NOISE_MODE / ORIG_NOISE_MODE).
-NO_NOISE = tl.constexpr(0)
-NOISE_TENSOR = tl.constexpr(1)
-NOISE_PHILOX = tl.constexpr(2)
-# Mask layouts (MASK_MODE): none; one value per element of the batch (offset e); one
-# sample's values shared by the batch (offset n); a sample shape whose broadcast dims
-# form one run: offset b * mask_bstride + (n // (mid * inner)) * inner + n % inner.
-NO_MASK = tl.constexpr(0)
-MASK_FULL = tl.constexpr(1)
-MASK_SAMPLE = tl.constexpr(2)
-MASK_RUN = tl.constexpr(3)
+# Modes are string constexprs (see geometry.py):
+# - NOISE_MODE / ORIG_NOISE_MODE, the noise source: "none", "tensor" or "philox" (drawn
+#   in the kernel, noise.py);
+# - MASK_MODE, the paint mask layout: "none"; "full", one value per element of the batch
+#   (offset e); "sample", one sample's values shared by the batch (offset n); "run", a
+#   sample shape whose broadcast dims form one run:
+#   offset b * mask_bstride + (n // (mid * inner)) * inner + n % inner.
+# In-kernel noise draws stream 0 (x's noise) and 1 (orig's), the "step" and "orig" ids of
+# ddim_fused.philox.NOISE_STREAMS (kernels/ imports nothing from the host package).
 
 
 @triton.jit
@@ -98,11 +95,11 @@ def _step_block(
         b_eps = tl.load(eps_ptr + offs, mask=live).to(tl.float32)
 
     b_out = x_coef * b_x + eps_coef * b_eps
-    if NOISE_MODE == NOISE_TENSOR:
+    if NOISE_MODE == "tensor":
         b_out += noise_coef * _load_f32(noise_ptr, offs, live, first, end, numel, n_magic, n_shift, NOISE_BCAST,
                                         SIZE, CHUNK, COORDS)
-    elif NOISE_MODE == NOISE_PHILOX:
-        b_out += block_normals(noise_coef, seed, sample_offset, step_key, STREAM_STEP, first, numel, n_magic, n_shift,
+    elif NOISE_MODE == "philox":
+        b_out += block_normals(noise_coef, seed, sample_offset, step_key, 0, first, numel, n_magic, n_shift,
                                g_magic, g_shift, SIZE, REPEAT_NOISE, GROUPED, COORDS, FAST_MATH, SPLIT_COUNTERS)
 
     if STORE_X0:
@@ -111,25 +108,25 @@ def _step_block(
     if STORE_EPS:
         tl.store(eps_out_ptr + offs, cast_for_store(b_eps, eps_out_ptr), mask=live)
 
-    if MASK_MODE != NO_MASK:
+    if MASK_MODE != "none":
         b_orig_t = orig_coef * _load_f32(orig_ptr, offs, live, first, end, numel, n_magic, n_shift, ORIG_BCAST,
                                          SIZE, CHUNK, COORDS)
-        if ORIG_NOISE_MODE == NOISE_TENSOR:
+        if ORIG_NOISE_MODE == "tensor":
             b_orig_t += orig_noise_coef * _load_f32(orig_noise_ptr, offs, live, first, end, numel, n_magic, n_shift,
                                                     ORIG_NOISE_BCAST, SIZE, CHUNK, COORDS)
-        elif ORIG_NOISE_MODE == NOISE_PHILOX:
-            b_orig_t += block_normals(orig_noise_coef, seed, sample_offset, step_key, STREAM_ORIG, first, numel,
+        elif ORIG_NOISE_MODE == "philox":
+            b_orig_t += block_normals(orig_noise_coef, seed, sample_offset, step_key, 1, first, numel,
                                       n_magic, n_shift, g_magic, g_shift, SIZE, False, GROUPED, COORDS, FAST_MATH,
                                       SPLIT_COUNTERS)
-        if MASK_MODE == MASK_FULL:
+        if MASK_MODE == "full":
             b_m = tl.load(mask_ptr + offs, mask=live)
-        elif MASK_MODE == MASK_SAMPLE:
+        elif MASK_MODE == "sample":
             _, n = _chunk_coords(first, SIZE, CHUNK, numel, n_magic, n_shift, COORDS)
             b_m = _gather(mask_ptr, n, first, end, SIZE, CHUNK, True)
         else:
             # The launcher expands run masks of samples this large to dense ones.
-            tl.static_assert(COORDS != COORDS_SPLIT, "run-layout masks need samples below 2**31 elements")
-            if MASK_BATCHED and COORDS == COORDS_DIRECT:
+            tl.static_assert(COORDS != "split", "run-layout masks need samples below 2**31 elements")
+            if MASK_BATCHED and COORDS == "direct":
                 # A mask with a batch dim: its run layout extends over the flattened batch
                 # (mask_bstride = numel // mid), so offsets follow from e without b.
                 idx = first + MASK_CHUNK * tl.arange(0, SIZE // MASK_CHUNK)
@@ -169,7 +166,7 @@ def _ddim_step_kernel(
     MASK_BATCHED: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if COORDS == COORDS_DIRECT:
+    if COORDS == "direct":
         first = pid * BLOCK
     else:
         first = pid.to(tl.int64) * BLOCK
@@ -196,8 +193,8 @@ def _ddim_step_kernel(
 
 def _noise_mode(coef: float, tensor) -> int:
     if coef == 0.0:
-        return NO_NOISE.value
-    return NOISE_TENSOR.value if tensor is not None else NOISE_PHILOX.value
+        return "none"
+    return "tensor" if tensor is not None else "philox"
 
 
 def _broadcast(t: torch.Tensor | None, batch: int) -> bool:
@@ -219,26 +216,26 @@ def step_launch(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, ste
         return None
     noise_mode = _noise_mode(step.noise_coef, step.noise)
     layout = step.mask
-    orig_noise_mode = _noise_mode(step.orig_noise_coef, step.orig_noise) if layout is not None else NO_NOISE.value
-    draws = NOISE_PHILOX.value in (noise_mode, orig_noise_mode)
+    orig_noise_mode = _noise_mode(step.orig_noise_coef, step.orig_noise) if layout is not None else "none"
+    draws = "philox" in (noise_mode, orig_noise_mode)
     if draws:
         check_keys(step.seed, step.step_key, step.sample_offset, batch)
     geo = geometry(batch, numel, BLOCK if draws else BLOCK_NO_NOISE)
     mask_tensor, mask_bstride, mid, inner = None, 0, 1, 1
     if layout is None:
-        mask_mode = NO_MASK.value
+        mask_mode = "none"
     elif layout.dense:
         mask_tensor, mask_bstride = layout.mask, layout.batch_stride
-        mask_mode = MASK_FULL.value if mask_bstride == numel or batch == 1 else MASK_SAMPLE.value
-    elif geo.coords == COORDS_SPLIT.value:
+        mask_mode = "full" if mask_bstride == numel or batch == 1 else "sample"
+    elif geo.coords == "split":
         # Samples of about 2**31 elements or more index in int64: the run layout would need
         # a 64-bit division per element there, so such a mask is expanded once instead.
         mask_tensor = layout.mask.expand((layout.mask.shape[0],) + tuple(x.shape[1:])).contiguous()
         mask_bstride = 0 if mask_tensor.shape[0] == 1 else numel
-        mask_mode = MASK_FULL.value if mask_bstride == numel or batch == 1 else MASK_SAMPLE.value
+        mask_mode = "full" if mask_bstride == numel or batch == 1 else "sample"
     else:
         mask_tensor, mask_bstride, mid, inner = layout
-        mask_mode = MASK_RUN.value
+        mask_mode = "run"
     p_magic, p_shift = div_magic(mid)
     i_magic, i_shift = div_magic(inner)
     # Gathers go per chunk of one thread's vector when no chunk can straddle two

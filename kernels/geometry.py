@@ -13,11 +13,11 @@ access vectorised.
 Per-sample things (batch-broadcast inputs, paint masks, the noise keys) need the
 sample b = e // N of element e. A division per element would cost more than the rest of
 the step, so:
-- COORDS_DIRECT (every index below 2**31): b = umulhi(2e, m) >> s, with (m, s) from
+- "direct" (every index below 2**31): b = umulhi(2e, m) >> s, with (m, s) from
   `div_magic(N)` computed once on the host.
-- COORDS_BASE (larger launches): one 64-bit division per program for its first element,
+- "base" (larger launches): one 64-bit division per program for its first element,
   then the multiply-high on the 32-bit offset inside it.
-- COORDS_SPLIT (samples of 2**31 - BLOCK elements or more, whose offsets need int64):
+- "split" (samples of 2**31 - BLOCK elements or more, whose offsets need int64):
   a block then spans at most two samples, so b is the first sample's plus one comparison.
 The 64-bit divisions of the last two modes are scalar: one per program, never per element.
 """
@@ -29,20 +29,21 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# At every ordinary launch Triton compares each global a kernel reads with its value at
+# compile time, about 1 us per tl.constexpr on the host. So the kernels read one global
+# only, INTERPRETED: modes are string constexprs (COORDS: "direct", "base" or "split"),
+# and numeric constants are written where they are used.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
 # Elements per program, over 4 warps. With in-kernel noise 1024 (8 per thread: two
 # 128-bit accesses in fp32, one in fp16/bf16) keeps the Philox rounds within 32
 # registers; without it 2048 spreads each thread's fixed setup over 16 elements.
 # The CPU interpreter runs a program as one numpy call, so it gets bigger blocks for
 # speed; results do not depend on the block size.
-BLOCK = 4096 if _INTERPRETED else 1024
-BLOCK_NO_NOISE = 4096 if _INTERPRETED else 2048
+BLOCK = 4096 if INTERPRETED.value else 1024
+BLOCK_NO_NOISE = 4096 if INTERPRETED.value else 2048
 # Elements left out of the vectorised block are handled in one chunk of this size.
 TAIL = 16
-
-COORDS_DIRECT = tl.constexpr(0)
-COORDS_BASE = tl.constexpr(1)
-COORDS_SPLIT = tl.constexpr(2)
 
 _INT32_LIMIT = 2**31
 
@@ -62,7 +63,7 @@ class Geometry(NamedTuple):
     grid: tuple[int]
     bulk: int  # elements in vectorised blocks: total rounded down to a multiple of TAIL
     total: int
-    coords: int  # COORDS_* value
+    coords: str  # "direct", "base" or "split": see the module docstring
     n_magic: int  # division by numel (int32 bit pattern of the magic number)
     n_shift: int
     g_magic: int  # division by numel // 4 (the Philox groups of a sample), when numel % 4 == 0
@@ -92,11 +93,11 @@ def geometry(batch: int, numel: int, block: int = BLOCK) -> Geometry:
     grid = (max(1, triton.cdiv(bulk, block)),)
     # Offsets of masked-off lanes are computed too: the furthest is the grid's end.
     if grid[0] * block + TAIL < _INT32_LIMIT:
-        coords = COORDS_DIRECT.value
+        coords = "direct"
     elif numel + block < _INT32_LIMIT:
-        coords = COORDS_BASE.value
+        coords = "base"
     else:
-        coords = COORDS_SPLIT.value
+        coords = "split"
     n_magic, n_shift = div_magic(min(numel, _INT32_LIMIT - 1))
     g_magic, g_shift = div_magic(max(1, min(numel // 4, _INT32_LIMIT - 1)))
     return Geometry(grid, bulk, total, coords, n_magic, n_shift, g_magic, g_shift, block)
@@ -114,14 +115,14 @@ def udiv(num, magic, shift):
 def sample_coords(first, idx, size, magic, shift, COORDS: tl.constexpr):
     """(b, i) for the items first + idx of a flattened (B, size) index space.
 
-    first: the block's first item (int32 under COORDS_DIRECT, else int64 scalar);
+    first: the block's first item (int32 under COORDS "direct", else int64 scalar);
     idx: int32 block of offsets from it. b is the sample, i the index inside it.
     """
-    if COORDS == COORDS_DIRECT:
+    if COORDS == "direct":
         item = first + idx
         b = udiv(item, magic, shift)
         i = item - b * size
-    elif COORDS == COORDS_BASE:
+    elif COORDS == "base":
         b_first = first // size
         local = (first - b_first * size).to(tl.int32) + idx
         step = udiv(local, magic, shift)

@@ -21,40 +21,22 @@ Two ways to compute the normals from the same Philox integers (FAST_MATH):
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .cast import cast_for_store
-from .geometry import COORDS_DIRECT, TAIL, Launch, geometry, sample_coords
+from .geometry import INTERPRETED, TAIL, Launch, geometry, sample_coords
 
-# Stream ids of ddim_fused.philox.NOISE_STREAMS that the step kernel draws itself
-# (a test checks they agree; kernels/ imports nothing from the host package).
-STREAM_STEP = tl.constexpr(0)
-STREAM_ORIG = tl.constexpr(1)
-
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # Every compiled launch takes the fast path; the interpreter takes the precise one.
-FAST_MATH = not _INTERPRETED.value
+FAST_MATH = not INTERPRETED.value
 # How far a normal may sit from ddim_fused.philox's copy, by FAST_MATH.
 NOISE_ATOL = {False: 2e-6, True: 1.5e-5}
 
 # Noise keys are 32-bit Philox words: a wider value would wrap onto another key.
 SEED_LIMIT = 2**63
 KEY_LIMIT = 2**32
-
-_TWO_PI = tl.constexpr(6.283185307179586)
-_INV_2_23 = tl.constexpr(1.0 / 8388608.0)
-_LN2 = tl.constexpr(0.6931471805599453)
-_ONE_BITS = tl.constexpr(0x3F800000)
-_SERIES_BELOW = tl.constexpr(2.0**-8)
-_ANGLE_SHIFT = tl.constexpr(-3.0 * 3.141592653589793 + 0.5 * _INV_2_23.value * 6.283185307179586)
-_ROUND_A = tl.constexpr(0xD2511F53)
-_ROUND_B = tl.constexpr(0xCD9E8D57)
-_KEY_A = tl.constexpr(0x9E3779B9)
-_KEY_B = tl.constexpr(0xBB67AE85)
 
 
 def check_keys(seed, step_key, sample_offset, batch: int) -> None:
@@ -78,7 +60,7 @@ def _approx(x, OP: tl.constexpr):
     The interpreter cannot run inline PTX; there the exact function stands in, so CPU
     tests can still run the fast path's arithmetic around these instructions.
     """
-    if _INTERPRETED:
+    if INTERPRETED:
         if OP == "lg2":
             return tl.log2(x)
         elif OP == "sin":
@@ -94,27 +76,29 @@ def _approx(x, OP: tl.constexpr):
 def _box_muller(r_rad, r_angle, scale, FAST_MATH: tl.constexpr):
     """scale * (radius * cos, radius * sin) of two uint32 Philox words, as the torch copy."""
     if FAST_MATH:
-        # Top 23 bits as a float in [1, 2) by bit pattern, so no int-to-float convert.
-        v_rad = ((r_rad >> 9) | _ONE_BITS).to(tl.float32, bitcast=True)
-        v_ang = ((r_angle >> 9) | _ONE_BITS).to(tl.float32, bitcast=True)
-        u = v_rad - (1.0 - 0.5 * _INV_2_23)  # (k + 0.5) * 2**-23, exact
+        # Top 23 bits as a float in [1, 2) by bit pattern (0x3F800000 is 1.0f), so no
+        # int-to-float convert.
+        v_rad = ((r_rad >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+        v_ang = ((r_angle >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+        u = v_rad - (1.0 - 0.5 * (1.0 / 8388608.0))  # (k + 0.5) * 2**-23, exact
         # The angle shifted by pi into [-pi, pi], where sin.approx and cos.approx keep
         # their documented accuracy: 2 * pi * (u - 1/2) in one fused multiply-add, within
         # 3.5e-7 of exact for every u (the torch copy's fp32 2 * pi * u: 4.2e-7).
-        angle = v_ang * _TWO_PI + _ANGLE_SHIFT
+        angle = v_ang * 6.283185307179586 + (-3.0 * 3.141592653589793 + 0.5 * (1.0 / 8388608.0) * 6.283185307179586)
         # lg2's absolute error would swamp -2 log(u) as u -> 1: there the series
         # 2w + w^2 (w = 1 - u, exact) is within w^2 / 3 of it, relatively.
         w = 1.0 - u
-        log_term = tl.where(w < _SERIES_BELOW, w * (2.0 + w), _approx(u, "lg2") * (-2.0 * _LN2))
+        log_term = tl.where(w < 2.0**-8, w * (2.0 + w), _approx(u, "lg2") * (-2.0 * 0.6931471805599453))  # ln 2
         # The shifted angle flips the signs of cos and sin; the scale goes on the radius
         # so that scale * normal + acc stays one fused multiply-add per element.
         radius = -scale * tl.sqrt(log_term)
         return radius * _approx(angle, "cos"), radius * _approx(angle, "sin")
     else:
-        u_rad = ((r_rad >> 9).to(tl.float32) + 0.5) * _INV_2_23
-        u_ang = ((r_angle >> 9).to(tl.float32) + 0.5) * _INV_2_23
+        # Uniforms (k + 0.5) * 2**-23 of the top 23 bits.
+        u_rad = ((r_rad >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        u_ang = ((r_angle >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         radius = scale * tl.sqrt(-2.0 * tl.log(u_rad))
-        return radius * tl.cos(u_ang * _TWO_PI), radius * tl.sin(u_ang * _TWO_PI)
+        return radius * tl.cos(u_ang * 6.283185307179586), radius * tl.sin(u_ang * 6.283185307179586)
 
 
 @triton.jit
@@ -136,13 +120,15 @@ def _philox_words(seed, key, step_key, stream, counter):
     seed = seed.to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
+    # Philox4x32's round multipliers and key increments (Salmon et al. 2011), as in
+    # ddim_fused.philox.
     for _ in tl.static_range(10):
-        prod_a = c0.to(tl.uint64) * _ROUND_A
-        prod_b = c2.to(tl.uint64) * _ROUND_B
+        prod_a = c0.to(tl.uint64) * 0xD2511F53
+        prod_b = c2.to(tl.uint64) * 0xCD9E8D57
         c0, c2 = (prod_b >> 32).to(tl.uint32) ^ c1 ^ k0, (prod_a >> 32).to(tl.uint32) ^ c3 ^ k1
         c1, c3 = prod_b.to(tl.uint32), prod_a.to(tl.uint32)
-        k0 += _KEY_A
-        k1 += _KEY_B
+        k0 += 0x9E3779B9
+        k1 += 0xBB67AE85
     return c0, c1, c2, c3
 
 
@@ -221,7 +207,7 @@ def _keyed_normal_kernel(out_ptr, bulk, total, numel, n_magic, n_shift, g_magic,
         seed = seed_arg
         sample_offset = offset_arg
     pid = tl.program_id(0)
-    if COORDS == COORDS_DIRECT:
+    if COORDS == "direct":
         first = pid * BLOCK
     else:
         first = pid.to(tl.int64) * BLOCK

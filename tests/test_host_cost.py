@@ -6,8 +6,13 @@
   interpreter (the direct-runner dispatch is checked with a stand-in compiled kernel);
 - the sampler's ping-pong buffers never alias what it returns.
 """
+import ast
 import inspect
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from ddim_fused.masks import mask_layout
 from ddim_fused.step_args import StepArgs
 from ddim_fused.torch_step import torch_ddim_step, torch_step_runner
 
+ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (2, 3, 5, 7)
 COEFS = dict(x_coef=1.37, eps_coef=-0.41, x0_coefs=(2.1, -1.3))
 
@@ -243,6 +249,23 @@ def test_the_direct_runner_mirrors_tritons_runner():
     assert "self.get_current_device = torch.cuda.current_device" in driver
     assert "return torch._C._cuda_getDevice()" in _source(torch.cuda.current_device)  # after its lazy init
     assert isinstance(triton.knobs.runtime.launch_enter_hook, triton.knobs.HookChain)
+
+
+def test_compiled_kernels_read_one_global():
+    """Every ordinary launch compares each global constant a kernel reads with its value at
+    compile time (about 1 us per tl.constexpr); the kernels, compiled as a GPU would (no
+    interpreter, in a subprocess), read only INTERPRETED."""
+    script = ("import kernels.ddim_step as s, kernels.noise as n\n"
+              "for k in (s._ddim_step_kernel, n._keyed_normal_kernel):\n"
+              "    k.cache_key\n"
+              "    print(sorted({name for name, _ in k.used_global_vals}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for line in run.stdout.splitlines():
+        assert set(ast.literal_eval(line)) <= {"INTERPRETED"}, line
+    assert len(run.stdout.splitlines()) == 2
 
 
 class _Recorder:

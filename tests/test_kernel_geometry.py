@@ -9,8 +9,6 @@ import triton.language as tl
 from ddim_fused.backend import kernels
 
 geometry_module = kernels().geometry
-COORDS = {"direct": geometry_module.COORDS_DIRECT.value, "base": geometry_module.COORDS_BASE.value,
-          "split": geometry_module.COORDS_SPLIT.value}
 
 
 def host_udiv(n: int, magic: int, shift: int) -> int:
@@ -43,16 +41,16 @@ def _coords_kernel(b_ptr, i_ptr, first, size, magic, shift, COORDS: tl.constexpr
     tl.store(i_ptr + tl.arange(0, SIZE), i.to(tl.int64))
 
 
-@pytest.mark.parametrize("mode", COORDS)
+@pytest.mark.parametrize("mode", ["direct", "base", "split"])
 @pytest.mark.parametrize("size", [64, 67, 1000])
 def test_sample_coords_of_every_mode_match_divmod(mode, size, device):
-    # COORDS_SPLIT assumes a block spans at most two samples: size >= SIZE.
+    # "split" assumes a block spans at most two samples: size >= SIZE.
     SIZE = 64
     magic, shift = geometry_module.div_magic(size)
     for first in (0, 64, 960, 64 * 37):
         b = torch.empty(SIZE, dtype=torch.int64, device=device)
         i = torch.empty(SIZE, dtype=torch.int64, device=device)
-        _coords_kernel[(1,)](b, i, first, size, magic, shift, COORDS=COORDS[mode], SIZE=SIZE)
+        _coords_kernel[(1,)](b, i, first, size, magic, shift, COORDS=mode, SIZE=SIZE)
         items = torch.arange(first, first + SIZE)
         assert torch.equal(b.cpu(), items // size) and torch.equal(i.cpu(), items % size), (mode, size, first)
 
@@ -61,7 +59,7 @@ def test_grid_is_one_dimensional_for_any_batch():
     block = geometry_module.BLOCK
     geo = geometry_module.geometry(70000, 32, block)  # B above CUDA's grid-y limit of 65,535
     assert len(geo.grid) == 1 and geo.grid[0] == triton.cdiv(70000 * 32, block)
-    assert geo.coords == COORDS["direct"] and geo.bulk == geo.total == 70000 * 32
+    assert geo.coords == "direct" and geo.bulk == geo.total == 70000 * 32
     # (4096, 32): every block is full, not 4096 blocks of 32 busy lanes each.
     small = geometry_module.geometry(4096, 32, block)
     assert small.grid == (4096 * 32 // block,)
@@ -73,6 +71,6 @@ def test_tail_and_wide_geometries():
     tiny = geometry_module.geometry(1, 5, 1024)
     assert (tiny.bulk, tiny.grid) == (0, (1,))  # one program handles the 5-element tail
     wide = geometry_module.geometry(2**11 + 1, 2**20, 1024)
-    assert wide.coords == COORDS["base"]
+    assert wide.coords == "base"
     huge = geometry_module.geometry(2, 2**31 + 16, 1024)
-    assert huge.coords == COORDS["split"]
+    assert huge.coords == "split"

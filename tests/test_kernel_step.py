@@ -90,6 +90,18 @@ def test_in_kernel_noise_matches_the_keyed_stream(shape, repeat, dtype, device):
         assert not torch.allclose(drawn[0], drawn[1], atol=0.1)
 
 
+def test_in_kernel_orig_noise_draws_the_orig_stream(device):
+    # Everything kept (mask 1) and orig_coef 0: x_prev is orig's noise alone, which the
+    # kernel draws from the "orig" stream, x's from the "step" one (the test above).
+    shape = (2, 3, 8, 8)
+    x, eps = randn(shape, torch.float32, device, 0), randn(shape, torch.float32, device, 1)
+    out = ddim_step(x, eps, mask=torch.ones((1, 1, 8, 8), device=device), orig=torch.zeros_like(x), orig_coef=0.0,
+                    orig_noise_coef=1.0, seed=99, step_key=4, sample_offset=3, **COEFS)
+    want = keyed_normal_torch(2, 192, 99, 4, "orig", 3, device=device).view(shape)
+    assert_close(out, want, rtol=1e-6, atol=NOISE_ATOL)
+    assert not torch.allclose(want, keyed_normal_torch(2, 192, 99, 4, "step", 3, device=device).view(shape), atol=0.1)
+
+
 def test_noise_tensor_with_batch_one_is_shared(device):
     x, eps = randn((3, 40), torch.float32, device, 0), randn((3, 40), torch.float32, device, 1)
     noise = randn((1, 40), torch.float32, device, 2)
@@ -148,8 +160,8 @@ def _launch_with(launch, **changes):
 
 @pytest.mark.parametrize("mask_kind", ["runB", "run1", "dense1"])
 def test_every_coordinate_mode_gives_the_same_step(mask_kind, device):
-    # Large launches switch to int64 block bases (COORDS_BASE) or, for samples of about
-    # 2**31 elements, to a two-sample split (COORDS_SPLIT, where the launcher makes run
+    # Large launches switch to int64 block bases ("base") or, for samples of about
+    # 2**31 elements, to a two-sample split ("split", where the launcher makes run
     # masks dense); each runs here on a small batch whose samples exceed one
     # interpreter block, as SPLIT assumes.
     shape = (3, 2, 41, 52)  # N = 4264
@@ -159,12 +171,11 @@ def test_every_coordinate_mode_gives_the_same_step(mask_kind, device):
     mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(5)).to(device)
     step = StepArgs(x_coef=1.1, eps_coef=-0.4, noise_coef=0.3, seed=77, step_key=3, sample_offset=5,
                     mask=mask_layout(mask, shape), orig=orig, orig_coef=0.8, orig_noise_coef=0.6)
-    geometry = kernels().geometry
-    modes = [geometry.COORDS_DIRECT, geometry.COORDS_BASE] + ([geometry.COORDS_SPLIT] if mask_kind == "dense1" else [])
+    modes = ["direct", "base"] + (["split"] if mask_kind == "dense1" else [])
     outs = []
     for mode in modes:
         out = nan_like(x)
-        _launch_with(kernels().ddim_step.step_launch(x, eps, out, step), COORDS=mode.value)
+        _launch_with(kernels().ddim_step.step_launch(x, eps, out, step), COORDS=mode)
         outs.append(out)
     assert torch.isfinite(outs[0]).all()
     assert all(torch.equal(outs[0], other) for other in outs[1:])
@@ -179,8 +190,8 @@ def test_run_masks_of_huge_samples_are_expanded_once():
     mask = torch.empty(1, 1, dtype=torch.float16, device="meta")
     step = StepArgs(x_coef=1.0, eps_coef=0.5, mask=mask_layout(mask, tuple(x.shape)), orig=x, orig_coef=0.5)
     launch = kernels().ddim_step.step_launch(x, x, x, step)
-    assert launch.kwargs["COORDS"] == kernels().geometry.COORDS_SPLIT.value
-    assert launch.kwargs["MASK_MODE"] == kernels().ddim_step.MASK_SAMPLE.value
+    assert launch.kwargs["COORDS"] == "split"
+    assert launch.kwargs["MASK_MODE"] == "sample"
     assert tuple(launch.args[9].shape) == (1, 2**31 + 16)
 
 
