@@ -134,7 +134,8 @@ def ddim_step(
     _check_tensor("x", x, x.device, allowed)
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension, got a 0-d tensor")
-    uses_kernel(backend, x.device, x.dtype)  # a clear error where the kernel cannot run x
+    if backend == "triton":
+        uses_kernel(backend, x.device, x.dtype)  # a clear error where the kernel cannot run x
     fields = _step_fields(step)
     B, sample_shape = x.shape[0], tuple(x.shape[1:])
     guided = fields["guidance"] is not None
@@ -175,7 +176,11 @@ def ddim_step(
         raise ValueError("noise_coef != 0 needs either a noise tensor or a seed for in-kernel noise "
                          "(and orig_noise_coef != 0 an orig_noise tensor or a seed)")
     if backend == "auto":
-        torch.ops.ddim_fused.ddim_step(x, model_out, out, x0_out, eps_out, **dict(fields, mask=mask))
+        # Only the fields given: the dispatcher parses every keyword, and the rest are defaults.
+        given = {name: fields[name] for name in step}
+        if mask is not None:
+            given["mask"] = mask
+        torch.ops.ddim_fused.ddim_step(x, model_out, out, x0_out, eps_out, **given)
         return out
     args = _step_args(x, dict(fields, mask=mask))
     return step_function(backend, x.device, x.dtype)(x, model_out, out, args, x0_out, eps_out)
@@ -202,14 +207,17 @@ def _step_fields(step: dict) -> dict:
     fields["x0_coefs"] = (_as_float("x0_coefs[0]", coefs[0]), _as_float("x0_coefs[1]", coefs[1]))
     for name in ("step_key", "sample_offset") + (() if fields["seed"] is None else ("seed",)):
         value = fields[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        fields[name] = int(value)
+        if type(value) is not int:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            fields[name] = int(value)
     fields["repeat_noise"] = bool(fields["repeat_noise"])
     return fields
 
 
 def _as_float(name: str, value) -> float:
+    if type(value) is float:  # the common case first: the abstract-class check costs a few us
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     return float(value)

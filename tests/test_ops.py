@@ -71,6 +71,23 @@ def test_wrapper_names_unknown_and_missing_keywords():
         ddim_fused.ddim_step(x, model_out, x_coef=1.0, eps_coef=0.5, step_key=1.5)
 
 
+def test_wrapper_takes_any_real_and_integral_scalars_and_rejects_the_rest():
+    # Python floats and ints take a fast path; numpy and torch scalars the general one.
+    np = pytest.importorskip("numpy")
+    x, model_out = _inputs()
+    fields = dict(x_coef=0.93, eps_coef=-0.21, noise_coef=0.3, seed=5, step_key=7, sample_offset=2)
+    want = ddim_fused.ddim_step(x, model_out, **fields)
+    same = dict(x_coef=np.float64(0.93), eps_coef=np.float64(-0.21), noise_coef=torch.tensor(0.3).item(),
+                seed=np.int64(5), step_key=np.uint32(7), sample_offset=torch.tensor(2).item())
+    assert torch.equal(ddim_fused.ddim_step(x, model_out, **same), want)
+    assert torch.equal(ddim_fused.ddim_step(x, model_out, x_coef=1, eps_coef=0),
+                       ddim_fused.ddim_step(x, model_out, x_coef=1.0, eps_coef=0.0))
+    for name, bad in [("x_coef", True), ("eps_coef", "0.5"), ("seed", 5.0), ("sample_offset", False)]:
+        kind = "float" if name.endswith("coef") else "int"
+        with pytest.raises(TypeError, match=f"{name} must be an? {kind}"):
+            ddim_fused.ddim_step(x, model_out, **dict(fields, **{name: bad}))
+
+
 def _user_loop(weight):
     """A user's denoising loop: a small conv model and the fused step, eta > 0 with keyed noise."""
 
