@@ -23,6 +23,7 @@ The 64-bit divisions of the last two modes are scalar: one per program, never pe
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -86,6 +87,7 @@ def div_magic(divisor: int) -> tuple[int, int]:
     return magic - (1 << 32), shift
 
 
+@functools.lru_cache(maxsize=64)  # launches repeat their shapes: one computation per shape
 def geometry(batch: int, numel: int, block: int = BLOCK) -> Geometry:
     """The launch geometry for `batch` samples of `numel` elements (both >= 1)."""
     total = batch * numel

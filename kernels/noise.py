@@ -47,7 +47,7 @@ def check_keys(seed, step_key, sample_offset, batch: int) -> None:
     """
     for name, value, high in (("seed", seed, SEED_LIMIT), ("step_key", step_key, KEY_LIMIT),
                               ("sample_offset", sample_offset, KEY_LIMIT - batch + 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if not 0 <= value < high:
             raise ValueError(f"{name} must be in [0, {high}), got {value}")
