@@ -14,7 +14,8 @@ Target (GPU, `--device cuda`): host time per fused step <= 10 us, as the thread 
 of the launch path: a whole 50-step `DDIMSampler.sample` on CUDA tensors (1x4x64x64,
 trivial model, a new seed per call) divided by 50, and one `ddim_fused.ddim_step` call
 (the validated op); a new sampler per call, and the two schedulers' steps in the loop
-above on CUDA tensors, are reported beside them without a target.
+above on CUDA tensors, are reported beside them without a target. On the CPU the op's
+call is reported too, without a target (its time includes the step's own compute).
 The GPU work is queued asynchronously, so the CPU time is the host's own cost.
 
 Each measurement alternates the two providers (A/B, many rounds) and reports medians of
@@ -129,8 +130,6 @@ def sampler_rows(rounds: int) -> list[dict]:
 
 def gpu_rows(rounds: int, device: torch.device) -> list[dict]:
     """Host (thread CPU) time per fused step on CUDA tensors: the sampler's loop and the op."""
-    import ddim_fused  # noqa: PLC0415 - the public op
-
     model, shape = _TrivialEps(), GPU_SHAPE
     x_T = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(2))
     cond, uncond = torch.ones(1, device=device), torch.zeros(1, device=device)
@@ -140,37 +139,51 @@ def gpu_rows(rounds: int, device: torch.device) -> list[dict]:
         fused, seeds = DDIMSampler(model, STEPS, "uniform", eta), itertools.count(1)
         run = lambda: fused.sample(shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un,  # noqa: E731
                                    seed=next(seeds))
-        rows.append(_gpu_row(f"sampler/step {name}", run, STEPS, rounds, device))
+        rows.append(_host_row(f"sampler/step {name}", run, STEPS, rounds, device))
         new = lambda: DDIMSampler(model, STEPS, "uniform", eta).sample(  # noqa: E731
             shape, cond, x_last=x_T, uncond_scale=scale, uncond_cond=un, seed=next(seeds))
-        rows.append(_gpu_row(f"sampler/step {name} new sampler", new, STEPS, rounds, device, target=None))
-    x, eps, out = x_T.clone(), torch.randn_like(x_T), torch.empty_like(x_T)
+        rows.append(_host_row(f"sampler/step {name} new sampler", new, STEPS, rounds, device, target=None))
+    return rows + op_rows(rounds, device, GPU_STEP_TARGET_US)
+
+
+def op_rows(rounds: int, device: torch.device, target: float | None) -> list[dict]:
+    """Host (thread CPU) time of one `ddim_fused.ddim_step` call, 1x4x64x64, at eta 0 and 1 (keyed noise)."""
+    import ddim_fused  # noqa: PLC0415 - the public op
+
+    gen = torch.Generator(device).manual_seed(2)
+    x, eps = torch.randn(GPU_SHAPE, device=device, generator=gen), torch.randn(GPU_SHAPE, device=device, generator=gen)
+    out = torch.empty_like(x)
+    rows = []
     for name, extra in (("eta0", {}), ("eta1-keyed", {"noise_coef": 0.3, "seed": 7, "step_key": 3})):
         run = lambda e=extra: ddim_fused.ddim_step(x, eps, out=out, x_coef=1.01, eps_coef=-0.02, **e)  # noqa: E731
-        rows.append(_gpu_row(f"ddim_fused.ddim_step {name}", run, 1, rounds, device))
+        rows.append(_host_row(f"ddim_fused.ddim_step {name}", run, 1, rounds * 10, device, target=target))
     return rows
 
 
-def _gpu_row(label: str, run, steps: int, rounds: int, device: torch.device,
+def _host_row(label: str, run, steps: int, rounds: int, device: torch.device,
              target: float | None = GPU_STEP_TARGET_US) -> dict:
+    """Median host time per step of `run` (on a CPU device that includes the step's compute)."""
+    cuda = device.type == "cuda"
     for _ in range(3):  # compile and warm the caches
         run()
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(rounds):
         start = time.thread_time()
         run()
         times.append((time.thread_time() - start) / steps)
-        torch.cuda.synchronize(device)  # outside the timed span: the queue never fills up
+        if cuda:
+            torch.cuda.synchronize(device)  # outside the timed span: the queue never fills up
     host = statistics.median(times) * 1e6
-    return {"kind": "gpu-host", "label": label, "shape": list(GPU_SHAPE), "fused_us": host,
-            "target_us": target, "device": torch.cuda.get_device_name(device)}
+    return {"kind": "gpu-host" if cuda else "cpu-host", "label": label, "shape": list(GPU_SHAPE), "fused_us": host,
+            "target_us": target, "device": torch.cuda.get_device_name(device) if cuda else "CPU"}
 
 
 def format_rows(rows: list[dict]) -> str:
     lines = []
     for row in rows:
-        if row["kind"] == "gpu-host":
+        if row["kind"] in ("gpu-host", "cpu-host"):
             target = row["target_us"]
             verdict = ("no target" if target is None
                        else ("meets" if row["fused_us"] <= target else "MISSES") + f" <= {target:g} us")
@@ -215,7 +228,8 @@ def main(argv=None) -> int:
         except ImportError as err:  # diffusers is optional on a GPU machine
             print(f"scheduler rows skipped: diffusers is not installed ({err})")
     else:
-        rows = sampler_rows(args.rounds) + scheduler_rows(max(1, args.rounds // 4))
+        rows = (sampler_rows(args.rounds) + scheduler_rows(max(1, args.rounds // 4))
+                + op_rows(args.rounds, torch.device("cpu"), None))
     text = format_rows(rows)
     print(text)
     if args.out_dir is not None:

@@ -1,5 +1,6 @@
 """bench.host: its rows and their report (one round each; the timings themselves are not checked)."""
 import pytest
+import torch
 
 from bench import host
 
@@ -39,3 +40,10 @@ def test_scheduler_rows_on_cuda_render_without_a_target():
            "ratio": 0.25, "device": "cuda", "target": None}
     line = host.format_rows([row])
     assert "scheduler.step 1x4x32x32 eta 1 on cuda" in line and "no target" in line
+
+
+def test_op_rows_on_the_cpu_have_no_target():
+    rows = host.op_rows(1, torch.device("cpu"), None)
+    assert [r["label"] for r in rows] == ["ddim_fused.ddim_step eta0", "ddim_fused.ddim_step eta1-keyed"]
+    assert all(r["kind"] == "cpu-host" and r["device"] == "CPU" and r["fused_us"] > 0 for r in rows)
+    assert all("no target" in line and "on CPU" in line for line in host.format_rows(rows).splitlines())
