@@ -4,15 +4,14 @@ import triton.language as tl
 
 from .geometry import INTERPRETED
 
-# The GPU converts fp32 to bf16 with round-to-nearest-even (cvt.rn.bf16.f32, NaN and
-# +-Inf kept), but Triton's CPU interpreter truncates; there the rounding is done by
-# hand, so CPU parity tests judge the arithmetic a GPU runs.
-
 
 @triton.jit
 def cast_for_store(values, ptr):
     """values (fp32 block) converted to ptr's element dtype with round-to-nearest-even."""
     if ptr.dtype.element_ty == tl.bfloat16:
+        # The GPU converts fp32 to bf16 with round-to-nearest-even (cvt.rn.bf16.f32, NaN
+        # and +-Inf kept), but Triton's CPU interpreter truncates; there the rounding is
+        # done by hand, so CPU parity tests judge the arithmetic a GPU runs.
         if INTERPRETED:
             return round_to_bf16(values)
         else:

@@ -191,7 +191,7 @@ def _ddim_step_kernel(
                         SPLIT_COUNTERS, CHUNK, MASK_CHUNK, MASK_SPREAD, MASK_BATCHED)
 
 
-def _noise_mode(coef: float, tensor) -> int:
+def _noise_mode(coef: float, tensor) -> str:
     if coef == 0.0:
         return "none"
     return "tensor" if tensor is not None else "philox"
