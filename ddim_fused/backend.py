@@ -61,9 +61,9 @@ def uses_kernel(backend: str, device, dtype: torch.dtype) -> bool:
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"dtype {dtype} is not supported by the triton backend; expected one of "
                         f"{', '.join(str(d) for d in KERNEL_DTYPES)} (backend='torch' takes float64)")
-    if device.type != "cuda" and not interpreter_on():
-        raise ValueError(f"backend='triton' needs CUDA tensors (got {device}), or TRITON_INTERPRET=1 set before "
-                         "triton is imported; use backend='torch' on CPU")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreter_on()):
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {device}), or CPU tensors with TRITON_INTERPRET=1 "
+                         "set before triton is imported; use backend='torch' otherwise")
     return True
 
 

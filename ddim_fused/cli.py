@@ -459,6 +459,8 @@ def cmd_invert(args) -> None:
 def cmd_train_digits(args) -> None:
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if not 0 <= args.seed < _SEED_LIMIT:
+        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
     check_threads(args.threads, allow_zero=False)
     # scikit-learn (the digits data) is an optional extra: look for it without importing it.
     if importlib.util.find_spec("sklearn") is None:

@@ -5,6 +5,7 @@ back as one-line UserErrors whose argument names are the flags the user typed.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -13,6 +14,7 @@ from .cli_options import UserError, flag_names, parse_classes, sampler_errors, s
 from .conditioning import Conditioning, load_tensor_file
 from .digits.pretrained import MODEL_FILE
 from .models import DIGITS, LoadedModel, load_model_source, optimize
+from .validation import MAX_NUMEL
 
 # Argument names in the loaders' messages -> flags (besides the sampler's, see SAMPLER_FLAGS).
 MODEL_FLAGS = {"source": "--model", "weights": "--weights", "scheduler_config": "--scheduler-config",
@@ -24,6 +26,8 @@ def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedMode
     """The --model of a command on device in dtype, with --prediction-type / --clip-sample in its
     sampler options and --compile / --channels-last applied."""
     shape = tuple(args.shape) if args.shape else None
+    if shape is not None and (min(shape) < 1 or math.prod(shape) > MAX_NUMEL):
+        raise UserError(f"--shape must be sizes >= 1 with at most 2**62 elements in all, got {' '.join(map(str, shape))}")
     try:
         loaded = load_model_source(args.model, device=device, dtype=dtype, weights=args.weights,
                                    scheduler_config=args.scheduler_config, sample_shape=shape)

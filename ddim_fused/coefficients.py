@@ -17,6 +17,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from .validation import check_float
+
 SIGMA_HAT = "sigma_hat"
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -154,11 +156,7 @@ def ddim_coefficients(
             raise ValueError(f"eta must be a float >= 0 or {SIGMA_HAT!r}, got {eta!r}")
         dir_eta = 1.0
     else:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)):
-            raise TypeError(f"eta must be a float or {SIGMA_HAT!r}, got {type(eta).__name__}")
-        dir_eta = float(eta)
-        if not (math.isfinite(dir_eta) and dir_eta >= 0):
-            raise ValueError(f"eta must be finite and >= 0, got {eta}")
+        dir_eta = check_float("eta", eta, low=0.0)
     first = float(alpha_bar[0]) if final_alpha_bar is None else float(final_alpha_bar)
     if not 0.0 < first <= 1.0:
         raise ValueError(f"final_alpha_bar must be in (0, 1], got {first}")

@@ -66,6 +66,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .backend import BACKENDS, check_backend, step_function
 from .coefficients import StepCoefficients, ddim_variance, step_coefficients
 from .step_args import StepArgs
+from .validation import check_float
 
 # Per-eta coefficient tables a scheduler keeps before starting over (eta is usually fixed).
 _MAX_ETA_TABLES = 8
@@ -153,6 +154,8 @@ class _FusedStepMixin:
         float64 with `step_coefficients`), so a step is a dictionary lookup. A time step
         outside the schedule is computed on the fly.
         """
+        if type(eta) is not float:  # e.g. an int, or a list (unhashable: no table lookup)
+            eta = _check_eta(eta)
         table = self._step_tables.get(eta)
         if table is None:
             eta = _check_eta(eta)
@@ -259,6 +262,11 @@ class _FusedStepMixin:
         fresh contiguous (B, *s) buffer of the promoted dtype, which becomes prev_sample
         (the update writes over the noise it reads: one buffer less, one op less).
         """
+        if sample.dim() == 0:  # diffusers takes a 0-d sample; the fused update needs a batch dim
+            noise = None if noise is None else noise.reshape(1)
+            prev, x0 = self._fused_update(model_output.reshape(1), sample.reshape(1), coefs, linear, noise, clip,
+                                          use_clipped, noise_is_scaled)
+            return prev.reshape(()), x0.reshape(())
         dtype = sample.dtype if model_output.dtype is sample.dtype else torch.promote_types(model_output.dtype,
                                                                                               sample.dtype)
         if dtype == torch.float64:
@@ -350,6 +358,9 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
         self._check_inputs(model_output, sample)
         t = self._timestep_value(timestep)
         coefs, linear = self._coefficients(t, eta)  # checks eta the first time it is seen
+        if coefs.prev_eps != coefs.prev_eps and coefs.std > 0.0:  # NaN: sqrt of 1 - alpha_prev - std**2 < 0
+            raise ValueError(f"eta={eta} makes the noise variance exceed 1 - alpha_prev at timestep {t} "
+                             "(stock diffusers would return NaN); use a smaller eta")
         if self.config.thresholding and sample.dim() < 2:
             raise ValueError(f"thresholding needs sample of shape (B, C, ...), got {tuple(sample.shape)}")
         noise, noise_is_scaled = None, False
@@ -432,11 +443,7 @@ class FusedDDIMInverseScheduler(_FusedStepMixin, DDIMInverseScheduler):
 
 
 def _check_eta(eta) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
-        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-    return float(eta)
+    return check_float("eta", eta, low=0.0)
 
 
 def _draws_like_randn(generator, model_output: torch.Tensor, sample: torch.Tensor, std: float) -> bool:

@@ -60,7 +60,7 @@ MANIFEST, RUN_FILE, SHARD_PREFIX, PREVIEW, LOCK_FILE = (
     "manifest.json", "run.json", "shard-", "preview.png", ".generate.lock")
 TMP_MARK = TEMP_SUFFIX  # every temporary name ends with it
 # The files a run writes; only temporary files of these are ever removed from a folder.
-_RUN_FILES = re.compile(r"shard-\d{6}\.npz|manifest\.json|run\.json|preview\.png")
+_RUN_FILES = re.compile(r"shard-\d{6,}\.npz|manifest\.json|run\.json|preview\.png")  # 6 digits or more
 # Temporary names of earlier versions (".shard-000003.npz.tmp.<pid>", ".preview.png.tmp.<pid>.png").
 _LEGACY_TEMP = re.compile(r"\.(?P<target>.+)\.tmp\.\d+(\.png)?")
 _SHARD_KEYS = {"samples", "indices", "labels", "seeds", "config_hash", "checksum"}

@@ -48,7 +48,7 @@ from .backend import keyed_normal, uses_kernel
 from .masks import mask_layout
 from .plan import Plan
 from .torch_step import torch_ddim_step
-from .validation import broadcast_batch, check_int
+from .validation import broadcast_batch, check_sample_offset
 
 _GRAPHS_ATTR = "_cuda_graphs"
 
@@ -222,7 +222,7 @@ def graph_loop(plan: Plan, x_static: Optional[torch.Tensor], shape, dtype, seed_
 
 def _checked_keys(sampler, seed, sample_offset: int, batch: int) -> tuple[int, int]:
     """The call's (seed, sample_offset) as ints, checked as an uncaptured call checks them."""
-    check_int("sample_offset", sample_offset, 0, 2**32 - batch)
+    check_sample_offset(sample_offset, batch)
     return sampler._call_seed(seed), sample_offset
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import reprlib
 
 import torch
 
@@ -26,7 +27,16 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha) -> torch.Tensor:
     if isinstance(alpha, bool):
         raise TypeError("alpha must be a float or a 1-D sequence of weights, got bool")
     scalar = isinstance(alpha, numbers.Real) or (isinstance(alpha, torch.Tensor) and alpha.dim() == 0)
-    weights = torch.as_tensor(alpha, dtype=torch.float64).reshape(1) if scalar else torch.as_tensor(alpha, dtype=torch.float64)
+    if isinstance(alpha, (str, bytes)) or (isinstance(alpha, torch.Tensor) and (alpha.is_complex()
+                                                                              or alpha.dtype == torch.bool)):
+        raise TypeError(f"alpha must be a float or a 1-D sequence of weights, got {reprlib.repr(alpha)}")
+    try:
+        weights = torch.as_tensor(alpha, dtype=torch.float64)
+    except OverflowError:
+        raise ValueError(f"alpha must lie in [0, 1], got {reprlib.repr(alpha)}") from None
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"alpha must be a float or a 1-D sequence of weights, got {reprlib.repr(alpha)}") from None
+    weights = weights.reshape(1) if scalar else weights
     if weights.dim() != 1 or weights.numel() == 0:
         raise ValueError(f"alpha must be a float or a 1-D sequence of weights, got shape {tuple(weights.shape)}")
     if not torch.all((weights >= 0) & (weights <= 1)):

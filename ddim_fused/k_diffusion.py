@@ -33,6 +33,7 @@ from tqdm.auto import trange
 from .backend import BACKENDS, check_backend, step_function, uses_kernel
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
+from .validation import FLOAT32_MAX, check_float, check_sample_offset
 
 __all__ = ["BACKENDS", "KeyedNoiseSampler", "keyed_noise_sampler", "sample_ddim"]
 
@@ -58,8 +59,8 @@ class KeyedNoiseSampler:
         if not 0 <= seed < _MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         _check_latent(x)
-        if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-            raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+        # Sample indices are 32-bit keys: sample_offset + b past 2**32 would repeat sample 0's noise.
+        sample_offset = check_sample_offset(sample_offset, x.shape[0])
         self.seed, self.sample_offset = seed, sample_offset
         self.shape, self.dtype, self.device = tuple(x.shape), x.dtype, x.device
         self.calls = 0
@@ -159,12 +160,7 @@ def _check_latent(x) -> None:
 
 
 def _check_real(name: str, value, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
-    return float(value)
+    return check_float(name, value, -math.inf if minimum is None else minimum)
 
 
 def _check_like_x(name: str, t, x: torch.Tensor, exact_shape: bool) -> None:
@@ -225,13 +221,16 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     check_backend(backend)
     uses_kernel(backend, x.device, x.dtype)  # a clear error where backend="triton" cannot run x
     eta = _check_real("eta", eta, minimum=0.0)
-    s_noise = _check_real("s_noise", s_noise)
+    s_noise = check_float("s_noise", s_noise, -FLOAT32_MAX, FLOAT32_MAX)  # scales float32 noise
     host_sigmas = _check_sigmas(sigmas, eta)
     extra_args = {} if extra_args is None else extra_args
     if eta > 0 and noise_sampler is None:
         initial = x  # k-diffusion's default draws like the x the sampler was called with
         noise_sampler = lambda sigma, sigma_next: torch.randn_like(initial)  # noqa: E731
-    in_kernel = isinstance(noise_sampler, KeyedNoiseSampler) and noise_sampler.matches(x)
+    if isinstance(noise_sampler, KeyedNoiseSampler) and not noise_sampler.matches(x):
+        raise ValueError(f"noise_sampler was made for tensors of shape {noise_sampler.shape} on "
+                         f"{noise_sampler.device}; x has shape {tuple(x.shape)} on {x.device}")
+    in_kernel = isinstance(noise_sampler, KeyedNoiseSampler)
 
     s_in = x.new_ones([x.shape[0]])
     if len(host_sigmas) == 1:

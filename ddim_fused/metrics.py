@@ -79,6 +79,10 @@ def frechet_distance(samples_a, samples_b) -> float:
     b = _as_matrix("samples_b", samples_b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"samples_a has {a.shape[1]} features per sample and samples_b {b.shape[1]}; they must match")
+    # d^2 scales with the square of the data: computed on data scaled to at most 1, so that
+    # covariances of large values do not overflow, then scaled back.
+    scale = max(float(np.abs(a).max()), float(np.abs(b).max())) or 1.0
+    a, b = a / scale, b / scale
     mean_a, cov_a = a.mean(0), np.cov(a, rowvar=False).reshape(a.shape[1], a.shape[1])
     mean_b, cov_b = b.mean(0), np.cov(b, rowvar=False).reshape(b.shape[1], b.shape[1])
     root_a = _sqrtm_psd(cov_a)
@@ -86,8 +90,11 @@ def frechet_distance(samples_a, samples_b) -> float:
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
     trace_cross = np.sqrt(np.clip(eig, 0.0, None)).sum()
     d2 = float(np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_cross)
-    # Mathematically >= 0; rounding can leave about -1e-12 for identical sets.
-    return max(d2, 0.0)
+    # Mathematically >= 0; rounding can leave about -1e-12 (relative) for identical sets.
+    d2 = max(d2, 0.0) * scale * scale
+    if not math.isfinite(d2):
+        raise ValueError(f"the squared Frechet distance of these samples (values up to {scale:.3g}) overflows float64")
+    return d2
 
 
 def _sqrtm_psd(cov: np.ndarray) -> np.ndarray:
@@ -98,6 +105,8 @@ def _sqrtm_psd(cov: np.ndarray) -> np.ndarray:
 
 def _as_matrix(name: str, samples) -> np.ndarray:
     if isinstance(samples, torch.Tensor):
+        if samples.is_complex() or samples.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got dtype {samples.dtype}")
         samples = samples.detach().cpu().to(torch.float64).numpy()
     elif not isinstance(samples, np.ndarray):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(samples).__name__}")

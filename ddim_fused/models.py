@@ -19,6 +19,8 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
+import numbers
 import os
 import re
 import sys
@@ -32,6 +34,7 @@ import torch
 from .digits import load_digits_model
 from .digits.pretrained import MODEL_FILE
 from .model import resolve_model
+from .validation import MAX_NUMEL
 
 DIGITS = "digits"
 CONDITIONING_KINDS = ("class", "tensor", "none")
@@ -103,6 +106,9 @@ class LoadedModel:
         if shape is None:
             raise ValueError("model.sample_shape (or model.image_shape) is missing: give sample_shape")
         n_classes = getattr(model, "n_classes", None)
+        if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral)
+                                      or n_classes < 1):
+            raise ValueError(f"model.n_classes must be an int >= 1 (or absent), got {n_classes!r}")
         kind = conditioning or ("class" if n_classes is not None else "tensor")
         if kind not in CONDITIONING_KINDS:
             raise ValueError(f"conditioning must be one of {CONDITIONING_KINDS}, got {kind!r}")
@@ -224,11 +230,18 @@ def _load_callable(spec: str, device, dtype, sample_shape) -> LoadedModel:
     if not callable(factory):
         raise ValueError(f"source {spec!r} is a {type(factory).__name__}, not a callable factory")
     try:
-        params = inspect.signature(factory).parameters
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):
-        params = {}
+        signature = None
+    params = {} if signature is None else signature.parameters
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if takes_any or k in params}
+    if signature is not None:
+        try:  # a factory that needs other arguments is the wrong source, not a failure of the run
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"source {spec!r} is not a model factory: calling it with "
+                             f"{', '.join(kwargs) or 'no arguments'} fails ({exc})") from None
     model = factory(**kwargs)
     identity = {"source": "callable", "callable": spec}
     module_file = getattr(module, "__file__", None)
@@ -297,6 +310,8 @@ def _shape(shape) -> tuple[int, ...]:
         raise ValueError(f"sample shape must be a tuple of positive ints, got {shape!r}") from None
     if not out or any(s < 1 for s in out) or any(not float(s).is_integer() for s in shape):
         raise ValueError(f"sample shape must be a tuple of positive ints, got {tuple(shape)!r}")
+    if math.prod(out) > MAX_NUMEL:
+        raise ValueError(f"sample shape {out} has {math.prod(out)} elements, more than 2**62")
     return out
 
 

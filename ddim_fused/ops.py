@@ -26,7 +26,7 @@ import torch
 from .backend import KERNEL_DTYPES, check_backend, step_function, uses_kernel
 from .masks import MaskLayout, mask_layout
 from .step_args import StepArgs
-from .validation import FLOAT_DTYPES, check_int
+from .validation import FLOAT32_MAX, FLOAT_DTYPES, check_bool, check_float, check_int, check_sample_offset
 
 OP_NAME = "ddim_fused::ddim_step"
 # Schema type of each StepArgs annotation; mask is passed as the tensor, not its layout.
@@ -111,17 +111,20 @@ def ddim_step(
     Args:
         x: (B, *s) latent at the current step, contiguous.
         model_out: (B, *s) eps, or (2B, *s) [uncond; cond] halves when `guidance` is set.
-        out: (B, *s) buffer for x_prev (may be x itself); allocated like x if None.
+        out: (B, *s) buffer for x_prev (may be x itself, or the noise tensor); allocated like x if None.
         x0_out: (B, *s) buffer for pred_x0 (needs `x0_coefs`).
-        eps_out: (B, *s) buffer for the guided eps.
+        eps_out: (B, *s) buffer for the guided eps. Outputs may not otherwise share memory
+            with the inputs or with each other (ValueError).
         mask: paint mask broadcastable to x (batch 1 or B), float or bool, 1 keeps `orig`.
         backend: "auto", "triton" or "torch" (see `ddim_fused.backend`).
         **step: the fields of `ddim_fused.step_args.StepArgs`: x_coef, eps_coef (required),
             guidance, noise_coef, noise (B or 1, *s), seed, step_key, sample_offset,
             repeat_noise, x0_coefs, orig (B or 1, *s), orig_coef, orig_noise_coef,
-            orig_noise (B or 1, *s). Noise that is needed and not given is drawn from the
-            keyed Philox stream of `seed`: seed an int in [0, 2**63), step_key in
-            [0, 2**32), sample_offset + B <= 2**32 (TypeError/ValueError otherwise).
+            orig_noise (B or 1, *s). Coefficients and guidance are finite real numbers
+            within float32's range (the step computes in it). Noise that is needed and not
+            given is drawn from the keyed Philox stream of `seed`: seed an int in
+            [0, 2**63), step_key in [0, 2**32), sample_offset + B <= 2**32
+            (TypeError/ValueError otherwise).
 
     Returns:
         out: (B, *s) x_prev, in out's dtype.
@@ -169,12 +172,15 @@ def ddim_step(
     if seed is not None:
         check_int("seed", seed, 0, 2**63 - 1)
     check_int("step_key", fields["step_key"], 0, 2**32 - 1)
-    check_int("sample_offset", fields["sample_offset"], 0, 2**32 - max(B, 1))
+    check_sample_offset(fields["sample_offset"], max(B, 1))
     draws = fields["noise_coef"] != 0.0 and fields["noise"] is None
     draws_orig = mask is not None and fields["orig_noise_coef"] != 0.0 and fields["orig_noise"] is None
     if seed is None and (draws or draws_orig):
         raise ValueError("noise_coef != 0 needs either a noise tensor or a seed for in-kernel noise "
                          "(and orig_noise_coef != 0 an orig_noise tensor or a seed)")
+    if not torch.compiler.is_compiling():  # data pointers are the eager call's (torch.compile traces fakes)
+        _check_no_overlap(x, model_out, out, x0_out, eps_out, fields["noise"], fields["orig"], fields["orig_noise"],
+                          mask)
     if backend == "auto":
         # Only the fields given: the dispatcher parses every keyword, and the rest are defaults.
         given = {name: fields[name] for name in step}
@@ -184,6 +190,28 @@ def ddim_step(
         return out
     args = _step_args(x, dict(fields, mask=mask))
     return step_function(backend, x.device, x.dtype)(x, model_out, out, args, x0_out, eps_out)
+
+
+def _check_no_overlap(x, model_out, out, x0_out, eps_out, noise, orig, orig_noise, mask) -> None:
+    """ValueError if an output shares memory with an input or another output, but for out
+    being x itself or the noise tensor itself (the update reads each element before it
+    writes it); any other overlap would let the torch path read what it already wrote."""
+    inputs = (("x", x), ("model_out", model_out), ("noise", noise), ("orig", orig), ("orig_noise", orig_noise),
+              ("mask", mask))
+    outputs = (("out", out), ("x0_out", x0_out), ("eps_out", eps_out))
+    seen = [(name, t) for name, t in inputs if t is not None]
+    for name, t in outputs:
+        if t is None:
+            continue
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        for other_name, other in seen:
+            other_start = other.data_ptr()
+            if start < other_start + other.numel() * other.element_size() and other_start < end:
+                if name == "out" and other_name in ("x", "noise") and other_start == start and other.shape == t.shape:
+                    continue
+                raise ValueError(f"{name} shares memory with {other_name}; outputs may not overlap the inputs or "
+                                 "each other (out=x and out=noise excepted)")
+        seen.append((name, t))
 
 
 def _step_fields(step: dict) -> dict:
@@ -211,16 +239,13 @@ def _step_fields(step: dict) -> dict:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             fields[name] = int(value)
-    fields["repeat_noise"] = bool(fields["repeat_noise"])
+    fields["repeat_noise"] = check_bool("repeat_noise", fields["repeat_noise"])
     return fields
 
 
 def _as_float(name: str, value) -> float:
-    if type(value) is float:  # the common case first: the abstract-class check costs a few us
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
+    # Rounded to float32 in the step: a larger value would make every output Inf or NaN.
+    return check_float(name, value, -FLOAT32_MAX, FLOAT32_MAX)
 
 
 def _check_tensor(name: str, t, device, dtypes=FLOAT_DTYPES) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .schedules import check_alpha_bar, make_alpha_bar
-from .validation import FLOAT_DTYPES, check_tensor
+from .validation import FLOAT_DTYPES, MAX_NUMEL, check_tensor
 
 UNCONDITIONAL = -1
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -57,7 +57,11 @@ class GaussianMixture:
         if weights is None:
             weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
         else:
-            weights = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+            try:
+                weights = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise TypeError(f"weights must be a ({k},) sequence or tensor of floats, got "
+                                f"{type(weights).__name__}") from None
             if tuple(weights.shape) != (k,):
                 raise ValueError(f"weights has shape {tuple(weights.shape)}, expected ({k},) to match means")
             if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
@@ -143,6 +147,10 @@ class GaussianMixture:
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if int(n) * math.prod(self.sample_shape) > MAX_NUMEL:
+            raise ValueError(f"n={n} samples of shape {self.sample_shape} exceed 2**62 elements")
         level = float(self._check_level(a, 1, self.device)[0])
         comp = torch.multinomial(self.weights, int(n), replacement=True, generator=generator)
         noise = torch.randn((int(n),) + self.sample_shape, generator=generator, dtype=torch.float64, device=self.device)

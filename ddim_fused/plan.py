@@ -17,7 +17,8 @@ from .backend import keyed_normal
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
 from .torch_step import COMPUTE_DTYPES, torch_ddim_step, torch_step_runner
-from .validation import FLOAT_DTYPES, check_float, check_int, check_shape
+from .validation import (FLOAT32_MAX, FLOAT_DTYPES, check_device, check_float, check_int, check_sample_offset,
+                         check_shape)
 
 NOISE_SOURCES = ("philox", "torch")
 # Elements of keyed noise (16 MB in fp32) that a torch-path loop draws for all its steps at once.
@@ -39,7 +40,7 @@ class Guide(NamedTuple):
     @classmethod
     def checked(cls, model, cond, uncond_scale, uncond_cond, batch: int) -> "Guide":
         """A Guide for `batch` samples, or ValueError/TypeError naming the bad argument."""
-        uncond_scale = check_float("uncond_scale", uncond_scale)
+        uncond_scale = check_float("uncond_scale", uncond_scale, -FLOAT32_MAX, FLOAT32_MAX)
         if uncond_scale == 1.0:
             return cls(model, cond)
         if uncond_cond is None:
@@ -115,11 +116,11 @@ def initial_noise(shape, seed: int, sample_offset: int = 0, *, device=None,
     """
     shape = check_shape(shape)
     check_int("seed", seed, 0, 2**63 - 1)
-    check_int("sample_offset", sample_offset, 0, 2**32 - shape[0])
+    check_sample_offset(sample_offset, shape[0])
     dtype = torch.float32 if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
-    device = torch.device("cpu") if device is None else torch.device(device)
+    device = torch.device("cpu") if device is None else check_device(device)
     return keyed_normal(shape, seed, 0, "initial", sample_offset, device=device, dtype=dtype)
 
 

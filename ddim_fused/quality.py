@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     n = args.n if args.n is not None else (2000 if args.quick else 20000)
     if n < 2:
         parser.error(f"--n must be >= 2, got {n}")
+    if not 0 <= args.seed < 2**62:  # seeds torch generators, offset by up to a few thousand
+        parser.error(f"--seed must be in [0, 2**62), got {args.seed}")
     out = Path(args.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ from .plan import (NOISE_SOURCES, Guide, Plan, SplitStep, StepPlan, StepTable, c
                    step_runner)
 from .schedules import ddim_timesteps
 from .step_args import StepArgs
-from .validation import FLOAT_DTYPES, broadcast_batch, check_float, check_int, check_shape, check_tensor
+from .validation import (FLOAT32_MAX, FLOAT_DTYPES, broadcast_batch, check_bool, check_device, check_float, check_int,
+                         check_sample_offset, check_shape, check_tensor)
 from .x0_clip import X0Limit
 
 PAINT_BLENDS = ("alpha", "alpha_prev")
@@ -102,7 +103,8 @@ class DDIMSampler:
         if prev_timestep == "ratio":
             spacing = n_steps if isinstance(ddim_discretize, str) else len(self.time_steps)
             prev = self.time_steps - self.n_steps // spacing
-        self.coefs = ddim_coefficients(alpha_bar, self.time_steps, ddim_eta, 1.0 if set_alpha_to_one else None,
+        final = 1.0 if check_bool("set_alpha_to_one", set_alpha_to_one) else None
+        self.coefs = ddim_coefficients(alpha_bar, self.time_steps, ddim_eta, final,
                                        prediction_type=prediction_type, prev_time_steps=prev)
         self.prediction_type = prediction_type
         self.backend, self.noise_source, self.seed, self.paint_blend = backend, noise_source, seed, paint_blend
@@ -166,10 +168,11 @@ class DDIMSampler:
             check_tensor("x_last", x_last, shape=shape)
             device, dtype = x_last.device, x_last.dtype
         else:
-            device = _check_device(device) if device is not None else (model_device(self.model) or torch.device("cpu"))
+            device = check_device(device) if device is not None else (model_device(self.model) or torch.device("cpu"))
             dtype = dtype or torch.float32
-        temperature = check_float("temperature", temperature, low=0.0)
-        if cuda_graph:
+        temperature = check_float("temperature", temperature, 0.0, FLOAT32_MAX)
+        repeat_noise = check_bool("repeat_noise", repeat_noise)
+        if check_bool("cuda_graph", cuda_graph):
             graph.check_graph_call(self, device, callback)
             return graph.sample_captured(self, shape, device, dtype, cond, repeat_noise=repeat_noise,
                                          temperature=temperature, x_last=x_last, uncond_scale=uncond_scale,
@@ -224,7 +227,7 @@ class DDIMSampler:
                      "orig_noise": None if orig_noise is None else broadcast_batch("orig_noise", orig_noise, x)}
         elif orig_noise is not None:
             raise ValueError("orig_noise given without orig and mask")
-        if cuda_graph:
+        if check_bool("cuda_graph", cuda_graph):
             graph.check_graph_call(self, x.device, callback)
             return graph.paint_captured(self, x, cond, t_start, orig=orig, mask=mask, orig_noise=orig_noise,
                                         uncond_scale=uncond_scale, uncond_cond=uncond_cond, seed=seed,
@@ -279,9 +282,10 @@ class DDIMSampler:
             an epsilon model).
         """
         x, index, noise = self._check_step_args(x, index, noise)
+        _check_time_steps(t, x)
         plan = self._plan([index], x.shape, x.device, x.dtype, c, uncond_scale, uncond_cond, seed=seed,
                           sample_offset=sample_offset, repeat_noise=repeat_noise,
-                          temperature=check_float("temperature", temperature, low=0.0), noise=noise)
+                          temperature=check_float("temperature", temperature, 0.0, FLOAT32_MAX), noise=noise)
         return self._step(x, plan.guide.model_out(x, t), plan, plan.steps[0], want_eps=True)
 
     @torch.no_grad()
@@ -291,7 +295,7 @@ class DDIMSampler:
         x, index, noise = self._check_step_args(x, index, noise)
         plan = self._plan([index], x.shape, x.device, x.dtype, None, 1.0, None, seed=seed,
                           sample_offset=sample_offset, repeat_noise=repeat_noise,
-                          temperature=check_float("temperature", temperature, low=0.0), noise=noise)
+                          temperature=check_float("temperature", temperature, 0.0, FLOAT32_MAX), noise=noise)
         x_prev, pred_x0, _ = self._step(x, check_model_out(e_t, x, 1), plan, plan.steps[0])
         return x_prev, pred_x0
 
@@ -304,8 +308,10 @@ class DDIMSampler:
         """
         x0 = _check_batched("x0", x0)
         index = check_int("index", index, 0, self.coefs.n_steps - 1)
+        check_sample_offset(sample_offset, x0.shape[0])
+        if seed is not None:
+            check_int("seed", seed, 0, 2**63 - 1)
         if noise is None:
-            check_int("sample_offset", sample_offset, 0, 2**32 - x0.shape[0])
             noise = make_noise_policy(self.noise_source, self._call_seed(seed), sample_offset, False).orig(x0, index)
         else:
             noise = broadcast_batch("noise", noise, x0)
@@ -317,6 +323,8 @@ class DDIMSampler:
 
         For an epsilon model it is eps; otherwise the v or x0 prediction.
         """
+        x = _check_batched("x", x)
+        _check_time_steps(t, x)
         return Guide.checked(self.model, c, uncond_scale, uncond_cond, x.shape[0]).eps(x, t)
 
     # ------------------------------------------------------------------ internals
@@ -335,12 +343,13 @@ class DDIMSampler:
                 back with `_give_back` after the loop.
         """
         batch = shape[0]
-        check_int("sample_offset", sample_offset, 0, 2**32 - batch)
+        check_sample_offset(sample_offset, batch)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; expected one of {', '.join(map(str, FLOAT_DTYPES))}")
         step_fn = step_function(self.backend, device, dtype)
         guide = Guide.checked(self.model, cond, uncond_scale, uncond_cond, batch)
-        policy = make_noise_policy(self.noise_source, self._call_seed(seed), sample_offset, bool(repeat_noise))
+        policy = make_noise_policy(self.noise_source, self._call_seed(seed), sample_offset,
+                                   check_bool("repeat_noise", repeat_noise))
         key = None
         if reuse and paint is None and noise is None:
             key = (tuple(indices), tuple(shape), device, dtype, step_fn, guide.scale, temperature, type(policy),
@@ -467,6 +476,8 @@ class DDIMSampler:
         buffers = (torch.empty_like(x), torch.empty_like(x)) if callback is None else None
         call_model = plan.guide.call
         try:
+            if callback is not None and not callable(callback):
+                raise TypeError(f"callback must be callable (it gets a dict per step), got {type(callback).__name__}")
             # (inference_mode(False) would turn grad mode on inside sample's no_grad.)
             with torch.inference_mode() if callback is None else contextlib.nullcontext():
                 for n, step in enumerate(plan.steps):
@@ -527,17 +538,15 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _check_device(device) -> torch.device:
-    """device as a torch.device that exists here, else ValueError (torch would raise an AssertionError)."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} needs CUDA, which is not available here")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA device(s)")
-    return device
+def _check_time_steps(t, x: torch.Tensor) -> None:
+    """t as the model's (B,) time steps for x (B, *s): a tensor on x's device (values are not read)."""
+    if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_complex():
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"t must be a (B,) tensor of time steps, got {got}")
+    if tuple(t.shape) != (x.shape[0],):
+        raise ValueError(f"t has shape {tuple(t.shape)}, expected ({x.shape[0]},): one time step per sample of x")
+    if t.device != x.device:
+        raise ValueError(f"t is on {t.device}, expected x's device {x.device}")
 
 
 def _check_batched(name: str, x) -> torch.Tensor:

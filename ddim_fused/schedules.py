@@ -197,9 +197,14 @@ def _check_int(name: str, value, low: int) -> int:
 
 
 def _as_float64_vector(name: str, values) -> np.ndarray:
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D array of floats, got {values!r}")
     if hasattr(values, "detach"):
         values = values.detach().cpu().double().numpy()
-    array = np.array(values, dtype=np.float64)
+    try:
+        array = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{name} must be a 1-D array of floats, got {type(values).__name__}") from None
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array, got shape {array.shape}")
     if not np.all(np.isfinite(array)):

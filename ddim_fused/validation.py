@@ -11,6 +11,10 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Scalars the steps use in float32 (coefficients, guidance, temperature) must fit it.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# Elements of one tensor: the keyed noise counts them in int64 with room to spare.
+MAX_NUMEL = 2**62
 
 
 def check_int(name: str, value, low: int, high: int) -> int:
@@ -22,14 +26,49 @@ def check_int(name: str, value, low: int, high: int) -> int:
     return int(value)
 
 
-def check_float(name: str, value, low: float = -math.inf) -> float:
-    """value as a finite float >= low."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be finite and >= {low}, got {value}")
+def check_sample_offset(sample_offset, batch: int) -> int:
+    """sample_offset as an int with every sample index sample_offset + b (b < batch) below 2**32,
+    the range keyed noise indexes samples in; ValueError naming the batch when it alone exceeds it."""
+    if batch > 2**32:
+        raise ValueError(f"a batch of {batch} samples exceeds the 2**32 sample indices of the keyed noise; "
+                         "split it into batches (with sample_offset) instead")
+    return check_int("sample_offset", sample_offset, 0, 2**32 - batch)
+
+
+def check_device(device) -> torch.device:
+    """device as a torch.device that exists here, else ValueError (torch would raise an AssertionError)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} needs CUDA, which is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_float(name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    """value (any real number but a bool) as a finite float in [low, high], else TypeError/ValueError."""
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValueError(f"{name} must be finite, got an int too large for a float") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        bounds = (f"in [{low:g}, {high:g}]" if math.isfinite(low) and math.isfinite(high)
+                  else f">= {low:g}" if math.isfinite(low) else f"<= {high:g}" if math.isfinite(high) else "")
+        raise ValueError(f"{name} must be finite{' and ' + bounds if bounds else ''}, got {value}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """value as a bool (Python's or numpy's), else TypeError: a string such as "no" is not False."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def check_tensor(name: str, t, *, shape=None, device=None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
@@ -57,7 +96,10 @@ def check_shape(shape) -> tuple[int, ...]:
     for i, s in enumerate(shape):
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
             raise ValueError(f"shape must hold positive ints, got {tuple(shape)} (entry {i})")
-    return tuple(int(s) for s in shape)
+    shape = tuple(int(s) for s in shape)
+    if math.prod(shape) > MAX_NUMEL:
+        raise ValueError(f"shape {shape} has {math.prod(shape)} elements, more than the 2**62 the keyed noise can index")
+    return shape
 
 
 def broadcast_batch(name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

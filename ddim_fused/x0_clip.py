@@ -6,11 +6,12 @@ this in torch, then x_prev from the limited pred_x0.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .validation import FLOAT32_MAX, check_float
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class X0Limit:
 
 
 def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return float(value)
+    # A bound on float32 values: larger ones cannot be compared with them (torch refuses).
+    value = check_float(name, value, 0.0, FLOAT32_MAX)
+    if value == 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value

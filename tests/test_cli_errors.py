@@ -124,6 +124,12 @@ def test_bad_input_files_are_one_usage_line(tmp_path, capfd, files, model_calls,
     (["sample", "--device", "cuda:99"], "--device 'cuda:99'"),
     (["train-digits", "--threads", "0"], f"--threads must be in [1, {MAX_THREADS}]"),
     (["sample", "--dtype", "float8"], "(see ddim-fused sample --help)"),
+    (["train-digits", "--seed", "99999999999999999999999"], "--seed must be in [0, 2**63)"),
+    (["train-digits", "--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["sample", "--clip-sample", "1e39"], "--clip-sample must be finite and in"),
+    (["generate", "--clip-sample", "1e39"], "--clip-sample must be finite and in"),
+    (["sample", "--model", "json:loads"], "--model 'json:loads' is not a model factory"),
+    (["generate", "--shape", "1", "100000", "100000", "100000", "100000"], "--shape must be sizes >= 1 with at most"),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else None)
 def test_bad_values_are_one_usage_line(tmp_path, capfd, model_calls, argv, message):
     extra = ["--no-progress"] if argv[0] == "train-digits" else TINY + ["--out", str(tmp_path / "x.png")]

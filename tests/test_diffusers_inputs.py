@@ -189,3 +189,30 @@ def test_noise_the_kernel_cannot_read_is_expanded_once_for_it(device):
     assert not strided.is_contiguous()
     torch.testing.assert_close(fused.step(m, 901, strided, eta=0.5, variance_noise=noise).prev_sample, want,
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta, err, match", [
+    ([1], TypeError, "eta must be a float"),
+    (10**400, ValueError, "eta must be finite"),
+    (float("nan"), ValueError, "eta must be finite"),
+    (1.5, ValueError, "eta=1.5 makes the noise variance exceed"),
+])
+def test_bad_eta_is_named_where_diffusers_would_fail_or_return_nan(eta, err, match):
+    stock, fused = _pair()
+    sample, model_output = _inputs()
+    if eta == 1.5:  # stock diffusers returns NaN here
+        prev = stock.step(model_output, stock.timesteps[0], sample, eta=1.5,
+                          generator=torch.Generator().manual_seed(0)).prev_sample
+        assert torch.isnan(prev).any()
+    with pytest.raises(err, match=match):
+        fused.step(model_output, fused.timesteps[0], sample, eta=eta, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("eta", [0.0])  # at eta > 0 diffusers' own noise draw fails on a 0-d sample
+def test_a_0d_sample_steps_as_in_diffusers(eta):
+    stock, fused = _pair()
+    sample, model_output = torch.tensor(0.7), torch.tensor(-0.3)
+    want = stock.step(model_output, stock.timesteps[2], sample, eta=eta, generator=torch.Generator().manual_seed(3))
+    got = fused.step(model_output, fused.timesteps[2], sample, eta=eta, generator=torch.Generator().manual_seed(3))
+    for w, g in ((want.prev_sample, got.prev_sample), (want.pred_original_sample, got.pred_original_sample)):
+        assert g.shape == () and torch.allclose(g, w, rtol=1e-5, atol=1e-6), (g, w)

@@ -38,7 +38,7 @@ def test_cleanup_removes_only_its_own_temporary_files(tmp_path):
     (out / ".cache.tmp.d").mkdir()
     (out / ".shard-000000.npz.0123abcd.tmp").mkdir()  # a folder, even with our name, is not ours to delete
     leftovers = [".shard-000001.npz.0123abcd.tmp", ".manifest.json.ffffffff.tmp", ".run.json.00000000.tmp",
-                 ".preview.png.12345678.tmp", ".shard-000002.npz.tmp.4242"]
+                 ".preview.png.12345678.tmp", ".shard-000002.npz.tmp.4242", ".shard-1000000.npz.0123abcd.tmp"]
     for name in leftovers:
         (out / name).write_bytes(b"partial")
     run(out)

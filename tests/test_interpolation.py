@@ -72,8 +72,13 @@ def test_weight_shapes(weights):
         (torch.ones(2), torch.ones(2), [-0.1, 0.5], ValueError, r"alpha must lie in \[0, 1\]"),
         (torch.ones(2), torch.ones(2), [[0.1, 0.5]], ValueError, "1-D sequence"),
         (torch.ones(2), torch.ones(2), [], ValueError, "1-D sequence"),
+        (torch.ones(2), torch.ones(2), "0.5", TypeError, "alpha must be a float or a 1-D sequence"),
+        (torch.ones(2), torch.ones(2), ["a"], TypeError, "alpha must be a float or a 1-D sequence"),
+        (torch.ones(2), torch.ones(2), None, TypeError, "alpha must be a float or a 1-D sequence"),
+        (torch.ones(2), torch.ones(2), 10**400, ValueError, r"alpha must lie in \[0, 1\]"),
     ],
-    ids=["z0-list", "shape-mismatch", "int-dtype", "alpha-above-1", "alpha-negative", "alpha-2d", "alpha-empty"],
+    ids=["z0-list", "shape-mismatch", "int-dtype", "alpha-above-1", "alpha-negative", "alpha-2d", "alpha-empty",
+         "alpha-str", "alpha-str-list", "alpha-none", "alpha-huge-int"],
 )
 def test_bad_input(z0, z1, alpha, err, match):
     with pytest.raises(err, match=match):

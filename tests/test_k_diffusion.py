@@ -312,6 +312,9 @@ def test_keyed_noise_sampler_rejects_bad_arguments():
         keyed_noise_sampler(0, [1.0, 2.0])
     with pytest.raises(ValueError, match="sample_offset"):
         keyed_noise_sampler(0, x, sample_offset=-2)
+    # Sample indices are 32-bit keys: past them the noise of sample 0 would come back.
+    with pytest.raises(ValueError, match="sample_offset"):
+        keyed_noise_sampler(0, x, sample_offset=2**32 - 1)
     assert isinstance(keyed_noise_sampler(0, x), KeyedNoiseSampler)
 
 
@@ -431,6 +434,9 @@ BAD_CALLS = {
     "eta-negative": (dict(eta=-0.1), ValueError, "eta"),
     "eta-str": (dict(eta="1"), TypeError, "eta"),
     "s_noise-inf": (dict(s_noise=float("inf")), ValueError, "s_noise"),
+    "s_noise-beyond-float32": (dict(s_noise=1e39, eta=1.0), ValueError, "s_noise"),
+    "keyed-sampler-of-another-shape": (dict(eta=1.0, noise_sampler=keyed_noise_sampler(0, torch.ones(1, 3))),
+                                       ValueError, r"noise_sampler was made for tensors of shape \(1, 3\)"),
     "extra_args": (dict(extra_args=[1]), TypeError, "extra_args"),
     "callback": (dict(callback=1), TypeError, "callback"),
     "noise_sampler": (dict(noise_sampler="randn"), TypeError, "noise_sampler"),

@@ -139,6 +139,14 @@ def test_identical_sets_give_zero(n, d):
     assert 0.0 <= value < 1e-9
 
 
+def test_large_values_scale_the_distance_by_their_square():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((50, 4)), rng.standard_normal((60, 4)) + 0.5
+    d = frechet_distance(a, b)
+    assert frechet_distance(a * 1e100, b * 1e100) == pytest.approx(d * 1e200, rel=1e-9)
+    assert frechet_distance(a * 1e-100, b * 1e-100) == pytest.approx(d * 1e-200, rel=1e-9)
+
+
 def test_detects_a_small_shift():
     x = np.random.default_rng(8).standard_normal((1000, 4))
     assert frechet_distance(x, x + np.array([0.1, 0, 0, 0])) == pytest.approx(0.01, rel=1e-9)
@@ -153,8 +161,11 @@ def test_detects_a_small_shift():
         ([[0.0, 1.0], [1.0, 0.0]], np.zeros((2, 2)), TypeError, "torch.Tensor or numpy array"),
         (np.full((4, 2), np.nan), np.zeros((4, 2)), ValueError, "NaN"),
         (np.zeros((4, 2), dtype=complex), np.zeros((4, 2)), TypeError, "real numbers"),
+        (torch.zeros((4, 2), dtype=torch.complex64), np.zeros((4, 2)), TypeError, "real numbers"),
+        (torch.zeros((4, 2), dtype=torch.bool), np.zeros((4, 2)), TypeError, "real numbers"),
+        (np.eye(4, 2) * 1e200, np.ones((4, 2)) * 1e200, ValueError, "overflows float64"),
     ],
-    ids=["D-mismatch", "N1", "1-D", "list", "nan", "complex"],
+    ids=["D-mismatch", "N1", "1-D", "list", "nan", "complex", "complex-tensor", "bool-tensor", "overflow"],
 )
 def test_bad_input(a, b, err, match):
     with pytest.raises(err, match=match):

@@ -139,6 +139,25 @@ def test_callable_errors(tmp_path, monkeypatch):
     (tmp_path / "byo_user_model_c.py").write_text("def make():\n    return 3\n")
     with pytest.raises(ValueError, match="outside the sampler protocol"):
         load_model_source("byo_user_model_c:make")
+    # A function that needs other arguments is not a factory (the CLI makes it a usage error).
+    with pytest.raises(ValueError, match="'json:loads' is not a model factory"):
+        load_model_source("json:loads")
+    (tmp_path / "byo_user_model_e.py").write_text(
+        "import torch\n"
+        "class M:\n"
+        "    alpha_bar = torch.linspace(0.999, 0.01, 100, dtype=torch.float64)\n"
+        "    sample_shape = (1, 4, 4)\n"
+        "    def __init__(self, n):\n"
+        "        self.n_classes = n\n"
+        "    def __call__(self, x, t, cond):\n"
+        "        return x\n"
+        "def zero():\n    return M(0)\n"
+        "def fraction():\n    return M(2.7)\n")
+    for name in ("zero", "fraction"):
+        with pytest.raises(ValueError, match="model.n_classes must be an int >= 1"):
+            load_model_source(f"byo_user_model_e:{name}")
+    with pytest.raises(ValueError, match="more than 2\\*\\*62"):
+        load_model_source(spec, sample_shape=(10**5,) * 4)
 
 
 def test_folders_need_diffusers_while_digits_and_callables_do_not(tmp_path, monkeypatch):

@@ -137,8 +137,11 @@ def test_ddim_50_steps_lands_near_exact_samples():
         (dict(means=torch.zeros(2, 3), std=1.0, weights=[1.0, -1.0]), ValueError, "weights must be finite, >= 0"),
         (dict(means=torch.tensor([[0.0, float("nan")]]), std=1.0), ValueError, "means must be finite"),
         (dict(means=torch.zeros(2, 3), std=1.0, alpha_bar=[0.5, 0.9]), ValueError, "non-increasing"),
+        (dict(means=torch.zeros(2, 3), std=1.0, weights="abc"), TypeError, r"weights must be a \(2,\) sequence"),
+        (dict(means=torch.zeros(2, 3), std=1.0, alpha_bar="linear"), TypeError, "alpha_bar must be a 1-D array"),
     ],
-    ids=["means-list", "means-1d", "std0", "std-str", "weights-shape", "weights-neg", "means-nan", "alpha-bar"],
+    ids=["means-list", "means-1d", "std0", "std-str", "weights-shape", "weights-neg", "means-nan", "alpha-bar",
+         "weights-str", "alpha-bar-str"],
 )
 def test_constructor_errors(kwargs, err, match):
     with pytest.raises(err, match=match):
@@ -163,5 +166,9 @@ def test_call_and_sample_errors():
         oracle.log_prob(x, 0.0)
     with pytest.raises(ValueError, match="n must be an int >= 1"):
         oracle.sample(0)
+    with pytest.raises(ValueError, match="exceed 2\\*\\*62 elements"):
+        oracle.sample(2**62)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        oracle.sample(3, generator=5)
     with pytest.raises(ValueError, match=r"a \(the alpha_bar level\)"):
         oracle.sample(3, a=1.5)

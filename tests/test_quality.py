@@ -40,3 +40,12 @@ def test_text_files_are_replaced_whole(tmp_path, monkeypatch):
         quality._write_text(table, "half")
     assert table.read_text() == quality.markdown_table(DATA)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(TEMP_SUFFIX)]
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1"])
+def test_a_seed_out_of_range_is_a_usage_error_before_the_folder_is_made(tmp_path, capsys, seed):
+    out = tmp_path / "q"
+    with pytest.raises(SystemExit) as info:
+        quality.main(["--seed", seed, "--out-dir", str(out)])
+    assert info.value.code == 2 and "--seed must be in [0, 2**62)" in capsys.readouterr().err
+    assert not out.exists()

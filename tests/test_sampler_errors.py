@@ -37,6 +37,11 @@ def sampler(model, **kw):
         (dict(paint_blend="middle"), ValueError, "paint_blend"),
         (dict(seed=-1), ValueError, "seed"),
         (dict(discretize="cubic"), ValueError, "discretize"),
+        (dict(eta=10**400), ValueError, "eta must be finite"),
+        (dict(set_alpha_to_one="no"), TypeError, "set_alpha_to_one must be a bool"),
+        (dict(clip_sample=True, clip_sample_range=1e39), ValueError, "clip_sample_range"),
+        (dict(clip_sample=True, clip_sample_range=10**400), ValueError, "clip_sample_range"),
+        (dict(thresholding=True, sample_max_value=1e39), ValueError, "sample_max_value"),
     ],
 )
 def test_constructor_errors(model, kwargs, err, match):
@@ -78,6 +83,12 @@ def test_a_plain_callable_with_a_named_schedule_samples():
         (dict(uncond_scale=7.5, uncond_cond=torch.zeros(3)), ValueError, "batch 2"),
         (dict(sample_offset=-1), ValueError, "sample_offset"),
         (dict(seed=2**63), ValueError, "seed"),
+        (dict(temperature=10**400), ValueError, "temperature must be finite"),
+        (dict(temperature=1e39), ValueError, "temperature"),
+        (dict(uncond_scale=1e300, uncond_cond=torch.zeros(2)), ValueError, "uncond_scale"),
+        (dict(repeat_noise="no"), TypeError, "repeat_noise must be a bool"),
+        (dict(callback=3), TypeError, "callback must be callable"),
+        (dict(shape=(2**33, 1)), ValueError, "a batch of 8589934592 samples exceeds"),
     ],
 )
 def test_sample_errors_come_before_any_model_call(model, kwargs, err, match):
@@ -134,6 +145,23 @@ def test_step_level_errors(model):
         s.get_x_prev_and_pred_x0(x, 1, x, noise=torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="model returned eps of shape"):
         s.get_x_prev_and_pred_x0(torch.zeros(2, 3, 4, 4), 1, x)
+    with pytest.raises(TypeError, match="t must be a \\(B,\\) tensor of time steps"):
+        s.p_sample(x, torch.zeros(2), None, 1, 1)
+    with pytest.raises(ValueError, match=r"t has shape \(3,\), expected \(2,\)"):
+        s.p_sample(x, torch.zeros(2), torch.zeros(3, dtype=torch.long), 1, 1)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        s.get_eps("x", torch.zeros(2, dtype=torch.long), torch.zeros(2))
+    # Options are checked even where an explicit noise makes them unused.
+    with pytest.raises(TypeError, match="seed must be an int"):
+        s.q_sample(x, 1, noise=torch.zeros(SHAPE), seed="a")
+    with pytest.raises(ValueError, match="sample_offset"):
+        s.q_sample(x, 1, noise=torch.zeros(SHAPE), sample_offset=-5)
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        s.sample(SHAPE, torch.zeros(2), cuda_graph="no")
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        s.paint(x, torch.zeros(2), 3, cuda_graph="no")
+    with pytest.raises(ValueError, match="shape .* has 100000000000000000000 elements"):
+        s.sample((1, 10**5, 10**5, 10**5, 10**5), torch.zeros(1))
     assert model.calls == 0
 
 
@@ -163,6 +191,19 @@ LAUNCHER_CASES = {
                       "seed"),
     "model_out-on-meta": (lambda d: dict(model_out=torch.zeros(SHAPE, device="meta"), guidance=None), ValueError,
                           "model_out is on meta"),
+    "x_coef-nan": (lambda d: dict(x_coef=float("nan"), guidance=None, model_out=torch.zeros(SHAPE, device=d)),
+                   ValueError, "x_coef must be finite"),
+    "eps_coef-beyond-float32": (lambda d: dict(eps_coef=1e39, guidance=None, model_out=torch.zeros(SHAPE, device=d)),
+                                ValueError, "eps_coef must be finite and in"),
+    "x_coef-huge-int": (lambda d: dict(x_coef=10**400, guidance=None, model_out=torch.zeros(SHAPE, device=d)),
+                        ValueError, "x_coef must be finite"),
+    "guidance-inf": (lambda d: dict(guidance=float("inf")), ValueError, "guidance must be finite"),
+    "repeat_noise-string": (lambda d: dict(repeat_noise="no", guidance=None, model_out=torch.zeros(SHAPE, device=d)),
+                            TypeError, "repeat_noise must be a bool"),
+    "out-is-model_out": (lambda d: dict(guidance=None, model_out=(m := torch.zeros(SHAPE, device=d)), out=m),
+                         ValueError, "out shares memory with model_out"),
+    "x0_out-is-x": (lambda d: dict(guidance=None, model_out=torch.zeros(SHAPE, device=d), x0_coefs=(1.0, 0.0),
+                                   x0_out="x"), ValueError, "x0_out shares memory with x"),
 }
 
 
@@ -172,6 +213,8 @@ def test_kernel_launcher_validation(case, device):
     args = dict(x=torch.zeros(SHAPE, device=device), model_out=torch.zeros(4, 3, 4, 5, device=device), guidance=2.0,
                 x_coef=1.0, eps_coef=0.5)
     args.update(make(device))
+    if args.get("x0_out") == "x":
+        args["x0_out"] = args["x"]
     with pytest.raises(err, match=match):
         ddim_step(args.pop("x"), args.pop("model_out"), backend="triton", **args)
 
@@ -204,3 +247,20 @@ def test_sample_on_a_device_that_is_not_here_is_a_value_error(model, device, mat
 def test_q_sample_of_a_0d_tensor_is_a_value_error(model):
     with pytest.raises(ValueError, match="x0 must have a batch dimension"):
         sampler(model).q_sample(torch.tensor(1.0), 0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="gpu"), "device must be a torch device"),
+    (dict(shape=(2**33, 1)), "a batch of 8589934592 samples exceeds"),
+] + ([(dict(device="cuda"), "needs CUDA")] if not torch.cuda.is_available() else []))
+def test_initial_noise_names_a_bad_device_or_batch(kwargs, match):
+    from ddim_fused import initial_noise
+
+    with pytest.raises(ValueError, match=match):
+        initial_noise(kwargs.pop("shape", (1, 3)), 0, **kwargs)
+
+
+def test_triton_backend_refuses_meta_tensors():
+    x = torch.zeros(SHAPE, device="meta")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        ddim_step(x, torch.zeros(SHAPE, device="meta"), backend="triton", x_coef=1.0, eps_coef=0.5)
