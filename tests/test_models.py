@@ -142,7 +142,7 @@ def test_callable_errors(tmp_path, monkeypatch):
     # A function that needs other arguments is not a factory (the CLI makes it a usage error).
     with pytest.raises(ValueError, match="'json:loads' is not a model factory"):
         load_model_source("json:loads")
-    (tmp_path / "byo_user_model_e.py").write_text(
+    (tmp_path / "byo_user_model_classes.py").write_text(
         "import torch\n"
         "class M:\n"
         "    alpha_bar = torch.linspace(0.999, 0.01, 100, dtype=torch.float64)\n"
@@ -155,7 +155,7 @@ def test_callable_errors(tmp_path, monkeypatch):
         "def fraction():\n    return M(2.7)\n")
     for name in ("zero", "fraction"):
         with pytest.raises(ValueError, match="model.n_classes must be an int >= 1"):
-            load_model_source(f"byo_user_model_e:{name}")
+            load_model_source(f"byo_user_model_classes:{name}")
     with pytest.raises(ValueError, match="more than 2\\*\\*62"):
         load_model_source(spec, sample_shape=(10**5,) * 4)
 
