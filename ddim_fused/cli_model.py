@@ -27,7 +27,8 @@ def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedMode
     sampler options and --compile / --channels-last applied."""
     shape = tuple(args.shape) if args.shape else None
     if shape is not None and (min(shape) < 1 or math.prod(shape) > MAX_NUMEL):
-        raise UserError(f"--shape must be sizes >= 1 with at most 2**62 elements in all, got {' '.join(map(str, shape))}")
+        raise UserError("--shape must be sizes >= 1 with at most 2**62 elements in all, got "
+                        + " ".join(map(str, shape)))
     try:
         loaded = load_model_source(args.model, device=device, dtype=dtype, weights=args.weights,
                                    scheduler_config=args.scheduler_config, sample_shape=shape)

@@ -159,10 +159,6 @@ def _check_latent(x) -> None:
         raise TypeError(f"x must be a floating-point tensor of shape (B, ...), got {got}")
 
 
-def _check_real(name: str, value, minimum: float | None = None) -> float:
-    return check_float(name, value, -math.inf if minimum is None else minimum)
-
-
 def _check_like_x(name: str, t, x: torch.Tensor, exact_shape: bool) -> None:
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got "
@@ -220,7 +216,7 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     check_backend(backend)
     uses_kernel(backend, x.device, x.dtype)  # a clear error where backend="triton" cannot run x
-    eta = _check_real("eta", eta, minimum=0.0)
+    eta = check_float("eta", eta, low=0.0)
     s_noise = check_float("s_noise", s_noise, -FLOAT32_MAX, FLOAT32_MAX)  # scales float32 noise
     host_sigmas = _check_sigmas(sigmas, eta)
     extra_args = {} if extra_args is None else extra_args

@@ -98,7 +98,8 @@ def check_shape(shape) -> tuple[int, ...]:
             raise ValueError(f"shape must hold positive ints, got {tuple(shape)} (entry {i})")
     shape = tuple(int(s) for s in shape)
     if math.prod(shape) > MAX_NUMEL:
-        raise ValueError(f"shape {shape} has {math.prod(shape)} elements, more than the 2**62 the keyed noise can index")
+        raise ValueError(f"shape {shape} has {math.prod(shape)} elements, more than the 2**62 the keyed noise "
+                         "can index")
     return shape
 
 
