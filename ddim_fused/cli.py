@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "digits model, whose digits use the classifier's reading")
     p.add_argument("--invert-steps", type=int, nargs="+", default=[10, 20, 50, 100], metavar="S",
                    help="step counts to invert and reconstruct with (default 10 20 50 100)")
+    p.set_defaults(steps=None, seed=None)  # None: not given (they set the generation, which --input replaces)
     p.add_argument("--out", default="invert.png",
                    help="PNG file to write: originals, then one row of reconstructions per step count")
 
@@ -272,12 +273,11 @@ class _Run:
         indices = np.arange(n) if indices is None else np.asarray(indices)
         bar = self.progress(len(sampler.time_steps) * -(-n // bs), desc)
         out = []
-        for start in range(0, n, bs):
-            b = min(bs, n - start)
-            cond, extra = inputs.inputs(indices[start:start + b])
-            x = sampler.sample((b,) + tuple(self.shape), cond, seed=self.args.seed, sample_offset=start,
-                               device=self.device, dtype=self.dtype,
-                               x_last=None if x_last is None else x_last[start:start + b],
+        for start, batch in _batches(n, bs):
+            cond, extra = inputs.inputs(indices[batch])
+            x = sampler.sample((batch.stop - start,) + tuple(self.shape), cond, seed=self.args.seed,
+                               sample_offset=start, device=self.device, dtype=self.dtype,
+                               x_last=None if x_last is None else x_last[batch],
                                callback=lambda _: bar.update(1), **extra)
             check_finite(x, f"{desc}: {self.what}", first_index=start, hint=nonfinite_hint(self.args))
             out.append(x)
@@ -331,6 +331,12 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.out} ({size[0]}x{size[1]})")
 
 
+def _batches(n: int, batch_size: int):
+    """(first index, slice) of each --batch-size batch of n samples."""
+    for first in range(0, n, batch_size):
+        yield first, slice(first, min(n, first + batch_size))
+
+
 def _region_mask(region: str, shape, device, dtype) -> torch.Tensor:
     """(n, 1, H, W) mask for samples of shape (n, C, H, W): 1 keeps the original, 0 marks the half to regenerate."""
     n, _, h, w = shape
@@ -364,16 +370,21 @@ def cmd_paint(args) -> None:
         labels = None if classes is None else _cycle(classes, len(x0))
     n = x0.shape[0]
     paint_labels = _cycle(paint_classes, n) if paint_classes is not None else labels
-    cond, extra = run.inputs(paint_labels, n).inputs(np.arange(n))
+    inputs = run.inputs(paint_labels, n)
     mask = _region_mask(args.region, x0.shape, run.device, run.dtype)
     paint_seed = (args.seed + 1) % _SEED_LIMIT  # a stream apart from the one that drew the samples
     start = time.perf_counter()
-    bar = run.progress(t_start, "paint")
-    x = sampler.q_sample(x0, t_start - 1, seed=paint_seed)
-    after = sampler.paint(x, cond, t_start, orig=x0, mask=mask, seed=paint_seed,
-                          callback=lambda _: bar.update(1), **extra)
+    bar = run.progress(t_start * -(-n // args.batch_size), "paint")
+    parts = []
+    for first, batch in _batches(n, args.batch_size):
+        cond, extra = inputs.inputs(np.arange(n)[batch])
+        # Noise is keyed by global sample index (sample_offset): every batching paints the same.
+        x = sampler.q_sample(x0[batch], t_start - 1, seed=paint_seed, sample_offset=first)
+        parts.append(sampler.paint(x, cond, t_start, orig=x0[batch], mask=mask[batch], seed=paint_seed,
+                                   sample_offset=first, callback=lambda _: bar.update(1), **extra))
+        check_finite(parts[-1], f"paint: painted {run.what}", first_index=first, hint=nonfinite_hint(args))
     bar.close()
-    check_finite(after, f"paint: painted {run.what}", hint=nonfinite_hint(args))
+    after = torch.cat(parts)
     seconds = time.perf_counter() - start
     shown = torch.where(mask > 0, x0, torch.zeros_like(x0))  # the region to redraw shows as mid-grey
     size = run.save(torch.cat([x0, shown, after]), n)
@@ -415,13 +426,19 @@ def cmd_interpolate(args) -> None:
 
 def cmd_invert(args) -> None:
     _check_input_or_num(args)
+    for flag, name, default in (("--steps", "steps", 50), ("--seed", "seed", 0)):
+        if args.input is not None and getattr(args, name) is not None:
+            raise UserError(f"{flag} sets the generation of the digits to invert (--invert-steps the inversion), "
+                            "so it cannot go with --input, whose samples are inverted instead")
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     env = _check_common(args)
     rows_per_sample = 1 + len(args.invert_steps)  # the originals, then one reconstruction per step count
     if args.input is None:
         _check_grid(rows_per_sample * args.num, "--num samples in 1 + len(--invert-steps) rows")
     run = _Run(args, **env)
     classes = classes_from(args.classes, run.model)
-    sample_sampler = build_sampler(run.model, args)
+    sample_sampler = build_sampler(run.model, args) if args.input is None else None
     samplers = [build_sampler(run.model, args, s, steps_flag="--invert-steps") for s in args.invert_steps]
     x0 = _load_npy(args.input, run.shape, run.device, run.dtype, run.what) if args.input is not None else None
     if x0 is not None:
@@ -434,19 +451,25 @@ def cmd_invert(args) -> None:
     else:
         labels = None if classes is None else _cycle(classes, len(x0))
     n = x0.shape[0]
-    cond, extra = run.inputs(labels, n).inputs(np.arange(n))
+    inputs = run.inputs(labels, n)
+    _, extra = inputs.inputs(np.arange(min(n, args.batch_size)))
     rows = [x0]
     print(f"DDIM inversion of {n} {run.what} (guidance {extra.get('uncond_scale', 1.0):g}), then reconstruction "
           "with sample(x_last=x_T):")
     print(f"{'steps':>6} {'RMS error':>10} {'max abs':>9} {'seconds':>8}")
     for s, sampler in zip(args.invert_steps, samplers):
-        bar = run.progress(2 * len(sampler.time_steps), f"invert S={s}")
+        bar = run.progress(2 * len(sampler.time_steps) * -(-n // args.batch_size), f"invert S={s}")
         start = time.perf_counter()
-        x_t = sampler.invert(x0, cond, callback=lambda _: bar.update(1), **extra)
-        check_finite(x_t, f"invert S={s}: inverted latents", hint=nonfinite_hint(args))
-        recon = sampler.sample(tuple(x0.shape), cond, x_last=x_t, callback=lambda _: bar.update(1), **extra)
+        parts = []
+        for first, batch in _batches(n, args.batch_size):
+            cond, extra = inputs.inputs(np.arange(n)[batch])
+            x_t = sampler.invert(x0[batch], cond, callback=lambda _: bar.update(1), **extra)
+            check_finite(x_t, f"invert S={s}: inverted latents", first_index=first, hint=nonfinite_hint(args))
+            parts.append(sampler.sample(tuple(x0[batch].shape), cond, x_last=x_t, sample_offset=first,
+                                        callback=lambda _: bar.update(1), **extra))
+            check_finite(parts[-1], f"invert S={s}: reconstructions", first_index=first, hint=nonfinite_hint(args))
         bar.close()
-        check_finite(recon, f"invert S={s}: reconstructions", hint=nonfinite_hint(args))
+        recon = torch.cat(parts)
         err = (recon.double() - x0.double())
         rms, worst = err.pow(2).mean().sqrt().item(), err.abs().max().item()
         print(f"{s:>6} {rms:>10.4f} {worst:>9.4f} {time.perf_counter() - start:>8.2f}")

@@ -66,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .backend import BACKENDS, check_backend, step_function
 from .coefficients import StepCoefficients, ddim_variance, step_coefficients
 from .step_args import StepArgs
-from .validation import check_float
+from .validation import check_bool, check_float
 
 # Per-eta coefficient tables a scheduler keeps before starting over (eta is usually fixed).
 _MAX_ETA_TABLES = 8
@@ -356,6 +356,14 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
         """
         self._check_ready()
         self._check_inputs(model_output, sample)
+        # Stricter than diffusers, which takes any truthy value: a string such as "no" is not False.
+        # (DDIMPipeline passes None for "not set".)
+        if use_clipped_model_output is not None:
+            use_clipped_model_output = check_bool("use_clipped_model_output", use_clipped_model_output)
+        return_dict = check_bool("return_dict", return_dict)
+        if generator is not None and not isinstance(generator, (torch.Generator, list)):
+            raise TypeError(f"generator must be a torch.Generator, a list of them, or None; got "
+                            f"{type(generator).__name__}")
         t = self._timestep_value(timestep)
         coefs, linear = self._coefficients(t, eta)  # checks eta the first time it is seen
         if coefs.prev_eps != coefs.prev_eps and coefs.std > 0.0:  # NaN: sqrt of 1 - alpha_prev - std**2 < 0
@@ -432,6 +440,7 @@ class FusedDDIMInverseScheduler(_FusedStepMixin, DDIMInverseScheduler):
         """
         self._check_ready()
         self._check_inputs(model_output, sample)
+        return_dict = check_bool("return_dict", return_dict)
         t = self._timestep_value(timestep)
         coefs, linear = self._coefficients(t, 0.0)  # the table's variance is 0: no eta
         r = self.config.clip_sample_range
@@ -504,6 +513,7 @@ def use_fused(pipe, *, backend: str = "auto", convert: bool = False):
         pipe, modified in place.
     """
     check_backend(backend)
+    convert = check_bool("convert", convert)
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"use_fused needs a diffusers pipeline with a `scheduler`, got {type(pipe).__name__}")
     components = getattr(pipe, "components", None) or {"scheduler": pipe.scheduler}

@@ -127,6 +127,8 @@ class CapturedLoop:
 
 def release_graphs(sampler) -> None:
     """Drop every capture of `sampler` (and their memory pool); the next call captures again."""
+    if not hasattr(sampler, "__dict__") or not hasattr(sampler, "sample"):
+        raise TypeError(f"sampler must be a DDIMSampler, got {type(sampler).__name__}")
     sampler.__dict__.pop(_GRAPHS_ATTR, None)
 
 

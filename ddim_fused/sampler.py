@@ -209,7 +209,8 @@ class DDIMSampler:
             t_start: number of DDIM steps to run, in [1, S].
             orig: (B or 1, *s) original (e.g. clean latent) to keep where mask is 1.
             mask: broadcastable to x with batch B or 1 (e.g. (B, 1, H, W)); float in [0, 1]
-                or bool. After each step x = orig_t * mask + x * (1 - mask).
+                or bool (ValueError otherwise: its values are read once, a host sync).
+                After each step x = orig_t * mask + x * (1 - mask).
             orig_noise: (B or 1, *s) fixed noise for orig_t; else fresh noise each step.
             cuda_graph: capture the loop in a CUDA graph and replay it, as in `sample`.
 
@@ -223,6 +224,11 @@ class DDIMSampler:
         paint = None
         if orig is not None:
             check_tensor("mask", mask, device=x.device, dtypes=FLOAT_DTYPES + (torch.bool,))
+            # One reduction and one host sync per call: a mask outside [0, 1] (or NaN) would
+            # extrapolate between x and orig, or make every painted value NaN.
+            if mask.dtype != torch.bool and not bool(((mask >= 0) & (mask <= 1)).all()):
+                raise ValueError("mask values must lie in [0, 1] (1 keeps orig, 0 regenerates); got values outside "
+                                 "it, or NaN")
             paint = {"mask": mask_layout(mask, tuple(x.shape)), "orig": broadcast_batch("orig", orig, x),
                      "orig_noise": None if orig_noise is None else broadcast_batch("orig_noise", orig_noise, x)}
         elif orig_noise is not None:

@@ -67,7 +67,7 @@ def test_paint_interpolate_invert_with_a_pipeline(pipe, tmp_path, capsys):
     run(["interpolate", "--model", str(pipe), "--num", "1", "--frames", "3", "--steps", "3",
          "--out", str(tmp_path / "i.png")], capsys)
     assert rgb_png(tmp_path / "i.png") == grid_size(3, 1)
-    text = run(["invert", "--model", str(pipe), "--input", str(tmp_path / "x.npy"), "--steps", "3",
+    text = run(["invert", "--model", str(pipe), "--input", str(tmp_path / "x.npy"),
                 "--invert-steps", "5", "--out", str(tmp_path / "v.png")], capsys)
     assert rgb_png(tmp_path / "v.png") == grid_size(2, 2)
     assert re.search(r"^\s+5\s+\d+\.\d+", text, re.M)

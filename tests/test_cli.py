@@ -57,6 +57,23 @@ def test_sample_same_seed_same_image_across_batch_sizes(tmp_path, capsys):
     assert np.abs(pa - pb).max() <= 2
 
 
+@pytest.mark.parametrize("command", [["paint"], ["invert", "--invert-steps", "4"]])
+def test_paint_and_invert_keep_to_the_batch_size(tmp_path, capsys, monkeypatch, command):
+    from ddim_fused.digits.pretrained import DigitsModel
+
+    calls, real = [], DigitsModel.__call__
+    monkeypatch.setattr(DigitsModel, "__call__", lambda self, x, t, c: calls.append(x.shape[0]) or real(self, x, t, c))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    run(command + ["--num", "5", "--steps", "4", "--guidance", "1", "--out", str(a)], capsys)
+    assert max(calls) == 5
+    calls.clear()
+    run(command + ["--num", "5", "--steps", "4", "--guidance", "1", "--batch-size", "2", "--out", str(b)], capsys)
+    assert calls and max(calls) == 2  # every model call, generation, paint / inversion and reconstruction
+    pa, pb = open_png(a)[1].astype(int), open_png(b)[1].astype(int)
+    # Noise is keyed by sample index; batched matmuls may round differently by a grey level.
+    assert np.abs(pa - pb).max() <= 2
+
+
 @pytest.mark.parametrize("blend", ["alpha", "alpha_prev"])
 def test_paint_writes_before_mask_after(tmp_path, capsys, blend):
     out = tmp_path / "p.png"

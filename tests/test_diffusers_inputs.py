@@ -216,3 +216,17 @@ def test_a_0d_sample_steps_as_in_diffusers(eta):
     got = fused.step(model_output, fused.timesteps[2], sample, eta=eta, generator=torch.Generator().manual_seed(3))
     for w, g in ((want.prev_sample, got.prev_sample), (want.pred_original_sample, got.pred_original_sample)):
         assert g.shape == () and torch.allclose(g, w, rtol=1e-5, atol=1e-6), (g, w)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(return_dict="no"), "return_dict must be a bool"),
+    (dict(use_clipped_model_output="no"), "use_clipped_model_output must be a bool"),
+    (dict(eta=0.5, generator=5), "generator must be a torch.Generator"),
+])
+def test_step_flags_and_generator_are_checked(kwargs, match):
+    _, fused = _pair()
+    sample, model_output = _inputs()
+    with pytest.raises(TypeError, match=match):
+        fused.step(model_output, fused.timesteps[0], sample, **kwargs)
+    # DDIMPipeline passes use_clipped_model_output=None for "not set".
+    fused.step(model_output, fused.timesteps[0], sample, use_clipped_model_output=None)

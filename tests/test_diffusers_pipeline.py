@@ -153,6 +153,8 @@ def test_use_fused_refuses_non_ddim_scheduler_unless_converting():
     pipe.scheduler = PNDMScheduler(beta_schedule="scaled_linear", steps_offset=1)
     with pytest.raises(TypeError, match="PNDMScheduler.*convert=True"):
         use_fused(pipe)
+    with pytest.raises(TypeError, match="convert must be a bool"):
+        use_fused(pipe, convert="no")  # a string is not False
     assert type(pipe.scheduler) is PNDMScheduler
     use_fused(pipe, convert=True)
     assert type(pipe.scheduler) is FusedDDIMScheduler

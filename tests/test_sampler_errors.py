@@ -264,3 +264,19 @@ def test_triton_backend_refuses_meta_tensors():
     x = torch.zeros(SHAPE, device="meta")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         ddim_step(x, torch.zeros(SHAPE, device="meta"), backend="triton", x_coef=1.0, eps_coef=0.5)
+
+
+@pytest.mark.parametrize("value", [2.0, -0.5, float("nan")])
+def test_paint_mask_values_outside_0_1_are_refused(model, value):
+    mask = torch.ones(1, 1, 4, 5)
+    mask[0, 0, 0, 0] = value
+    with pytest.raises(ValueError, match=r"mask values must lie in \[0, 1\]"):
+        sampler(model, backend="torch").paint(torch.zeros(SHAPE), torch.zeros(2), 3, orig=torch.zeros(SHAPE), mask=mask)
+    assert model.calls == 0
+
+
+def test_release_graphs_names_a_wrong_argument():
+    from ddim_fused import graph
+
+    with pytest.raises(TypeError, match="sampler must be a DDIMSampler"):
+        graph.release_graphs(None)
