@@ -168,6 +168,9 @@ class _FusedStepMixin:
     def _coefficient_row(self, t: int, eta: float) -> tuple:
         a_t, a_prev, variance = self._tables[:, t]
         coefs = step_coefficients(a_t, a_prev, variance, eta, self.config.prediction_type)
+        if coefs.prev_eps != coefs.prev_eps and coefs.std > 0.0:  # NaN: sqrt of 1 - alpha_prev - std**2 < 0
+            raise ValueError(f"eta={eta} makes the noise variance exceed 1 - alpha_prev at timestep {t} "
+                             "(stock diffusers would return NaN); use a smaller eta")
         return coefs, coefs.linear
 
     def _coefficients(self, t: int, eta) -> tuple:
@@ -366,9 +369,6 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
                             f"{type(generator).__name__}")
         t = self._timestep_value(timestep)
         coefs, linear = self._coefficients(t, eta)  # checks eta the first time it is seen
-        if coefs.prev_eps != coefs.prev_eps and coefs.std > 0.0:  # NaN: sqrt of 1 - alpha_prev - std**2 < 0
-            raise ValueError(f"eta={eta} makes the noise variance exceed 1 - alpha_prev at timestep {t} "
-                             "(stock diffusers would return NaN); use a smaller eta")
         if self.config.thresholding and sample.dim() < 2:
             raise ValueError(f"thresholding needs sample of shape (B, C, ...), got {tuple(sample.shape)}")
         noise, noise_is_scaled = None, False
