@@ -154,11 +154,10 @@ class _FusedStepMixin:
         float64 with `step_coefficients`), so a step is a dictionary lookup. A time step
         outside the schedule is computed on the fly.
         """
-        if type(eta) is not float:  # e.g. an int, or a list (unhashable: no table lookup)
-            eta = _check_eta(eta)
+        if type(eta) is not float or eta not in self._step_tables:  # (a list could not even be looked up)
+            eta = check_float("eta", eta, low=0.0)
         table = self._step_tables.get(eta)
         if table is None:
-            eta = _check_eta(eta)
             if len(self._step_tables) >= _MAX_ETA_TABLES:
                 self._step_tables.clear()
             table = {t: self._coefficient_row(t, eta) for t in self._host_timestep_list}
@@ -449,10 +448,6 @@ class FusedDDIMInverseScheduler(_FusedStepMixin, DDIMInverseScheduler):
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-
-def _check_eta(eta) -> float:
-    return check_float("eta", eta, low=0.0)
 
 
 def _draws_like_randn(generator, model_output: torch.Tensor, sample: torch.Tensor, std: float) -> bool:

@@ -33,12 +33,9 @@ from tqdm.auto import trange
 from .backend import BACKENDS, check_backend, step_function, uses_kernel
 from .philox import keyed_normal_torch
 from .step_args import StepArgs
-from .validation import FLOAT32_MAX, check_float, check_sample_offset
+from .validation import FLOAT32_MAX, check_float, check_int, check_sample_offset
 
 __all__ = ["BACKENDS", "KeyedNoiseSampler", "keyed_noise_sampler", "sample_ddim"]
-
-# The dtypes the Triton kernel loads and stores (kernels/ddim_step.py).
-_MAX_SEED = 2**63
 
 
 class KeyedNoiseSampler:
@@ -54,10 +51,7 @@ class KeyedNoiseSampler:
     """
 
     def __init__(self, seed: int, x: torch.Tensor, *, sample_offset: int = 0):
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if not 0 <= seed < _MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        seed = check_int("seed", seed, 0, 2**63 - 1)
         _check_latent(x)
         # Sample indices are 32-bit keys: sample_offset + b past 2**32 would repeat sample 0's noise.
         sample_offset = check_sample_offset(sample_offset, x.shape[0])

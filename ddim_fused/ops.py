@@ -17,7 +17,6 @@ calls it as one node.
 """
 from __future__ import annotations
 
-import numbers
 import typing
 from typing import Optional
 
@@ -170,9 +169,9 @@ def ddim_step(
     seed = fields["seed"]
     # Noise keys are Philox words: a value past its word would wrap onto another key's noise.
     if seed is not None:
-        check_int("seed", seed, 0, 2**63 - 1)
-    check_int("step_key", fields["step_key"], 0, 2**32 - 1)
-    check_sample_offset(fields["sample_offset"], max(B, 1))
+        fields["seed"] = check_int("seed", seed, 0, 2**63 - 1)
+    fields["step_key"] = check_int("step_key", fields["step_key"], 0, 2**32 - 1)
+    fields["sample_offset"] = check_sample_offset(fields["sample_offset"], max(B, 1))
     draws = fields["noise_coef"] != 0.0 and fields["noise"] is None
     draws_orig = mask is not None and fields["orig_noise_coef"] != 0.0 and fields["orig_noise"] is None
     if seed is None and (draws or draws_orig):
@@ -233,12 +232,6 @@ def _step_fields(step: dict) -> dict:
     if not isinstance(coefs, (tuple, list)) or len(coefs) != 2:
         raise TypeError(f"x0_coefs must be a pair of floats, got {coefs!r}")
     fields["x0_coefs"] = (_as_float("x0_coefs[0]", coefs[0]), _as_float("x0_coefs[1]", coefs[1]))
-    for name in ("step_key", "sample_offset") + (() if fields["seed"] is None else ("seed",)):
-        value = fields[name]
-        if type(value) is not int:
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            fields[name] = int(value)
     fields["repeat_noise"] = check_bool("repeat_noise", fields["repeat_noise"])
     return fields
 
