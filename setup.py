@@ -7,10 +7,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ (GPU code) installs as ddim_fused.kernels: a top-level `kernels`
-    # package would collide with an unrelated PyPI project of that name.
+    # The GPU code lives in ddim_fused/kernels/: a top-level `kernels` folder would shadow
+    # Hugging Face's `kernels` distribution (which transformers >= 5 imports) in a checkout.
     packages=["ddim_fused", "ddim_fused.kernels", "ddim_fused.digits"],
-    package_dir={"ddim_fused": "ddim_fused", "ddim_fused.kernels": "kernels"},
     # The embedded digits model and its classifier (plain state dicts, weights_only-loadable);
     # the CPU kernels' C source, compiled on first use (ddim_fused/native.py).
     package_data={"ddim_fused.digits": ["weights/*.pt"], "ddim_fused": ["cpu_kernels.c"]},
@@ -30,7 +29,8 @@ setup(
         # with --no-deps; torchsde and torchdiffeq are what its sampling module imports.
         # torchsde also lets diffusers build DPMSolverSDEScheduler, one of DDIM's compatibles.
         "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn", "scipy", "torchsde",
-                 "torchdiffeq", "hypothesis>=6", "matplotlib"],
+                 "torchdiffeq", "hypothesis>=6", "matplotlib",
+                 "setuptools"],
         "diffusers": ["diffusers>=0.42"],
         "plots": ["matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.42"],

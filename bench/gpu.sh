@@ -75,7 +75,7 @@ export PYTHONUNBUFFERED=1
 } >"$DEST/environment.log" 2>&1
 pack
 # The checkout itself, never installed (these machines have no package index to build
-# with); ddim_fused.backend loads kernels/ from it.
+# with).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 FAILED=0

@@ -1,7 +1,7 @@
 """Python-side cost per step of the kernel launchers, with the kernel launch itself stubbed out.
 
 Compares `launch_ddim_step` (everything decided per launch) with a step bound by
-`bind_ddim_step` (see kernels/bound_step.py), both ordinary-launch and direct-runner
+`bind_ddim_step` (see ddim_fused/kernels/bound_step.py), both ordinary-launch and direct-runner
 dispatch. The Triton kernel object is replaced by a stand-in whose launch does nothing,
 so this measures only the launchers' own Python work: not Triton's binder, not the
 driver, not the GPU. Runs on a CPU (thread CPU time, best of 5 rounds).
@@ -72,7 +72,7 @@ def _per_call_us(fn, n: int) -> float:
 # The loop JITFunction.run makes over a kernel's globals at every ordinary launch.
 _GLOBAL_CHECK = """
 import sys, time
-from kernels.ddim_step import _ddim_step_kernel as kernel
+from ddim_fused.kernels.ddim_step import _ddim_step_kernel as kernel
 kernel.cache_key  # finds the globals the kernel reads
 used, absent, n, best = kernel.used_global_vals, object(), int(sys.argv[1]), float("inf")
 for _ in range(5):

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
-import sys
 from types import ModuleType
 from typing import Callable
 
@@ -84,28 +82,8 @@ def bind_launches(step_fn: StepFn, shape, dtype: torch.dtype):
 
 @functools.cache
 def kernels() -> ModuleType:
-    """`ddim_fused.kernels`, imported on first use (this imports triton).
-
-    setup.py installs the checkout's kernels/ folder as `ddim_fused.kernels`. In a checkout
-    that was never installed (e.g. `python -m bench` or pytest on a machine where pip cannot
-    build), the same folder beside the package is loaded under that name instead.
-    """
-    try:
-        return importlib.import_module("ddim_fused.kernels")
-    except ModuleNotFoundError as err:
-        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-        if err.name != "ddim_fused.kernels" or not os.path.isfile(os.path.join(folder, "__init__.py")):
-            raise
-    spec = importlib.util.spec_from_file_location("ddim_fused.kernels", os.path.join(folder, "__init__.py"),
-                                                  submodule_search_locations=[folder])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ddim_fused.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["ddim_fused.kernels"]
-        raise
-    return module
+    """`ddim_fused.kernels`, imported on first use (this imports triton)."""
+    return importlib.import_module("ddim_fused.kernels")
 
 
 def keyed_normal(shape, seed, step_key=0, stream: str = "step", sample_offset=0, *,

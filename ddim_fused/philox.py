@@ -1,6 +1,6 @@
 """The kernel's keyed Philox normal stream, reproduced on the host.
 
-Same counters, key, uniform mapping and Box-Muller as `kernels/noise.py`, so the
+Same counters, key, uniform mapping and Box-Muller as `ddim_fused/kernels/noise.py`, so the
 torch backend and the Triton kernel draw the same noise for one seed (bitwise in the
 integers, to float rounding of log/cos/sin in the normals). On the CPU the integer half
 runs in a small C kernel (`ddim_fused.native`) when one can be built; elsewhere,

@@ -1,7 +1,7 @@
 """The DDIM step off the GPU (the "torch" backend), with the kernel's contract and semantics.
 
 Same host coefficients, the same noise stream and the same formula as
-kernels/ddim_step.py (guided eps = eps_u + g * (eps_c - eps_u)). A float32 step on
+ddim_fused/kernels/ddim_step.py (guided eps = eps_u + g * (eps_c - eps_u)). A float32 step on
 contiguous CPU tensors without paint runs as one pass of the C kernel `ddim_update_f32`
 (`ddim_fused/cpu_kernels.c`: float32, every product and sum rounded, no fused
 multiply-adds), when that library is available (`ddim_fused.native`). Every other step,

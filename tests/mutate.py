@@ -48,7 +48,7 @@ MUTATIONS = (
              'noise_coef = table["noise_scale"][i] * temperature * (0.5 if self.noise_source == "philox" else 1)\n',
              ("tests/test_sampler_parity.py",),
              "the default keyed Philox noise adds half the step noise (both backends)"),
-    Mutation("bf16-ties-away-from-zero", "kernels/cast.py",
+    Mutation("bf16-ties-away-from-zero", "ddim_fused/kernels/cast.py",
              "bits + 0x7FFF + ((bits >> 16) & 1)", "bits + 0x8000",
              ("tests/test_step_precision.py::test_exact_ties_round_to_even", "tests/test_kernel_step.py"),
              "the kernel's bf16 store rounds ties away from zero instead of to even"),
@@ -66,18 +66,18 @@ MUTATIONS = (
              'self.seed, index, "orig", self.sample_offset', 'self.seed, index, "step", self.sample_offset',
              ("tests/test_sampler_parity.py",),
              'q_sample draws its keyed noise from the "step" stream instead of "orig"'),
-    Mutation("kernel-int32-offsets", "kernels/ddim_step.py",
+    Mutation("kernel-int32-offsets", "ddim_fused/kernels/ddim_step.py",
              "first = pid.to(tl.int64) * BLOCK", "first = pid * BLOCK",
              ("tests/test_kernel_step.py::test_more_than_2_to_the_31_elements",),
              "element offsets in int32: past 2**31 elements the kernel writes the wrong place", needs_gpu=True),
     # More of the same kind: each breaks one thing a user would see.
-    Mutation("cfg-halves-swapped", "kernels/ddim_step.py",
+    Mutation("cfg-halves-swapped", "ddim_fused/kernels/ddim_step.py",
              "b_eps = b_eps_u + guidance * (b_eps_c - b_eps_u)", "b_eps = b_eps_c + guidance * (b_eps_u - b_eps_c)",
              ("tests/test_kernel_step.py",), "the kernel's guidance reads [cond; uncond] instead of [uncond; cond]"),
-    Mutation("kernel-pred_x0-sign", "kernels/ddim_step.py",
+    Mutation("kernel-pred_x0-sign", "ddim_fused/kernels/ddim_step.py",
              "b_x0 = x0_x_coef * b_x + x0_eps_coef * b_eps", "b_x0 = x0_x_coef * b_x - x0_eps_coef * b_eps",
              ("tests/test_kernel_step.py",), "the kernel writes pred_x0 with the eps term's sign flipped"),
-    Mutation("kernel-repeat-noise-ignored", "kernels/noise.py",
+    Mutation("kernel-repeat-noise-ignored", "ddim_fused/kernels/noise.py",
              "        key = b * 0\n    else:", "        key = sample_offset + b\n    else:",
              ("tests/test_kernel_step.py",), "repeat_noise in the kernel draws per-sample noise (grouped path)"),
     Mutation("torch-paint-mask-inverted", "ddim_fused/torch_step.py",
@@ -87,11 +87,11 @@ MUTATIONS = (
              "if repeat else torch.arange(sample_offset,", "if repeat else -sample_offset + torch.arange(sample_offset,",
              ("tests/test_sampler_parity.py",),
              "the torch Philox stream ignores sample_offset (batch-dependent noise)"),
-    Mutation("direct-runner-1d-grid", "kernels/bound_step.py",
+    Mutation("direct-runner-1d-grid", "ddim_fused/kernels/bound_step.py",
              "grid = tuple(grid) + (1,) * (3 - len(grid))", "grid = tuple(grid)",
              ("tests/test_host_cost.py::test_direct_runner_reused_per_dtype_and_alignment",),
              "the sampler's direct kernel runner gets the 1-D grid (Triton's runner reads three dims)"),
-    Mutation("direct-runner-ignores-hooks", "kernels/bound_step.py",
+    Mutation("direct-runner-ignores-hooks", "ddim_fused/kernels/bound_step.py",
              "if type(enter) is chain and type(leave) is chain and not (enter.calls or leave.calls):", "if True:",
              ("tests/test_host_cost.py::test_a_launch_hook_sends_direct_launches_through_tritons_runner",),
              "the direct runner launches past a profiler's hooks"),
@@ -124,10 +124,6 @@ def copy_repo(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    # kernels/ installs as ddim_fused.kernels; a link lets the copy import the package from
-    # its own files only (an editable install of the working tree would supply the
-    # working tree's kernels otherwise).
-    (dest / "ddim_fused" / "kernels").symlink_to(dest / "kernels", target_is_directory=True)
 
 
 def run_tests(copy: Path, tests, timeout_s: float) -> tuple[int, str]:

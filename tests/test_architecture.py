@@ -3,8 +3,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Folder -> package name as installed (kernels/ installs as ddim_fused.kernels).
-PACKAGES = {"ddim_fused": "ddim_fused", "kernels": "ddim_fused.kernels", "bench": "bench"}
+# Folder -> package name as installed.
+PACKAGES = {"ddim_fused": "ddim_fused", "bench": "bench"}
 
 
 def _modules() -> dict[str, Path]:

@@ -176,7 +176,7 @@ def test_unwritable_out_file_is_a_runtime_error(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("ddim_fused.cli_options.os.replace", refuse)
+    monkeypatch.setattr("ddim_fused.cli.options.os.replace", refuse)
     with pytest.raises(SystemExit) as info:
         main(["sample", "--num", "2", "--steps", "2", "--threads", "1", "--no-progress", "--out", str(out)])
     assert info.value.code == 1

@@ -12,9 +12,9 @@ import torch
 
 from ddim_fused import generate as gen
 from ddim_fused.atomic import TEMP_SUFFIX
-from ddim_fused.cli import MAX_GRID_DIGITS, main
-from ddim_fused.cli_errors import Interrupted, UserError, classify, one_line
-from ddim_fused.cli_options import MAX_GUIDANCE, MAX_THREADS
+from ddim_fused.cli.commands import MAX_GRID_DIGITS, main
+from ddim_fused.cli.errors import Interrupted, UserError, classify, one_line
+from ddim_fused.cli.options import MAX_GUIDANCE, MAX_THREADS
 from ddim_fused.digits.pretrained import MODEL_FILE, DigitsModel
 from ddim_fused.finite import NonFiniteError
 

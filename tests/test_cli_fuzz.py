@@ -26,7 +26,7 @@ pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip insta
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from ddim_fused import cli
+from ddim_fused.cli import commands as cli
 from ddim_fused.atomic import temp_target
 from ddim_fused.digits.pretrained import MODEL_FILE
 from ddim_fused.digits.train import weights_dir

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddim_fused.cli_options import SAMPLER_FLAGS, UserError, build_sampler, flag_names, sampler_errors
+from ddim_fused.cli.options import SAMPLER_FLAGS, UserError, build_sampler, flag_names, sampler_errors
 from ddim_fused.schedules import make_alpha_bar
 
 

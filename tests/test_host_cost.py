@@ -255,7 +255,7 @@ def test_compiled_kernels_read_one_global():
     """Every ordinary launch compares each global constant a kernel reads with its value at
     compile time (about 1 us per tl.constexpr); the kernels, compiled as a GPU would (no
     interpreter, in a subprocess), read only INTERPRETED."""
-    script = ("import kernels.ddim_step as s, kernels.noise as n\n"
+    script = ("import ddim_fused.kernels.ddim_step as s, ddim_fused.kernels.noise as n\n"
               "for k in (s._ddim_step_kernel, n._keyed_normal_kernel):\n"
               "    k.cache_key\n"
               "    print(sorted({name for name, _ in k.used_global_vals}))\n")

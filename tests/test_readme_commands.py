@@ -80,9 +80,8 @@ def _collect_from_elsewhere(ini: Path, cwd: Path, target: Path) -> subprocess.Co
     """
     site = cwd / "site"
     site.mkdir(exist_ok=True)
-    for name in ("ddim_fused", "kernels"):  # kernels/ beside the package, as ddim_fused.backend loads it
-        if not (site / name).exists():
-            (site / name).symlink_to(ROOT / name, target_is_directory=True)
+    if not (site / "ddim_fused").exists():
+        (site / "ddim_fused").symlink_to(ROOT / "ddim_fused", target_is_directory=True)
     env = env_without_checkout()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env["PYTHONPATH"]) if p)
     code = ("import sys, pytest; sys.exit(pytest.main(['-c', sys.argv[1], '--rootdir', sys.argv[2], "

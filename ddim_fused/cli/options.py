@@ -1,7 +1,7 @@
 """What the ddim-fused subcommands share: options, checks, the sampler, PNG output.
 
-`cli` (sample, paint, interpolate, invert, train-digits) and `generate_cli` (generate) both
-import this module and nothing from each other; `cli_model` loads the --model they name.
+`cli.commands` (sample, paint, interpolate, invert, train-digits) and `cli.generate` (generate) both
+import this module and nothing from each other; `cli.model` loads the --model they name.
 Sampler arguments are checked by DDIMSampler itself; this module only renames the
 arguments in its messages to the flags the user typed (SAMPLER_FLAGS).
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .backend import interpreter_on
-from .cli_errors import UserError  # noqa: F401 - part of this module's API, used by every command
-from .coefficients import PREDICTION_TYPES
-from .finite import nonfinite_hint as finite_hint
-from .models import DIGITS, LoadedModel
-from .sampler import DDIMSampler
-from .schedules import DISCRETIZATIONS
-from .validation import check_int
+from ..backend import interpreter_on
+from .errors import UserError  # noqa: F401 - part of this module's API, used by every command
+from ..coefficients import PREDICTION_TYPES
+from ..finite import nonfinite_hint as finite_hint
+from ..models import DIGITS, LoadedModel
+from ..sampler import DDIMSampler
+from ..schedules import DISCRETIZATIONS
+from ..validation import check_int
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # More threads than this only oversubscribes the cores (and torch crashes on absurd counts).

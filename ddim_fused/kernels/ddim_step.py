@@ -24,7 +24,7 @@ from .noise import FAST_MATH, block_normals, check_keys, split_counters
 #   sample shape whose broadcast dims form one run:
 #   offset b * mask_bstride + (n // (mid * inner)) * inner + n % inner.
 # In-kernel noise draws stream 0 (x's noise) and 1 (orig's), the "step" and "orig" ids of
-# ddim_fused.philox.NOISE_STREAMS (kernels/ imports nothing from the host package).
+# ddim_fused.philox.NOISE_STREAMS (the kernels import nothing else from the host package).
 
 
 @triton.jit

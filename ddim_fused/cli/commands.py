@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import TEMP_SUFFIX, OutputPathError
-from .cli_errors import UserError, one_line, one_line_warnings, report
-from .cli_model import classes_from, conditioning, load_cli_model
-from .models import DIGITS
-from .cli_options import (
+from ..atomic import TEMP_SUFFIX, OutputPathError
+from .errors import UserError, one_line, one_line_warnings, report
+from .model import classes_from, conditioning, load_cli_model
+from ..models import DIGITS
+from .options import (
     add_sampler_options,
     build_sampler,
     check_at_most,
@@ -37,14 +37,14 @@ from .cli_options import (
     check_threads,
     nonfinite_hint,
 )
-from .digits import load_digits_classifier
-from .digits.images import default_scale, is_image_batch, save_grid
-from .digits.train import add_arguments as add_train_arguments
-from .digits.train import train_digits
-from .finite import check_finite
-from .generate_cli import add_parser as add_generate_parser
-from .generate_cli import cmd_generate
-from .interpolation import slerp
+from ..digits import load_digits_classifier
+from ..digits.images import default_scale, is_image_batch, save_grid
+from ..digits.train import add_arguments as add_train_arguments
+from ..digits.train import train_digits
+from ..finite import check_finite
+from .generate import add_parser as add_generate_parser
+from .generate import cmd_generate
+from ..interpolation import slerp
 
 REGIONS = ("top", "bottom", "left", "right")
 PAINT_BLENDS = ("alpha", "alpha_prev")
@@ -514,7 +514,7 @@ def main(argv=None) -> int:
 
     Returns:
         0 on success. Otherwise it raises SystemExit after one `ddim-fused: error: ...` line
-        on stderr (see ddim_fused.cli_errors): status 2 for bad arguments and unusable output
+        on stderr (see ddim_fused.cli.errors): status 2 for bad arguments and unusable output
         paths, 1 for runtime failures (a full disk, NaN/Inf output), 130 for Ctrl-C.
     """
     args = build_parser().parse_args(argv)

@@ -1,7 +1,6 @@
 """Triton kernels of ddim-fused and their launchers (GPU code only).
 
-Installed as `ddim_fused.kernels`; `ddim_fused.backend` is the one module that imports
-it. Import it after setting TRITON_INTERPRET=1 to run the kernels on CPU tensors
+`ddim_fused.backend` is the one module that imports it. Import it after setting TRITON_INTERPRET=1 to run the kernels on CPU tensors
 through Triton's interpreter.
 """
 from .bound_step import bind_ddim_step

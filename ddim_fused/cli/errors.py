@@ -18,9 +18,9 @@ import warnings
 
 import torch
 
-from .atomic import OutputPathError
-from .finite import NonFiniteError
-from .generate import RankFailedError, RunLockedError, RunMismatchError
+from ..atomic import OutputPathError
+from ..finite import NonFiniteError
+from ..generate import RankFailedError, RunLockedError, RunMismatchError
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 PROG = "ddim-fused"

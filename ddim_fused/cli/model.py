@@ -10,11 +10,11 @@ from typing import Optional
 
 import torch
 
-from .cli_options import UserError, flag_names, parse_classes, sampler_errors, schedule_overrides
-from .conditioning import Conditioning, load_tensor_file
-from .digits.pretrained import MODEL_FILE
-from .models import DIGITS, LoadedModel, load_model_source, optimize
-from .validation import MAX_NUMEL
+from .options import UserError, flag_names, parse_classes, sampler_errors, schedule_overrides
+from ..conditioning import Conditioning, load_tensor_file
+from ..digits.pretrained import MODEL_FILE
+from ..models import DIGITS, LoadedModel, load_model_source, optimize
+from ..validation import MAX_NUMEL
 
 # Argument names in the loaders' messages -> flags (besides the sampler's, see SAMPLER_FLAGS).
 MODEL_FLAGS = {"source": "--model", "weights": "--weights", "scheduler_config": "--scheduler-config",
@@ -43,7 +43,7 @@ def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedMode
     except Exception as exc:  # noqa: BLE001 - whatever a foreign weights file makes the loader raise
         # A truncated zip, another pickle (refused by weights_only), a dict without the
         # expected keys: torch.load and load_state_dict raise nearly anything. For other
-        # models the error passes to ddim_fused.cli_errors as it is.
+        # models the error passes to ddim_fused.cli.errors as it is.
         if args.model != DIGITS:
             raise
         raise UserError(_digits_weights_error(args.weights, exc)) from None

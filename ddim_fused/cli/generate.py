@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from . import generate as gen
-from .atomic import check_output_dir
-from .cli_errors import EXIT_FAILURE, Interrupted, RuntimeFailure, classify
-from .cli_model import classes_from, conditioning, guidance, load_cli_model, run_identity
-from .cli_options import UserError, add_sampler_options, build_sampler, check_at_most, check_positive, check_runtime
+from .. import generate as gen
+from ..atomic import check_output_dir
+from .errors import EXIT_FAILURE, Interrupted, RuntimeFailure, classify
+from .model import classes_from, conditioning, guidance, load_cli_model, run_identity
+from .options import UserError, add_sampler_options, build_sampler, check_at_most, check_positive, check_runtime
 
 # Sample i's noise is keyed by its index, which the Philox stream holds in 32 bits.
 MAX_SAMPLES = 2**32
@@ -71,7 +71,7 @@ def cmd_generate(args) -> None:
     out = check_output_dir(args.out, "--out")  # the engine checks it too; this names the flag
     kept = f"finished shards in {out} are kept: rerun the same command to resume"
     # Usage errors (a locked or foreign folder, an unusable --out) and NaN output pass to
-    # ddim_fused.cli_errors as they are; these two say what a rerun will do.
+    # ddim_fused.cli.errors as they are; these two say what a rerun will do.
     try:
         summary = gen.run_generation(args.out, config, make_model, info, progress=not args.no_progress, preview=True)
     except KeyboardInterrupt:
