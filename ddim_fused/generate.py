@@ -106,9 +106,9 @@ class GenerateConfig:
     dtype: str = "float32"
     device: str = "cpu"
     backend: str = "auto"
-    # The whole loop replayed as one CUDA graph (DDIMSampler.sample(cuda_graph=True)). Its
-    # in-kernel noise equals the ordinary loop's to float rounding only, so it is part of the
-    # run's identity; when off it is left out, so runs made before it existed still resume.
+    # The whole loop replayed as one CUDA graph (DDIMSampler.sample(cuda_graph=True)). A
+    # captured model is not bound to run the kernels an uncaptured one runs, so it is part of
+    # the run's identity; when off it is left out, so runs made before it existed still resume.
     cuda_graph: bool = False
 
     def __post_init__(self):

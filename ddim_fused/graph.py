@@ -15,8 +15,9 @@ seed), cond / uncond_cond, orig, mask, orig_noise. The loop draws its keyed nois
 inside the graph from the seed and offset tensors into a buffer each step reads, so
 every replay draws the noise of its own seed: on the kernel path with the noise kernel
 reading the keys from device memory (the normals the uncaptured step kernel draws), on
-the torch path with its torch ops. A captured loop matches an uncaptured one to float
-rounding of the noise scaling (and a replay matches the capture bit for bit).
+the torch path with its torch ops. The step kernel scales those normals as the
+uncaptured step scales the ones it draws, so on the kernel path a captured loop gives
+the uncaptured loop's bits (and a replay gives the capture's).
 
 Warm-up: before capturing, the loop runs once on a side stream, so Triton compiles,
 cuDNN/cuBLAS pick their algorithms and lazy state is created outside the capture.

@@ -1,8 +1,12 @@
 """Shared test utilities: one comparison helper, toy models, dtype tolerances."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -73,6 +77,33 @@ class ToyModel:
         c = cond.to(x.device, torch.float64).view(view) if cond is not None else 0.0
         h = torch.tanh(0.6 * x.to(torch.float64) + t + 0.5 * c)
         return h.to(x.dtype)
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The command that runs `python -m ddim_fused ARGS` in `nproc` processes through torchrun.
+
+    --standalone: the rendezvous listens on a free port of its own, so runs started at
+    once (pytest-xdist workers) never collide, as they did on the default port 29500 of
+    torch 2.11's torchrun (torch 2.13's picks a free port by itself).
+    """
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "ddim_fused", "--", *args]
+
+
+@contextlib.contextmanager
+def holding_port(port: int = 29500):
+    """Keep a TCP port (default torchrun's) bound for the block, as a parallel run would.
+
+    If something else holds it already, the block runs with it held by that.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("", port))
+            sock.listen(1)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+        yield
 
 
 def nan_like(x: torch.Tensor) -> torch.Tensor:

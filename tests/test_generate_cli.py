@@ -12,6 +12,7 @@ import torch
 
 from ddim_fused import generate as gen
 from ddim_fused.cli import main
+from tests.helpers import holding_port, torchrun
 
 ARGS = ["--num", "24", "--shard-size", "5", "--steps", "8", "--eta", "0.5", "--guidance", "2", "--seed", "11",
         "--no-progress"]
@@ -32,11 +33,11 @@ def test_one_process_two_processes_and_another_batch_size_agree(tmp_path):
     assert "generated 24 samples" in one.stdout and (tmp_path / "one" / "preview.png").exists()
     other = cli(*ARGS, "--batch-size", "7", "--out", str(tmp_path / "bs7"))
     assert other.returncode == 0, other.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ddim_fused", "--",
-         "generate", *ARGS, "--batch-size", "4", "--out", str(tmp_path / "two")],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )
+    with holding_port():  # as another worker's run would: the rendezvous takes a free port
+        two = subprocess.run(
+            torchrun(2, "generate", *ARGS, "--batch-size", "4", "--out", str(tmp_path / "two")),
+            env=ENV, capture_output=True, text=True, timeout=300,
+        )
     assert two.returncode == 0, two.stderr
     assert "2 process(es)" in two.stdout
     ref = gen.load_samples(tmp_path / "one")
@@ -170,7 +171,11 @@ def test_cuda_graph_run_equals_an_uncaptured_run_and_keeps_its_choice(tmp_path, 
     main(["generate", *args, "--out", str(tmp_path / "plain")])
     main(["generate", *args, "--cuda-graph", "--out", str(tmp_path / "graph")])
     plain, graphed = (gen.load_samples(tmp_path / name)["samples"] for name in ("plain", "graph"))
-    np.testing.assert_allclose(graphed, plain, rtol=1e-4, atol=1e-4)
+    # Bit for bit: the captured loop draws the step kernel's own normals into a buffer and
+    # scales them as the step does (tests/test_graph.py checks that on CPU too), and the
+    # model runs the same convolutions in and out of the graph. Any one-rounding difference
+    # would show here at ~1e-3, amplified by cuDNN's TF32 convolutions (docs/testing.md).
+    np.testing.assert_array_equal(graphed, plain)
     with pytest.raises(SystemExit) as info:  # resuming without the flag is another configuration
         main(["generate", *args, "--out", str(tmp_path / "graph")])
     assert info.value.code == 2 and "different configuration" in capsys.readouterr().err

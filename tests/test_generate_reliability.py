@@ -18,6 +18,7 @@ from PIL import Image
 from ddim_fused import atomic
 from ddim_fused import generate as gen
 from ddim_fused.cli import main
+from tests.helpers import holding_port, torchrun
 from tests.test_generate import CONFIG, INFO, TinyModel, run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -120,10 +121,9 @@ def test_cli_reports_a_locked_folder_in_one_line_with_exit_2(tmp_path, capsys):
 def test_torchrun_ranks_fail_together_on_a_locked_folder(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    with gen.run_lock(out):
+    with gen.run_lock(out), holding_port():  # another run's rendezvous on the default port
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ddim_fused", "--",
-             "generate", *CLI_ARGS, "--out", str(out)],
+            torchrun(2, "generate", *CLI_ARGS, "--out", str(out)),
             env=ENV, capture_output=True, text=True, timeout=240,
         )
     assert proc.returncode != 0

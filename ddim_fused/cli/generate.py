@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each batch shape's whole S-step loop, model included, as one CUDA graph and "
-                        "replay it (CUDA only; the model must be capturable: no host syncs). Samples equal "
-                        "an uncaptured run's to float rounding, so a run keeps its choice on resume")
+                        "replay it (CUDA only; the model must be capturable: no host syncs). A run keeps its "
+                        "choice on resume")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
 
 

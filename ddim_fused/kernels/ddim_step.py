@@ -99,8 +99,12 @@ def _step_block(
         b_out += noise_coef * _load_f32(noise_ptr, offs, live, first, end, numel, n_magic, n_shift, NOISE_BCAST,
                                         SIZE, CHUNK, COORDS)
     elif NOISE_MODE == "philox":
-        b_out += block_normals(noise_coef, seed, sample_offset, step_key, 0, first, numel, n_magic, n_shift,
-                               g_magic, g_shift, SIZE, REPEAT_NOISE, GROUPED, COORDS, FAST_MATH, SPLIT_COUNTERS)
+        # Scaled here, as a loaded noise tensor is: the normals are the bits the noise
+        # kernel stores, so a loop that draws them into a buffer first (a CUDA graph's,
+        # ddim_fused.graph) gets this step's result bit for bit.
+        b_out += noise_coef * block_normals(seed, sample_offset, step_key, 0, first, numel, n_magic, n_shift,
+                                            g_magic, g_shift, SIZE, REPEAT_NOISE, GROUPED, COORDS, FAST_MATH,
+                                            SPLIT_COUNTERS)
 
     if STORE_X0:
         b_x0 = x0_x_coef * b_x + x0_eps_coef * b_eps
@@ -115,9 +119,9 @@ def _step_block(
             b_orig_t += orig_noise_coef * _load_f32(orig_noise_ptr, offs, live, first, end, numel, n_magic, n_shift,
                                                     ORIG_NOISE_BCAST, SIZE, CHUNK, COORDS)
         elif ORIG_NOISE_MODE == "philox":
-            b_orig_t += block_normals(orig_noise_coef, seed, sample_offset, step_key, 1, first, numel,
-                                      n_magic, n_shift, g_magic, g_shift, SIZE, False, GROUPED, COORDS, FAST_MATH,
-                                      SPLIT_COUNTERS)
+            b_orig_t += orig_noise_coef * block_normals(seed, sample_offset, step_key, 1, first, numel, n_magic,
+                                                        n_shift, g_magic, g_shift, SIZE, False, GROUPED, COORDS,
+                                                        FAST_MATH, SPLIT_COUNTERS)
         if MASK_MODE == "full":
             b_m = tl.load(mask_ptr + offs, mask=live)
         elif MASK_MODE == "sample":

@@ -73,8 +73,8 @@ def _approx(x, OP: tl.constexpr):
 
 
 @triton.jit
-def _box_muller(r_rad, r_angle, scale, FAST_MATH: tl.constexpr):
-    """scale * (radius * cos, radius * sin) of two uint32 Philox words, as the torch copy."""
+def _box_muller(r_rad, r_angle, FAST_MATH: tl.constexpr):
+    """(radius * cos, radius * sin) of two uint32 Philox words, as the torch copy."""
     if FAST_MATH:
         # Top 23 bits as a float in [1, 2) by bit pattern (0x3F800000 is 1.0f), so no
         # int-to-float convert.
@@ -89,15 +89,14 @@ def _box_muller(r_rad, r_angle, scale, FAST_MATH: tl.constexpr):
         # 2w + w^2 (w = 1 - u, exact) is within w^2 / 3 of it, relatively.
         w = 1.0 - u
         log_term = tl.where(w < 2.0**-8, w * (2.0 + w), _approx(u, "lg2") * (-2.0 * 0.6931471805599453))  # ln 2
-        # The shifted angle flips the signs of cos and sin; the scale goes on the radius
-        # so that scale * normal + acc stays one fused multiply-add per element.
-        radius = -scale * tl.sqrt(log_term)
+        # The shifted angle flips the signs of cos and sin.
+        radius = -tl.sqrt(log_term)
         return radius * _approx(angle, "cos"), radius * _approx(angle, "sin")
     else:
         # Uniforms (k + 0.5) * 2**-23 of the top 23 bits.
         u_rad = ((r_rad >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         u_ang = ((r_angle >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-        radius = scale * tl.sqrt(-2.0 * tl.log(u_rad))
+        radius = tl.sqrt(-2.0 * tl.log(u_rad))
         return radius * tl.cos(u_ang * 6.283185307179586), radius * tl.sin(u_ang * 6.283185307179586)
 
 
@@ -133,25 +132,25 @@ def _philox_words(seed, key, step_key, stream, counter):
 
 
 @triton.jit
-def _group_normals(scale, seed, sample_offset, step_key, stream, first_group, idx, groups, g_magic, g_shift,
+def _group_normals(seed, sample_offset, step_key, stream, first_group, idx, groups, g_magic, g_shift,
                    REPEAT: tl.constexpr, COORDS: tl.constexpr, FAST_MATH: tl.constexpr):
-    """scale times the four normals (lane 0..3) of the Philox groups first_group + idx."""
+    """The four normals (lane 0..3) of the Philox groups first_group + idx."""
     b, counter = sample_coords(first_group, idx, groups, g_magic, g_shift, COORDS)
     if REPEAT:
         key = b * 0
     else:
         key = sample_offset + b
     r0, r1, r2, r3 = _philox_words(seed, key, step_key, stream, counter)
-    n0, n1 = _box_muller(r0, r1, scale, FAST_MATH)
-    n2, n3 = _box_muller(r2, r3, scale, FAST_MATH)
+    n0, n1 = _box_muller(r0, r1, FAST_MATH)
+    n2, n3 = _box_muller(r2, r3, FAST_MATH)
     return n0, n1, n2, n3
 
 
 @triton.jit
-def block_normals(scale, seed, sample_offset, step_key, stream, first, numel, n_magic, n_shift, g_magic, g_shift,
+def block_normals(seed, sample_offset, step_key, stream, first, numel, n_magic, n_shift, g_magic, g_shift,
                   SIZE: tl.constexpr, REPEAT: tl.constexpr, GROUPED: tl.constexpr, COORDS: tl.constexpr,
                   FAST_MATH: tl.constexpr, SPLIT_COUNTERS: tl.constexpr):
-    """scale times the normals of the flattened elements first .. first + SIZE of (B, numel) samples.
+    """The normals of the flattened elements first .. first + SIZE of (B, numel) samples.
 
     Sample b is keyed by sample_offset + b (0 for every sample if REPEAT). GROUPED
     (numel % 4 == 0, first % 4 == 0): one Philox call serves four neighbours, laid out
@@ -164,16 +163,16 @@ def block_normals(scale, seed, sample_offset, step_key, stream, first, numel, n_
         first_group = first // 4
         if SPLIT_COUNTERS == 1:
             idx = tl.arange(0, SIZE // 4)
-            n0, n1, n2, n3 = _group_normals(scale, seed, sample_offset, step_key, stream, first_group, idx, groups,
+            n0, n1, n2, n3 = _group_normals(seed, sample_offset, step_key, stream, first_group, idx, groups,
                                             g_magic, g_shift, REPEAT, COORDS, FAST_MATH)
             # Nested joins: the first join's axis ends up outermost, so element
             # 4g + 2z + y holds lane 2z + y of group g.
             return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [SIZE])
         else:
             idx = 2 * tl.arange(0, SIZE // 8)
-            a0, a1, a2, a3 = _group_normals(scale, seed, sample_offset, step_key, stream, first_group, idx, groups,
+            a0, a1, a2, a3 = _group_normals(seed, sample_offset, step_key, stream, first_group, idx, groups,
                                             g_magic, g_shift, REPEAT, COORDS, FAST_MATH)
-            c0, c1, c2, c3 = _group_normals(scale, seed, sample_offset, step_key, stream, first_group, idx + 1, groups,
+            c0, c1, c2, c3 = _group_normals(seed, sample_offset, step_key, stream, first_group, idx + 1, groups,
                                             g_magic, g_shift, REPEAT, COORDS, FAST_MATH)
             # Element 8t + 4x + 2z + y holds lane 2z + y of group 2t + x.
             even = tl.join(tl.join(a0, c0), tl.join(a2, c2))
@@ -187,7 +186,7 @@ def block_normals(scale, seed, sample_offset, step_key, stream, first, numel, n_
             key = sample_offset + b
         r0, r1, r2, r3 = _philox_words(seed, key, step_key, stream, n >> 2)
         lane = n & 3
-        cos_part, sin_part = _box_muller(tl.where(lane < 2, r0, r2), tl.where(lane < 2, r1, r3), scale, FAST_MATH)
+        cos_part, sin_part = _box_muller(tl.where(lane < 2, r0, r2), tl.where(lane < 2, r1, r3), FAST_MATH)
         return tl.where((lane & 1) == 0, cos_part, sin_part)
 
 
@@ -224,7 +223,7 @@ def _store_normals(out_ptr, first, end, numel, n_magic, n_shift, g_magic, g_shif
                    sample_offset, SIZE: tl.constexpr, GROUPED: tl.constexpr, COORDS: tl.constexpr,
                    FAST_MATH: tl.constexpr, SPLIT_COUNTERS: tl.constexpr):
     offs = first + tl.arange(0, SIZE)
-    normals = block_normals(1.0, seed, sample_offset, step_key, stream, first, numel, n_magic, n_shift, g_magic,
+    normals = block_normals(seed, sample_offset, step_key, stream, first, numel, n_magic, n_shift, g_magic,
                             g_shift, SIZE, False, GROUPED, COORDS, FAST_MATH, SPLIT_COUNTERS)
     tl.store(out_ptr + offs, cast_for_store(normals, out_ptr), mask=offs < end)
 
