@@ -21,17 +21,21 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # Everything the tests exercise, so none of them is skipped: the diffusers backend,
+        # Everything the tests exercise, so none of them is skipped: the diffusers backend and
+        # Stable Diffusion pipelines (transformers),
         # the digits classifier's check on real digits (scikit-learn, which brings scipy),
         # the CLI's property-based fuzz test (hypothesis) and the quality plot (matplotlib).
         # k-diffusion itself cannot be listed: its release pins torchvision, wandb, kornia,
         # clip, ... and (through dctorch) numpy < 2, so the README's test command installs it
         # with --no-deps; torchsde and torchdiffeq are what its sampling module imports.
         # torchsde also lets diffusers build DPMSolverSDEScheduler, one of DDIM's compatibles.
-        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "scikit-learn", "scipy", "torchsde",
+        "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "transformers>=4.40", "scikit-learn", "scipy",
+                 "torchsde",
                  "torchdiffeq", "hypothesis>=6", "matplotlib",
                  "setuptools"],
         "diffusers": ["diffusers>=0.42"],
+        # Stable Diffusion pipeline folders: the CLIP tokenizer and text encoder come from transformers.
+        "sd": ["diffusers>=0.42", "transformers>=4.40"],
         "plots": ["matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "diffusers>=0.42"],
         "train": ["scikit-learn"],

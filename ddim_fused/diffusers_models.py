@@ -51,7 +51,7 @@ class DiffusersUNet:
     """
 
     def __init__(self, net: torch.nn.Module, alpha_bar: np.ndarray, prediction_type: str, device, dtype):
-        with _quiet_diffusers():  # its note on casting applies to fp16 loading, not to us
+        with quiet_diffusers():  # its note on casting applies to fp16 loading, not to us
             self.net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.alpha_bar = alpha_bar
         self.n_steps = len(alpha_bar)
@@ -121,7 +121,7 @@ def read_json(path: Path) -> dict:
 def ddim_scheduler(scheduler_file: Path) -> DDIMScheduler:
     """DDIMScheduler.from_config of a scheduler config file (of any diffusers scheduler class)."""
     config = read_json(scheduler_file)
-    with _quiet_diffusers():  # other schedulers' keys (e.g. DDPM's variance_type) only warn
+    with quiet_diffusers():  # other schedulers' keys (e.g. DDPM's variance_type) only warn
         try:
             return DDIMScheduler.from_config(config)
         except (TypeError, ValueError, NotImplementedError) as exc:
@@ -157,7 +157,7 @@ def load_unet(unet_dir: Path) -> torch.nn.Module:
         raise ValueError(f"{unet_dir} takes both class labels and encoder states; not supported")
     if not weight_files(unet_dir):
         raise ValueError(f"{unet_dir} holds no weights (*.safetensors or *.bin)")
-    with _quiet_diffusers():
+    with quiet_diffusers():
         try:
             return UNET_CLASSES[name].from_pretrained(unet_dir, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - a damaged file makes the loaders raise nearly anything
@@ -199,7 +199,7 @@ def load_folder(folder, scheduler_config=None, *, device="cpu", dtype=torch.floa
 
 
 @contextlib.contextmanager
-def _quiet_diffusers():
+def quiet_diffusers():
     """diffusers' info and warning logs off (its progress and config notes are not ours to print)."""
     before = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()

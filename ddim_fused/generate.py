@@ -11,7 +11,8 @@ finished shard while the next one is sampled.
 
 Layout of an output directory:
     run.json                 the run's identity (config + model), written before any shard
-    shard-000000.npz ...     samples, indices, labels, seeds, config_hash, checksum
+    shard-000000.npz ...     samples, indices, labels, seeds, config_hash, checksum (samples are
+                             float32 (n, *shape), or uint8 (n, H, W, 3) pixels of decoded images)
     manifest.json            config, model, versions, shard list with sha256; written last
     preview.png              optional grid of the first samples, written after the manifest
     .generate.lock           held (flock) by the process that runs the folder
@@ -46,7 +47,7 @@ from . import __version__
 # OutputPathError and NonFiniteError are part of this module's API: run_generation raises them.
 from .atomic import TEMP_SUFFIX, OutputPathError, atomic_write, check_output_dir, temp_target
 from .conditioning import Conditioning
-from .digits.images import default_scale, is_image_batch, save_grid
+from .digits.images import default_scale, is_image_batch, save_grid, to_uint8
 from .finite import NonFiniteError, check_finite, nonfinite_hint  # noqa: F401
 # file_sha256 is part of this module's API (manifests list each shard's).
 from .models import LoadedModel, file_sha256  # noqa: F401
@@ -385,8 +386,10 @@ def generate_shards(
                 cond, extra = inputs.batch(b0, b1)
                 x = sampler.sample((b1 - b0,) + sample_shape, cond, sample_offset=b0, device=device, dtype=dtype,
                                    cuda_graph=config.cuda_graph, **extra)
+                if inputs.loaded.decodes:
+                    x = inputs.loaded.pipeline.decode(x)
                 check_finite(x, "generated samples", first_index=b0, hint=hint)
-                parts.append(x.float().cpu().numpy())
+                parts.append(to_uint8(x) if inputs.loaded.decodes else x.float().cpu().numpy())
                 if on_batch is not None:
                     on_batch(b1 - b0)
             indices = np.arange(start, stop, dtype=np.int64)
@@ -481,16 +484,17 @@ def write_manifest(out_dir: Path, config: GenerateConfig, model_info: dict, chas
 
 
 def write_preview(out_dir: Path, max_samples: int = 100, ncols: int = 10) -> bool:
-    """Write out_dir/preview.png: the first samples of shard 0 as a PNG grid (in [-1, 1]).
+    """Write out_dir/preview.png: the first samples of shard 0 as a PNG grid (in [-1, 1], or uint8 pixels).
 
     Returns:
         False (and writes nothing) when the samples are not grey or RGB images.
     """
     first = read_shard(out_dir / shard_name(0))["samples"][:max_samples]
-    if not is_image_batch(first.shape):
+    if not is_image_batch(first.shape, first.dtype):
         return False
+    height, width = first.shape[1:3] if first.dtype == np.uint8 else first.shape[-2:]
     save_grid(torch.from_numpy(first), out_dir / PREVIEW, ncols=min(len(first), ncols),
-              scale=default_scale(*first.shape[-2:]))
+              scale=default_scale(height, width))
     return True
 
 

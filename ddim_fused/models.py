@@ -37,7 +37,10 @@ from .model import resolve_model
 from .validation import MAX_NUMEL
 
 DIGITS = "digits"
-CONDITIONING_KINDS = ("class", "tensor", "none")
+CONDITIONING_KINDS = ("class", "tensor", "none", "prompt")
+OUTPUT_TYPES = ("image", "latent")
+# model_index.json entries that mark a pipeline with a text encoder (Stable Diffusion and kin).
+_TEXT_PARTS = ("tokenizer", "text_encoder", "text_encoder_2")
 _CALLABLE = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
@@ -54,7 +57,7 @@ class LoadedModel:
             (prediction_type, steps_offset, set_alpha_to_one, clip_sample, alpha_bar, ...).
         identity: JSON-able description (source, path, config and weights sha256).
         conditioning: "class" (class labels), "tensor" (a cond tensor, e.g. encoder hidden
-            states) or "none".
+            states), "prompt" (text, through `pipeline`'s text encoder) or "none".
         n_classes: number of classes of a class model (None: not known).
         to_cond: class labels (list of ints) -> the model's cond (class models).
         null_cond: batch size -> the unconditional cond, for guidance (None: none).
@@ -63,6 +66,8 @@ class LoadedModel:
         cond_rank: dimensions of one sample's cond (2 for encoder states (L, D)), so a cond
             of that rank is shared by all samples; None: the first dimension is always the batch.
         device, dtype: where and in what precision the model runs.
+        pipeline: the text encoder and VAE of a Stable Diffusion pipeline
+            (`ddim_fused.stable_diffusion.StableDiffusion`), else None.
     """
 
     model: object
@@ -79,6 +84,12 @@ class LoadedModel:
     cond_rank: Optional[int] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    pipeline: Optional[object] = None
+
+    @property
+    def decodes(self) -> bool:
+        """Whether samples are latents that `pipeline.decode` turns into images."""
+        return self.pipeline is not None and self.pipeline.vae is not None
 
     @property
     def is_digits(self) -> bool:
@@ -141,7 +152,7 @@ def source_kind(source: str) -> str:
 
 
 def load_model_source(source: str = DIGITS, *, device="cpu", dtype=torch.float32, weights=None,
-                      scheduler_config=None, sample_shape=None) -> LoadedModel:
+                      scheduler_config=None, sample_shape=None, output_type=None) -> LoadedModel:
     """Load a --model source (see the module docstring) on device in dtype.
 
     Args:
@@ -150,6 +161,8 @@ def load_model_source(source: str = DIGITS, *, device="cpu", dtype=torch.float32
         weights: digits weights file (None: the shipped one); digits only.
         scheduler_config: a diffusers scheduler config file; folders only.
         sample_shape: overrides the shape the model's config gives (C, H, W, ...).
+        output_type: Stable Diffusion pipelines only: "image" (the default: samples are
+            decoded by the VAE) or "latent" (the VAE is not loaded).
 
     Returns:
         LoadedModel.
@@ -163,6 +176,10 @@ def load_model_source(source: str = DIGITS, *, device="cpu", dtype=torch.float32
         raise ValueError("weights applies only to the 'digits' source")
     if scheduler_config is not None and kind != "folder":
         raise ValueError("scheduler_config applies only to diffusers folders")
+    if output_type is not None and output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if output_type is not None and not (kind == "folder" and _is_text_pipeline(Path(source))):
+        raise ValueError("output_type applies to Stable Diffusion pipeline folders (with a text encoder and a VAE)")
     if kind == DIGITS:
         model = load_digits_model(device=device, dtype=dtype, path=weights)
         identity = {"name": DIGITS, "weights_sha256": file_sha256(weights or MODEL_FILE)}
@@ -171,18 +188,35 @@ def load_model_source(source: str = DIGITS, *, device="cpu", dtype=torch.float32
             raise ValueError(f"digits samples have shape {loaded.sample_shape}, not {tuple(sample_shape)}")
         return loaded
     if kind == "folder":
-        return _load_folder(Path(source), scheduler_config, device, dtype, sample_shape)
+        return _load_folder(Path(source), scheduler_config, device, dtype, sample_shape, output_type or "image")
     return _load_callable(source, device, dtype, sample_shape)
 
 
-def _load_folder(folder: Path, scheduler_config, device, dtype, sample_shape) -> LoadedModel:
-    # diffusers is an optional extra, imported only for folders: digits and callables run without it.
+def _is_text_pipeline(folder: Path) -> bool:
+    """Whether a folder's model_index.json names a text encoder (read without diffusers)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # no pipeline, or a damaged index the folder loader reports
+    return isinstance(index, dict) and any(part in index for part in _TEXT_PARTS)
+
+
+def _load_folder(folder: Path, scheduler_config, device, dtype, sample_shape, output_type: str) -> LoadedModel:
+    # diffusers (and transformers, for text pipelines) are optional extras, imported only
+    # for folders: digits and callables run without them.
+    text = _is_text_pipeline(folder)
     try:
         diffusers_models = importlib.import_module("ddim_fused.diffusers_models")
+        stable_diffusion = importlib.import_module("ddim_fused.stable_diffusion") if text else None
     except ImportError as exc:
-        raise ImportError(f"model folder {str(folder)!r} needs Hugging Face diffusers: "
-                          "pip install 'ddim-fused[diffusers]'") from exc
-    model, info = diffusers_models.load_folder(folder, scheduler_config, device=device, dtype=dtype)
+        needs, extra = ("diffusers and transformers", "sd") if text else ("Hugging Face diffusers", "diffusers")
+        raise ImportError(f"model folder {str(folder)!r} needs {needs}: pip install 'ddim-fused[{extra}]'") from exc
+    pipeline = None
+    if text:
+        model, info, pipeline = stable_diffusion.load_pipeline(folder, scheduler_config, device=device, dtype=dtype,
+                                                               output_type=output_type)
+    else:
+        model, info = diffusers_models.load_folder(folder, scheduler_config, device=device, dtype=dtype)
     config = info["unet_config"]
     if sample_shape is None:
         size = config.get("sample_size")
@@ -205,11 +239,22 @@ def _load_folder(folder: Path, scheduler_config, device, dtype, sample_shape) ->
     }
     if scheduler_config is not None:
         identity["scheduler_config"] = str(Path(scheduler_config).resolve())
+    if pipeline is not None:
+        identity.update(_pipeline_identity(folder, output_type))
+        return LoadedModel(model, sample_shape, info["discretize"], options, identity, "prompt",
+                           cond_dim=model.cond_dim, device=device, dtype=dtype, pipeline=pipeline)
     return LoadedModel(model, sample_shape, info["discretize"], options, identity, model.conditioning,
                        n_classes=model.n_classes,
                        to_cond=_labels_tensor(device) if model.conditioning == "class" else None,
                        cond_required=model.conditioning == "tensor", cond_dim=model.cond_dim,
                        cond_rank=2 if model.conditioning == "tensor" else None, device=device, dtype=dtype)
+
+
+def _pipeline_identity(folder: Path, output_type: str) -> dict:
+    """What a Stable Diffusion pipeline adds to its UNet's identity: its other parts and the output type."""
+    parts = ("tokenizer", "text_encoder") + (("vae",) if output_type == "image" else ())
+    files = [p for part in parts for p in sorted((folder / part).iterdir()) if p.is_file()]
+    return {"pipeline": "stable_diffusion", "output_type": output_type, "parts_sha256": _files_sha256(files)}
 
 
 def _load_callable(spec: str, device, dtype, sample_shape) -> LoadedModel:
@@ -260,7 +305,8 @@ def optimize(loaded: LoadedModel, *, compile: bool = False, channels_last: bool 
     """Apply --compile (torch.compile of the network) and --channels-last, in place.
 
     The network is the model's `net` attribute (digits, diffusers folders) or the model
-    itself when it is an nn.Module (callables); other models cannot be optimized.
+    itself when it is an nn.Module (callables); other models cannot be optimized. A
+    Stable Diffusion pipeline's VAE decoder is compiled too.
     """
     if not (compile or channels_last):
         return loaded
@@ -279,6 +325,8 @@ def optimize(loaded: LoadedModel, *, compile: bool = False, channels_last: bool 
             loaded.model = compiled
         else:
             owner.net = compiled
+        if loaded.decodes:
+            loaded.pipeline.vae.decoder = torch.compile(loaded.pipeline.vae.decoder)
     return loaded
 
 

@@ -28,6 +28,7 @@ from .errors import UserError, one_line, one_line_warnings, report
 from .model import classes_from, conditioning, load_cli_model
 from ..models import DIGITS
 from .options import (
+    add_prompt_options,
     add_sampler_options,
     build_sampler,
     check_at_most,
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class(es) to generate, e.g. --class 3 or --class 1 4 7 (cycled over the samples; "
                         "default: all of a class-conditional model's classes cycling, 0..9 for digits, one class "
                         "per column)")
+    add_prompt_options(p)
     p.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
 
     p = sub.add_parser("paint", help="regenerate a masked region of digits (before/mask/after PNG)",
@@ -250,7 +252,12 @@ class _Run:
         self.args, self.device, self.dtype = args, device, dtype
         self.model = load_cli_model(args, device, dtype)
         self.shape = self.model.sample_shape
-        if not is_image_batch((1,) + tuple(self.shape)):
+        if self.model.conditioning == "prompt" and args.command != "sample":
+            raise UserError(f"{args.command} does not run Stable Diffusion pipelines yet; use sample or generate")
+        if self.model.conditioning == "prompt" and not self.model.decodes:
+            raise UserError("sample writes a PNG grid of images; --output-type latent keeps latents, which "
+                            "ddim-fused generate writes")
+        if not self.model.decodes and not is_image_batch((1,) + tuple(self.shape)):
             raise UserError(f"{args.command} writes a PNG grid, which needs grey or RGB images (1 or 3, H, W); the "
                             f"model makes samples of shape {self.shape}: use ddim-fused generate")
         self.what = "digits" if self.model.is_digits else "samples"
@@ -279,13 +286,16 @@ class _Run:
                                sample_offset=start, device=self.device, dtype=self.dtype,
                                x_last=None if x_last is None else x_last[batch],
                                callback=lambda _: bar.update(1), **extra)
+            if self.model.decodes:
+                x = self.model.pipeline.decode(x)
             check_finite(x, f"{desc}: {self.what}", first_index=start, hint=nonfinite_hint(self.args))
             out.append(x)
         bar.close()
         return torch.cat(out)
 
     def save(self, x: torch.Tensor, ncols: int) -> tuple[int, int]:
-        return save_grid(x, self.args.out, ncols, scale=default_scale(*self.shape[-2:]))
+        """Write images x (N, C, H, W) as the --out PNG grid, ncols per row."""
+        return save_grid(x, self.args.out, ncols, scale=default_scale(*x.shape[-2:]))
 
     def classifier_line(self, x: torch.Tensor, labels, what: str) -> None:
         """For the digits model: print how many of x the shipped classifier reads as labels."""
@@ -302,7 +312,9 @@ def _classify(x: torch.Tensor) -> torch.Tensor:
     return load_digits_classifier().predict(x.float().cpu())
 
 
-def _class_text(args, classes) -> str:
+def _class_text(args, classes, inputs=None) -> str:
+    if getattr(inputs, "prompts", None) is not None:
+        return f"{len(inputs.prompts)} prompt(s) cycling"
     if classes is None:
         return "unconditional" if args.cond is None else f"cond {Path(args.cond).name}"
     return "class " + ("0..9 cycling" if args.classes is None and len(classes) == 10 else ",".join(map(str, classes)))
@@ -321,7 +333,7 @@ def cmd_sample(args) -> None:
     ncols = min(args.num, len(classes) if classes and len(classes) > 1 else max(1, int(np.ceil(np.sqrt(args.num)))))
     size = run.save(x, ncols)
     n_steps = len(sampler.time_steps)
-    print(f"sampled {args.num} {run.what} ({_class_text(args, classes)}) with {n_steps} DDIM steps "
+    print(f"sampled {args.num} {run.what} ({_class_text(args, classes, inputs)}) with {n_steps} DDIM steps "
           f"({args.discretize or run.model.discretize}), eta {args.eta}, guidance {inputs.guidance:g}, "
           f"seed {args.seed}, "
           f"{run.device} {args.dtype}, backend {args.backend}")

@@ -7,7 +7,8 @@ from .. import generate as gen
 from ..atomic import check_output_dir
 from .errors import EXIT_FAILURE, Interrupted, RuntimeFailure, classify
 from .model import classes_from, conditioning, guidance, load_cli_model, run_identity
-from .options import UserError, add_sampler_options, build_sampler, check_at_most, check_positive, check_runtime
+from .options import (UserError, add_prompt_options, add_sampler_options, build_sampler, check_at_most, check_positive,
+                      check_runtime)
 
 # Sample i's noise is keyed by its index, which the Philox stream holds in 32 bits.
 MAX_SAMPLES = 2**32
@@ -28,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--class", dest="classes", nargs="+", default=None, metavar="C",
                    help="class(es) of a class-conditional model; sample i gets classes[i %% len(classes)] "
                         "(default: all of the model's classes, 0..9 for digits)")
+    add_prompt_options(p)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each batch shape's whole S-step loop, model included, as one CUDA graph and "

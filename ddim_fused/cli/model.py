@@ -14,12 +14,16 @@ from .options import UserError, flag_names, parse_classes, sampler_errors, sched
 from ..conditioning import Conditioning, load_tensor_file
 from ..digits.pretrained import MODEL_FILE
 from ..models import DIGITS, LoadedModel, load_model_source, optimize
+from ..prompts import PromptConditioning, read_prompt_file
 from ..validation import MAX_NUMEL
 
 # Argument names in the loaders' messages -> flags (besides the sampler's, see SAMPLER_FLAGS).
 MODEL_FLAGS = {"source": "--model", "weights": "--weights", "scheduler_config": "--scheduler-config",
-               "sample_shape": "--shape", "compile": "--compile", "channels_last": "--channels-last"}
-INPUT_FLAGS = {"classes": "--class", "cond": "--cond", "uncond": "--uncond", "guidance": "--guidance"}
+               "sample_shape": "--shape", "compile": "--compile", "channels_last": "--channels-last",
+               "output_type": "--output-type"}
+INPUT_FLAGS = {"classes": "--class", "cond": "--cond", "uncond": "--uncond", "guidance": "--guidance",
+               "prompts": "--prompt", "negative_prompts": "--negative-prompt"}
+PROMPT_GUIDANCE = 7.5  # diffusers' default for Stable Diffusion pipelines
 
 
 def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -31,7 +35,8 @@ def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedMode
                         + " ".join(map(str, shape)))
     try:
         loaded = load_model_source(args.model, device=device, dtype=dtype, weights=args.weights,
-                                   scheduler_config=args.scheduler_config, sample_shape=shape)
+                                   scheduler_config=args.scheduler_config, sample_shape=shape,
+                                   output_type=args.output_type)
         loaded.sampler_options.update(schedule_overrides(args))
         return optimize(loaded, compile=args.compile, channels_last=args.channels_last)
     except ImportError as exc:
@@ -61,9 +66,12 @@ def _digits_weights_error(weights, exc: BaseException) -> str:
 
 
 def guidance(args, loaded: LoadedModel) -> float:
-    """--guidance, or its default: the command's for the digits model, 1 (none) for others."""
+    """--guidance, or its default: the command's for the digits model, 7.5 for text-conditioned
+    pipelines, 1 (none) for others."""
     if args.guidance is not None:
         return args.guidance
+    if loaded.conditioning == "prompt":
+        return PROMPT_GUIDANCE
     return args.command_guidance if loaded.is_digits else 1.0
 
 
@@ -87,18 +95,53 @@ def classes_from(values, loaded: LoadedModel, *, unconditional: bool = False,
     if values is None:
         return default_classes(loaded, unconditional=unconditional)
     if loaded.conditioning != "class":
-        kind = "takes --cond tensors" if loaded.conditioning == "tensor" else "is unconditional"
+        kind = {"tensor": "takes --cond tensors", "prompt": "takes --prompt text"}.get(loaded.conditioning,
+                                                                                      "is unconditional")
         raise UserError(f"{flag} applies to class-conditional models; this model {kind}")
     return parse_classes(values, loaded.n_classes, "the digits model" if loaded.is_digits else "the model")
 
 
 def conditioning(loaded: LoadedModel, args, classes, num: Optional[int]) -> Conditioning:
-    """The run's Conditioning from --class (already parsed), --cond, --uncond and --guidance."""
+    """The run's Conditioning from --class (already parsed), --cond, --uncond, the prompt options and --guidance."""
+    prompts = _prompt_pairs(args)
+    if loaded.conditioning == "prompt":
+        return _prompt_conditioning(loaded, args, prompts, num)
+    if prompts is not None or getattr(args, "negative_prompt", None) is not None:
+        raise UserError("--prompt, --prompts and --negative-prompt apply to Stable Diffusion pipelines (a --model "
+                        "folder with a text encoder)")
     cond = _tensor_file(args.cond, "--cond")
     uncond = _tensor_file(args.uncond, "--uncond")
     with sampler_errors(**INPUT_FLAGS):
         return Conditioning(loaded, classes=classes, cond=cond, uncond=uncond, guidance=guidance(args, loaded),
                             num=num)
+
+
+def _prompt_pairs(args) -> Optional[list]:
+    """(prompt, negative prompt or None) pairs of --prompt or --prompts, or None when neither is given."""
+    texts, path = getattr(args, "prompt", None), getattr(args, "prompts", None)
+    if texts is not None and path is not None:
+        raise UserError("give --prompt or --prompts, not both")
+    if path is None:
+        return None if texts is None else [(text, None) for text in texts]
+    try:
+        return read_prompt_file(path)
+    except ValueError as exc:
+        raise UserError(f"--prompts: {exc}") from None
+
+
+def _prompt_conditioning(loaded: LoadedModel, args, prompts, num) -> PromptConditioning:
+    if prompts is None:
+        raise UserError(f"this model is conditioned on text: give --prompt TEXT or --prompts FILE "
+                        f"({args.command} takes them)" if hasattr(args, "prompt") else
+                        f"{args.command} does not run Stable Diffusion pipelines yet; use sample or generate")
+    for flag, given in (("--class", getattr(args, "classes", None)), ("--cond", args.cond), ("--uncond", args.uncond)):
+        if given is not None:
+            raise UserError(f"{flag} does not apply to a Stable Diffusion pipeline, which takes --prompt text")
+    default = getattr(args, "negative_prompt", None)
+    negatives = [negative if negative is not None else default for _, negative in prompts]
+    with sampler_errors(**INPUT_FLAGS):
+        return PromptConditioning(loaded, [prompt for prompt, _ in prompts], negatives,
+                                  guidance=guidance(args, loaded), num=num)
 
 
 def _tensor_file(path, flag: str):

@@ -114,9 +114,26 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-sample", type=_clip_sample, default=None, metavar="RANGE|off",
                    help="clip pred_x0 to [-RANGE, RANGE] in every step, or 'off' (default: the scheduler "
                         "config's clip_sample / thresholding; off for digits)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model's network (pays off on a GPU)")
+    g.add_argument("--output-type", choices=("image", "latent"), default=None,
+                   help="Stable Diffusion pipelines: 'image' decodes every batch with the VAE to uint8 RGB "
+                        "(default), 'latent' keeps the latents")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's network, and a pipeline's VAE decoder (pays off on a GPU)")
     g.add_argument("--channels-last", action="store_true",
                    help="run the network in channels_last memory format (faster convolutions on GPUs)")
+
+
+def add_prompt_options(p: argparse.ArgumentParser) -> None:
+    """Add the text inputs of Stable Diffusion pipelines: --prompt, --prompts, --negative-prompt."""
+    g = p.add_argument_group("prompts (Stable Diffusion pipelines)")
+    g.add_argument("--prompt", dest="prompt", action="append", default=None, metavar="TEXT",
+                   help="a prompt; repeat for several (sample i gets prompt i %% P)")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompt file: .txt, one prompt per line, or .jsonl, one {\"prompt\": ..., "
+                        "\"negative_prompt\": ...} object per line (negative_prompt optional)")
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="the negative prompt (the unconditional input of guidance) of every prompt that has no "
+                        "negative_prompt of its own (default: the empty prompt)")
 
 
 def add_sampler_options(p: argparse.ArgumentParser, *, num: int = 10, guidance: float = 3.0,
@@ -142,7 +159,8 @@ def add_sampler_options(p: argparse.ArgumentParser, *, num: int = 10, guidance: 
     p.set_defaults(command_guidance=guidance)
     p.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance scale: 1 = plain conditional model, >1 sharpens the "
-                        f"class, 0 = unconditional (default {guidance} for digits, 1 for other models)")
+                        f"class, 0 = unconditional (default {guidance} for digits, 7.5 for Stable Diffusion "
+                        "pipelines, 1 for other models)")
     p.add_argument("--seed", type=int, default=0, help="Philox noise seed: same seed, same digits (default 0)")
     p.add_argument("--num", type=int, default=num, help=f"number of samples (default {num})")
     p.add_argument("--batch-size", type=int, default=100,

@@ -8,22 +8,29 @@ from ..atomic import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1] as 8-bit levels (values outside are clipped).
+    """Images in [-1, 1] as 8-bit levels (values outside are clipped), as diffusers' VaeImageProcessor
+    rounds them: (x / 2 + 0.5) clamped to [0, 1], times 255, rounded half to even.
 
     Args:
-        x: (N, 1, H, W) or (N, H, W) grey, or (N, 3, H, W) RGB float tensor.
+        x: (N, 1, H, W) or (N, H, W) grey, or (N, 3, H, W) RGB float tensor; or (N, H, W, 3)
+            uint8 RGB pixels, returned as they are.
 
     Returns:
         (N, H, W) uint8 array (grey), or (N, H, W, 3) (RGB); 0 for -1 and 255 for 1.
     """
-    x = x.detach().float().cpu()
+    if x.dtype == torch.uint8:
+        return x.detach().cpu().numpy()
+    x = (x.detach() * 0.5 + 0.5).clamp(0, 1).float().cpu()
     if x.dim() == 4:
         x = x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return (x * 255).round().to(torch.uint8).numpy()
 
 
-def is_image_batch(shape) -> bool:
-    """Whether a batch of this shape is grey or RGB images: (N, 1 or 3, H, W)."""
+def is_image_batch(shape, dtype=None) -> bool:
+    """Whether a batch of this shape (and dtype) is grey or RGB images: (N, 1 or 3, H, W) floats,
+    or (N, H, W, 3) uint8 RGB pixels."""
+    if dtype in (torch.uint8, np.uint8):
+        return len(shape) == 4 and shape[3] == 3
     return len(shape) == 4 and shape[1] in (1, 3)
 
 
@@ -36,7 +43,8 @@ def grid_image(x: torch.Tensor, ncols: int, scale: int = 8, pad: int = 1):
     """Tile images row by row into one upscaled (nearest neighbour) image.
 
     Args:
-        x: (N, 1, H, W), (N, H, W) or (N, 3, H, W) float tensor in [-1, 1].
+        x: (N, 1, H, W), (N, H, W) or (N, 3, H, W) float tensor in [-1, 1], or (N, H, W, 3)
+            uint8 RGB pixels.
         ncols: images per row.
         scale: upscaling factor (each pixel becomes scale x scale).
         pad: gap between images, in source pixels (drawn as mid-grey).
@@ -47,8 +55,9 @@ def grid_image(x: torch.Tensor, ncols: int, scale: int = 8, pad: int = 1):
     """
     from PIL import Image  # noqa: PLC0415 - only the CLI writes images
 
-    if x.dim() != 3 and not is_image_batch(tuple(x.shape)):
-        raise ValueError(f"a PNG grid needs images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+    if x.dim() != 3 and not is_image_batch(tuple(x.shape), x.dtype):
+        raise ValueError(f"a PNG grid needs images of shape (N, 1 or 3, H, W) or uint8 (N, H, W, 3), got "
+                         f"{tuple(x.shape)} {x.dtype}")
     tiles = to_uint8(x)
     n, h, w = tiles.shape[:3]
     nrows = -(-n // ncols)
