@@ -1,0 +1,117 @@
+"""The GPU result tables of the README and docs/performance.md, rendered from committed runs.
+
+    gpu_summary(results, graph[, sd])   the README's one results table: the step at
+                                        bandwidth, the captured loop against diffusers'
+                                        loop, Stable Diffusion images/s
+    graph_table(graph, results)         every captured-loop row of a `bench.gpu_graph` run
+
+`results` is a results.json of `python -m bench` on a GPU, `graph` a gpu_graph.json of
+`python -m bench.gpu_graph` from the same machine, `sd` the JSON of the Stable Diffusion
+benchmark. A row whose data is absent says "not measured"; nothing here invents a number.
+"""
+from __future__ import annotations
+
+# The step rows of the summary: (case, dtype) at the largest shape of the quick matrix,
+# where the traffic is far above the GPU's caches and the step is bandwidth-bound.
+SUMMARY_STEPS = (("eta0", "fp32", "eta = 0"), ("eta-drawn", "fp32", "eta > 0, noise drawn in the kernel"),
+                 ("eta0", "bf16", "eta = 0"))
+SUMMARY_LOOPS = (("tiny-eta0", "trivial model 1x4x8x8, eta 0: the loop's own cost"),
+                 ("digits", "digits UNet, batch 16"))
+GRAPH_LABELS = {"tiny-eta0": "trivial model 1x4x8x8, eta 0", "tiny-eta1": "trivial model 1x4x8x8, eta 1",
+                "tiny-cfg": "trivial model 1x4x8x8, guidance", "sd-latent-eta1": "trivial model 4x4x64x64, eta 1",
+                "digits": "digits model, batch 16", "digits-cfg": "digits model, batch 16, guidance"}
+NOT_MEASURED = "not measured"
+
+
+def _environment(results: dict) -> str:
+    env = results["environment"]
+    return (f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
+            f"commit {str(env['commit'])[:7]}, {env['date'][:10]}")
+
+
+def _largest_step(results: dict, case: str, dtype: str, provider: str) -> dict | None:
+    rows = [r for r in results["steps"]
+            if r["case"] == case and r["dtype"] == dtype and r["provider"] == provider and r.get("p50_s")]
+    return max(rows, key=lambda r: r["bytes"], default=None)
+
+
+def _loops(graph: dict) -> dict:
+    """{case: {provider: row}} of a gpu_graph.json, timed rows only."""
+    out = {}
+    for r in graph["rows"]:
+        if r.get("per_step_us") is not None:
+            out.setdefault(r["case"], {})[r["provider"]] = r
+    return out
+
+
+def gpu_summary(results: dict, graph: dict, sd: dict | None = None) -> str:
+    """The README's results table (markdown) from one GPU run's step, loop and SD data.
+
+    Args:
+        results: a GPU results.json of `python -m bench` (its `steps` and `copy_bandwidth`).
+        graph: a gpu_graph.json of `python -m bench.gpu_graph` (per-step loop times).
+        sd: the Stable Diffusion benchmark's JSON with `rows` of {"row", "batch", "images_per_s"},
+            or None while it has not been measured.
+    Returns:
+        A markdown table and a one-line caption naming the device, versions, commit and date.
+    """
+    if not results["environment"]["device"].startswith("cuda"):
+        raise ValueError("gpu_summary needs a results.json measured on a GPU (environment.device 'cuda')")
+    gate = results["parity"]["ok"]
+    copy = results["copy_bandwidth"]["gbs"]
+    lines = ["| measured | ddim-fused | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
+    for case, dtype, label in SUMMARY_STEPS:
+        fused = _largest_step(results, case, dtype, "triton")
+        if fused is None:
+            lines.append(f"| one step, {dtype}, {label} | {NOT_MEASURED} | | |")
+            continue
+        base = _largest_step(results, case, dtype, "compile") or _largest_step(results, case, dtype, "minimal")
+        cells = [f"one step, {dtype}, {label}, {fused['shape_id']} ({fused['bytes'] / 1e6:.0f} MB moved)",
+                 f"{fused['gbs']:.0f} GB/s, {fused['gbs'] / copy:.0%} of a copy", "", ""]
+        if base is not None:
+            name = "torch.compile" if base["provider"] == "compile" else "minimal eager"
+            cells[2] = f"{name}: {base['gbs']:.0f} GB/s"
+            cells[3] = f"{base['p50_s'] / fused['p50_s']:.2f}x" if gate else "withheld (parity gate failed)"
+        lines.append("| " + " | ".join(cells) + " |")
+    loops = _loops(graph)
+    for case, label in SUMMARY_LOOPS:
+        row = loops.get(case, {})
+        if "fused-graph" not in row or "diffusers" not in row:
+            lines.append(f"| 50-step loop, {label}, per step | {NOT_MEASURED} | | |")
+            continue
+        ours, theirs = row["fused-graph"]["per_step_us"], row["diffusers"]["per_step_us"]
+        lines.append(f"| 50-step loop, {label}, per step | {ours:.1f} µs (one CUDA graph) "
+                     f"| diffusers' loop: {theirs:.1f} µs | {theirs / ours:.1f}x |")
+    sd_rows = {} if sd is None else {(r["row"], r["batch"]): r for r in sd["rows"]}
+    for batch in (1, 4, 16):
+        ours, theirs = sd_rows.get(("generate-cuda-graph", batch)), sd_rows.get(("diffusers", batch))
+        label = f"Stable Diffusion 1.5 architecture, 512x512, 50 steps, CFG 7.5, fp16, batch {batch}"
+        if ours is None or theirs is None:
+            lines.append(f"| {label} | {NOT_MEASURED} | diffusers: {NOT_MEASURED} | |")
+            continue
+        lines.append(f"| {label} | {ours['images_per_s']:.2f} images/s | diffusers: {theirs['images_per_s']:.2f} "
+                     f"images/s | {ours['images_per_s'] / theirs['images_per_s']:.2f}x |")
+    caption = (f"{_environment(results)}; p50 times; a copy moves {copy:.0f} GB/s on this device in the same run; "
+               f"ratio = baseline time / ddim-fused time (above 1: ddim-fused is faster).")
+    return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
+def graph_table(graph: dict, results: dict) -> str:
+    """Every case of a `bench.gpu_graph` run as a markdown table, p50 per step of a 50-step loop.
+
+    Args:
+        graph: a gpu_graph.json of `python -m bench.gpu_graph`.
+        results: a results.json of `python -m bench` on the same machine, for the caption.
+    Returns:
+        A markdown table (uncaptured, captured, diffusers per step and the two ratios) and a caption.
+    """
+    lines = ["| case | uncaptured | captured | diffusers | captured vs diffusers | captured vs uncaptured |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for case, row in _loops(graph).items():
+        cells = [f"{row[p]['per_step_us']:.1f} µs" if p in row else NOT_MEASURED
+                 for p in ("fused", "fused-graph", "diffusers")]
+        ratios = [f"{row[b]['per_step_us'] / row['fused-graph']['per_step_us']:.1f}x"
+                  if b in row and "fused-graph" in row else "-" for b in ("diffusers", "fused")]
+        lines.append(f"| {GRAPH_LABELS.get(case, case)} | " + " | ".join(cells + ratios) + " |")
+    caption = f"`python -m bench.gpu_graph` on {_environment(results)}; p50 per step of a 50-step loop."
+    return "\n".join(lines) + "\n\n" + caption + "\n"
