@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # The GPU code lives in ddim_fused/kernels/: a top-level `kernels` folder would shadow
     # Hugging Face's `kernels` distribution (which transformers >= 5 imports) in a checkout.
-    packages=["ddim_fused", "ddim_fused.kernels", "ddim_fused.digits"],
+    packages=["ddim_fused", "ddim_fused.cli", "ddim_fused.kernels", "ddim_fused.digits"],
     # The embedded digits model and its classifier (plain state dicts, weights_only-loadable);
     # the CPU kernels' C source, compiled on first use (ddim_fused/native.py).
     package_data={"ddim_fused.digits": ["weights/*.pt"], "ddim_fused": ["cpu_kernels.c"]},

@@ -40,7 +40,6 @@ from .summary import gpu_summary, graph_table
 from .throughput import markdown_table as throughput_table
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- data: (\w+) (\S+(?: \S+)*) -->\n(.*?)<!-- /data -->", re.DOTALL)
 RENDER = {"bench": readme_section, "quality": quality_table, "adherence": adherence_table,
           "table1": table1_table, "throughput": throughput_table, "gpu": gpu_summary, "graph": graph_table}

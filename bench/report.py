@@ -223,7 +223,7 @@ def write(result: dict, out_dir: Path) -> None:
     ])
 
 
-# The README's performance block: one size per device, chosen where the step moves
+# The `bench` data block of docs/performance.md: one size per device, chosen where the step moves
 # well over the CPU's last-level cache (1M elements) or is a typical SD-1.5 latent batch.
 README_SHAPE = {"cpu": "B16-4x128x128", "cuda": "B8-4x64x64"}
 CASE_LABELS = {
@@ -239,7 +239,7 @@ PROVIDER_LABELS = {"triton": "fused kernel", "torch": "torch backend", "minimal"
 
 
 def readme_section(result: dict) -> str:
-    """The README's performance block for one run: environment, step table, loop table.
+    """The `bench` data block (docs/performance.md) of one run: environment, step table, loop table.
 
     Speedups in parentheses are baseline p50 / fused p50 (above 1: the fused step is
     faster); "withheld" where the run's parity gate failed.
@@ -263,7 +263,8 @@ def readme_section(result: dict) -> str:
         lines[-1] += (f" 1-minute load average {load['before']} before and {load.get('after')} after the run, "
                       f"on {load.get('cpus')} CPUs.")
     elements = next((r["elements"] for r in rows), 0)
-    head = [f"step, {sid} ({elements / 2**20:.0f}M elements), p50", PROVIDER_LABELS[fused]]
+    size = f"{elements / 2**20:.0f}M" if elements >= 2**20 else f"{elements / 2**10:.0f}K"
+    head = [f"step, {sid} ({size} elements), p50", PROVIDER_LABELS[fused]]
     head += [PROVIDER_LABELS[b] for b in bases]
     lines += ["", "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for (case, dtype), g in groups.items():

@@ -70,6 +70,8 @@ def gpu_summary(results: dict, graph: dict, sd: dict | None = None) -> str:
                  f"{fused['gbs']:.0f} GB/s, {fused['gbs'] / copy:.0%} of a copy", "", ""]
         if base is not None:
             name = "torch.compile" if base["provider"] == "compile" else "minimal eager"
+            if case == "eta-drawn":
+                name += " (torch.randn)"
             cells[2] = f"{name}: {base['gbs']:.0f} GB/s"
             cells[3] = f"{base['p50_s'] / fused['p50_s']:.2f}x" if gate else "withheld (parity gate failed)"
         lines.append("| " + " | ".join(cells) + " |")

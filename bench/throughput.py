@@ -92,7 +92,7 @@ def measure(threads: list[int], device: str, quick: bool, log=print) -> dict:
 
 
 def markdown_table(data: dict) -> str:
-    """The README's throughput table from a data file of this module."""
+    """The throughput table of docs/generation.md from a data file of this module."""
     threads = sorted({r["threads"] for r in data["rows"]})
     lines = ["| model | samples, batch | " + " | ".join(f"{n} thread{'s' * (n > 1)}" for n in threads) + " |",
              "| --- | --- | " + " | ".join("---:" for _ in threads) + " |"]

@@ -1,8 +1,8 @@
-"""The README's numbers against the committed data they come from.
+"""The numbers of README.md and docs/*.md against the committed data they come from.
 
-Tables live in data blocks (`<!-- data: KIND PATH -->`) that `python -m bench.readme`
+Tables live in data blocks (`<!-- data: KIND PATH [PATH ...] -->`) that `python -m bench.readme`
 renders from their JSON files; these tests fail when a table and its data disagree, and
-check the README's prose statements about the tables against the same data.
+check the pages' prose statements about the tables against the same data.
 """
 import json
 import re
@@ -10,35 +10,73 @@ from pathlib import Path
 
 import pytest
 
-from bench.readme import BLOCK, README, regenerate
+from bench.readme import BLOCK, pages, regenerate
+from bench.summary import NOT_MEASURED
 from ddim_fused.digits.classifier import load_digits_classifier
 from ddim_fused.digits.pretrained import load_digits_model
 from ddim_fused.digits.train import DEFAULTS
 from ddim_fused.coefficients import SIGMA_HAT
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = README.read_text(encoding="utf-8")
+TEXTS = {page.relative_to(ROOT).as_posix(): page.read_text(encoding="utf-8") for page in pages()}
+TEXT = "\n".join(TEXTS.values())
 PROSE = re.sub(r"\s+", " ", TEXT)  # line breaks and indentation folded, for phrase lookups
 
 
+def _blocks(kind):
+    """(page, [paths]) of every data block of `kind` in the pages."""
+    return [(page, m.group(2).split()) for page, text in TEXTS.items()
+            for m in BLOCK.finditer(text) if m.group(1) == kind]
+
+
 def _data(kind):
-    paths = [m.group(2) for m in BLOCK.finditer(TEXT) if m.group(1) == kind]
-    assert len(paths) == 1, f"expected one {kind} block in README.md, found {len(paths)}"
-    return json.loads((ROOT / paths[0]).read_text(encoding="utf-8"))
+    blocks = _blocks(kind)
+    assert len(blocks) == 1, f"expected one {kind} block in README.md and docs/, found {len(blocks)}"
+    return json.loads((ROOT / blocks[0][1][0]).read_text(encoding="utf-8"))
 
 
 def test_every_data_block_is_rendered_from_its_file():
-    kinds = [m.group(1) for m in BLOCK.finditer(TEXT)]
-    assert sorted(kinds) == ["adherence", "bench", "quality", "table1", "throughput"], kinds
-    _, changed = regenerate(TEXT)
-    assert not changed, f"README blocks differ from their data: {changed}; run python -m bench.readme"
+    kinds = sorted(m.group(1) for text in TEXTS.values() for m in BLOCK.finditer(text))
+    assert kinds == ["adherence", "bench", "bench", "gpu", "gpu", "graph", "quality", "table1", "throughput"], kinds
+    for page, text in TEXTS.items():
+        _, changed = regenerate(text)
+        assert not changed, f"{page}: blocks differ from their data: {changed}; run python -m bench.readme"
 
 
-def test_the_performance_block_comes_from_a_run_that_passed_its_parity_gate():
-    result = _data("bench")
-    assert result["parity"]["ok"], result["parity"]["summary"]
-    baselines = {r["provider"] for r in result["steps"]}
-    assert {"minimal", "compile", "labml"} <= baselines, baselines
+def test_a_changed_number_is_caught():
+    # The check above compares whole rendered blocks: one digit changed in a table fails it.
+    page, text = next((p, t) for p, t in TEXTS.items() if "<!-- data: gpu " in t)
+    block = text[text.index("<!-- data: gpu "):]
+    digit = re.search(r"\| (\d)", block)
+    wrong = str((int(digit.group(1)) + 1) % 10)
+    edited = text.replace(block, block[:digit.start(1)] + wrong + block[digit.end(1):], 1)
+    _, changed = regenerate(edited)
+    assert changed, f"{page}: an edited number went unnoticed"
+
+
+def test_the_performance_blocks_come_from_runs_that_passed_their_parity_gate():
+    blocks = _blocks("bench") + _blocks("gpu")
+    devices = set()
+    for page, paths in blocks:
+        result = json.loads((ROOT / paths[0]).read_text(encoding="utf-8"))
+        assert result["parity"]["ok"], (page, paths[0], result["parity"]["summary"])
+        baselines = {r["provider"] for r in result["steps"]}
+        assert {"minimal", "compile", "labml"} <= baselines, (page, baselines)
+        devices.add(result["environment"]["device"].split(":")[0])
+    assert devices == {"cpu", "cuda"}, devices
+
+
+def test_the_readme_results_table_is_measured_on_a_gpu():
+    readme = [(page, paths) for page, paths in _blocks("gpu") if page == "README.md"]
+    assert len(readme) == 1, "README.md has no GPU results table"
+    results, graph = (json.loads((ROOT / p).read_text(encoding="utf-8")) for p in readme[0][1][:2])
+    assert results["environment"]["device"].startswith("cuda") and results["environment"]["device_name"]
+    # The captured loop against diffusers' loop, from the run's timed rows.
+    assert {"fused-graph", "diffusers"} <= {r["provider"] for r in graph["rows"] if r.get("per_step_us")}
+    # Rows without data say so instead of showing a number.
+    table = TEXTS["README.md"]
+    if len(readme[0][1]) < 3:
+        assert f"fp16, batch 1 | {NOT_MEASURED}" in table
 
 
 def test_quality_statements_hold_on_the_data():

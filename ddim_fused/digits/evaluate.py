@@ -1,9 +1,9 @@
-"""Class adherence of generated digits per guidance scale (the README's guidance table).
+"""Class adherence of generated digits per guidance scale (the guidance table of docs/models.md).
 
     python -m ddim_fused.digits.evaluate [--num 500] [--steps 50] [--scales 1 2 3 5] [--grid-dir DIR]
                                          [--json docs/adherence.json]
 
-`--json` writes the measured table (the README's table is `markdown_table` of that file).
+`--json` writes the measured table (docs/models.md's table is `markdown_table` of that file).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The DDIM paper's Table 1 on the trained digits model: Frechet distance per (S, eta).
 
     python -m ddim_fused.digits.table1 [--out-dir docs] [--quick] [--n 500]
-    python -m ddim_fused.digits.table1 --markdown docs/table1.json    (the README's table)
+    python -m ddim_fused.digits.table1 --markdown docs/table1.json    (docs/quality.md's table)
 
 For each number of steps S and eta, N digits are generated (classes 0..9 cycling, no
 guidance, the same Philox seed for every cell) and compared with the real digits that
@@ -110,7 +110,7 @@ def _eta_label(eta) -> str:
 
 
 def markdown_table(data: dict) -> str:
-    """The README's table: rows eta, columns S, each cell 'FD (accuracy)', then the references."""
+    """The Table 1 table of docs/quality.md: rows eta, columns S, each cell 'FD (accuracy)', then the references."""
     steps = sorted({c["steps"] for c in data["cells"]})
     etas = list(dict.fromkeys(c["eta"] for c in data["cells"]))
     cell = {(c["eta"], c["steps"]): c for c in data["cells"]}

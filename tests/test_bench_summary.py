@@ -1,0 +1,68 @@
+"""bench.summary: the README's GPU results table, from synthetic runs with known numbers."""
+import pytest
+
+from bench.summary import NOT_MEASURED, gpu_summary, graph_table
+
+
+def _results(gate=True, device="cuda"):
+    env = {"device": device, "device_name": "Test GPU", "torch": "2.x", "triton": "3.x",
+           "commit": "abcdef0123", "date": "2026-01-02T03:04:05Z"}
+
+    def step(case, dtype, provider, p50_s, gbs, nbytes=150_000_000, shape_id="B64-3x256x256"):
+        return {"case": case, "dtype": dtype, "provider": provider, "p50_s": p50_s, "gbs": gbs,
+                "bytes": nbytes, "shape_id": shape_id}
+
+    steps = [step("eta0", "fp32", "triton", 40e-6, 3600.0), step("eta0", "fp32", "compile", 44e-6, 3300.0),
+             step("eta0", "fp32", "triton", 5e-6, 40.0, nbytes=200_000, shape_id="B1-4x64x64"),
+             step("eta-drawn", "fp32", "triton", 40e-6, 3600.0), step("eta-drawn", "fp32", "minimal", 120e-6, 1200.0)]
+    return {"environment": env, "parity": {"ok": gate}, "copy_bandwidth": {"gbs": 4000.0}, "steps": steps}
+
+
+GRAPH = {"rows": [
+    {"case": "tiny-eta0", "provider": "fused", "per_step_us": 16.0},
+    {"case": "tiny-eta0", "provider": "fused-graph", "per_step_us": 2.0},
+    {"case": "tiny-eta0", "provider": "diffusers", "per_step_us": 150.0},
+    {"case": "digits", "provider": "fused-graph", "per_step_us": 400.0},
+    {"case": "digits", "provider": "diffusers", "per_step_us": None, "skipped": "no diffusers"},
+]}
+
+
+def test_summary_rows_come_from_the_largest_shape_and_the_loops():
+    text = gpu_summary(_results(), GRAPH)
+    assert "| one step, fp32, eta = 0, B64-3x256x256 (150 MB moved) | 3600 GB/s, 90% of a copy " \
+           "| torch.compile: 3300 GB/s | 1.10x |" in text
+    assert "minimal eager (torch.randn): 1200 GB/s | 3.00x |" in text
+    assert "per step | 2.0 µs (one CUDA graph) | diffusers' loop: 150.0 µs | 75.0x |" in text
+    assert "Test GPU, torch 2.x, triton 3.x, commit abcdef0, 2026-01-02" in text
+
+
+def test_missing_data_reads_not_measured():
+    text = gpu_summary(_results(), GRAPH)
+    # No bf16 step, no timed diffusers loop for digits, no Stable Diffusion data: no number.
+    assert f"| one step, bf16, eta = 0 | {NOT_MEASURED} | | |" in text
+    assert f"digits UNet, batch 16, per step | {NOT_MEASURED} |" in text
+    assert text.count("fp16, batch") == 3 and text.count(f"| {NOT_MEASURED} | diffusers: {NOT_MEASURED} |") == 3
+
+
+def test_stable_diffusion_rows_when_measured():
+    sd = {"rows": [{"row": "generate-cuda-graph", "batch": 4, "images_per_s": 6.0},
+                   {"row": "diffusers", "batch": 4, "images_per_s": 4.0}]}
+    text = gpu_summary(_results(), GRAPH, sd)
+    assert "fp16, batch 4 | 6.00 images/s | diffusers: 4.00 images/s | 1.50x |" in text
+    assert f"fp16, batch 1 | {NOT_MEASURED}" in text
+
+
+def test_a_failed_parity_gate_withholds_the_ratios():
+    text = gpu_summary(_results(gate=False), GRAPH)
+    assert "withheld (parity gate failed)" in text and "1.10x" not in text
+
+
+def test_a_cpu_run_is_refused():
+    with pytest.raises(ValueError, match="measured on a GPU"):
+        gpu_summary(_results(device="cpu"), GRAPH)
+
+
+def test_graph_table_lists_every_timed_case():
+    text = graph_table(GRAPH, _results())
+    assert "| trivial model 1x4x8x8, eta 0 | 16.0 µs | 2.0 µs | 150.0 µs | 75.0x | 8.0x |" in text
+    assert f"| digits model, batch 16 | {NOT_MEASURED} | 400.0 µs | {NOT_MEASURED} | - | - |" in text
