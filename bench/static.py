@@ -85,6 +85,29 @@ def table(rows: list[dict], env: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(data: dict) -> str:
+    """The static.json of this module as a markdown table: one row per variant, a column pair per arch.
+
+    Args:
+        data: {"environment": {..., "archs": [...]}, "rows": [one dict per (arch, variant)]}.
+    Returns:
+        The table (registers, SASS instructions per element, budget verdict per arch) and a caption.
+    """
+    env, rows = data["environment"], data["rows"]
+    archs = env.get("archs") or list(dict.fromkeys(r["arch"] for r in rows))
+    by = {(r["arch"], r["variant"]): r for r in rows}
+    head = ["variant"] + [f"{arch} {what}" for arch in archs for what in ("regs", "SASS/elem")] + ["budget"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 2) + " --- |"]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [by.get((arch, variant)) for arch in archs]
+        cells = [f"{r['regs']} | {r['sass_per_elem']:.1f}" if r else "- | -" for r in mine]
+        verdicts = sorted({_verdict(r) for r in mine if r} - {"-"}) or ["none (not budgeted)"]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'; '.join(verdicts)} |")
+    caption = (f"`python -m bench.static`: triton {env['triton']}, commit {str(env['commit'])[:7]}, {env['date'][:10]}; "
+               "4 warps, BLOCK 2048 (1024 with in-kernel noise); compiled on a CPU, no GPU ran them.")
+    return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
 def _write_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
