@@ -372,10 +372,6 @@ def generate_shards(
     """
     inputs = model if isinstance(model, Conditioning) else _class_inputs(model, config)
     sampler = inputs.sampler(config.steps, config.discretize, config.eta, backend=config.backend, seed=config.seed)
-    dtype = getattr(torch, config.dtype)
-    device = torch.device(config.device)
-    sample_shape = tuple(inputs.loaded.sample_shape)
-    hint = nonfinite_hint(config.guidance, config.dtype, "its weights", "no shard holding it was written")
     with _ShardWriter(out_dir, config.seed, chash) as writer, torch.inference_mode():
         for k in shards:
             start, stop = config.shard_range(k)
@@ -383,18 +379,36 @@ def generate_shards(
             for b0 in range(start, stop, config.batch_size):
                 writer.check()
                 b1 = min(b0 + config.batch_size, stop)
-                cond, extra = inputs.batch(b0, b1)
-                x = sampler.sample((b1 - b0,) + sample_shape, cond, sample_offset=b0, device=device, dtype=dtype,
-                                   cuda_graph=config.cuda_graph, **extra)
-                if inputs.loaded.decodes:
-                    x = inputs.loaded.pipeline.decode(x)
-                check_finite(x, "generated samples", first_index=b0, hint=hint)
-                parts.append(to_uint8(x) if inputs.loaded.decodes else x.float().cpu().numpy())
+                parts.append(sample_batch(inputs, sampler, config, b0, b1))
                 if on_batch is not None:
                     on_batch(b1 - b0)
             indices = np.arange(start, stop, dtype=np.int64)
             writer.put(shard_name(k), np.concatenate(parts), indices, inputs.labels(indices))
     return writer.written
+
+
+def sample_batch(inputs: Conditioning, sampler, config: GenerateConfig, b0: int, b1: int) -> np.ndarray:
+    """Samples b0..b1-1 of a run as stored: sampled, decoded by a pipeline's VAE if it has one, checked.
+
+    Args:
+        inputs: the run's Conditioning; sampler: its DDIMSampler (`inputs.sampler(...)`).
+        config: the run (device, dtype, cuda_graph, guidance for the error message).
+
+    Returns:
+        (b1 - b0, *shape) float32 samples, or (b1 - b0, H, W, 3) uint8 pixels of decoded images.
+
+    Raises:
+        NonFiniteError: a sample (or decoded image) holds NaN or Inf.
+    """
+    cond, extra = inputs.batch(b0, b1)
+    x = sampler.sample((b1 - b0,) + tuple(inputs.loaded.sample_shape), cond, sample_offset=b0,
+                       device=torch.device(config.device), dtype=getattr(torch, config.dtype),
+                       cuda_graph=config.cuda_graph, **extra)
+    if inputs.loaded.decodes:
+        x = inputs.loaded.pipeline.decode(x)
+    hint = nonfinite_hint(config.guidance, config.dtype, "its weights", "no shard holding it was written")
+    check_finite(x, "generated samples", first_index=b0, hint=hint)
+    return to_uint8(x) if inputs.loaded.decodes else x.float().cpu().numpy()
 
 
 def _class_inputs(model, config: GenerateConfig) -> Conditioning:

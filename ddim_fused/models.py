@@ -301,8 +301,10 @@ def _load_callable(spec: str, device, dtype, sample_shape) -> LoadedModel:
         raise ValueError(f"source {spec!r} returned an object outside the sampler protocol: {exc}") from None
 
 
-def optimize(loaded: LoadedModel, *, compile: bool = False, channels_last: bool = False) -> LoadedModel:
-    """Apply --compile (torch.compile of the network) and --channels-last, in place.
+def optimize(loaded: LoadedModel, *, compile: bool = False, channels_last: bool = False,
+             compile_mode: Optional[str] = None) -> LoadedModel:
+    """Apply --compile (torch.compile of the network, in torch.compile's `compile_mode`) and
+    --channels-last, in place.
 
     The network is the model's `net` attribute (digits, diffusers folders) or the model
     itself when it is an nn.Module (callables); other models cannot be optimized. A
@@ -320,13 +322,13 @@ def optimize(loaded: LoadedModel, *, compile: bool = False, channels_last: bool 
     if channels_last:
         net.to(memory_format=torch.channels_last)
     if compile:
-        compiled = torch.compile(net)
+        compiled = torch.compile(net, mode=compile_mode)
         if net is owner:
             loaded.model = compiled
         else:
             owner.net = compiled
         if loaded.decodes:
-            loaded.pipeline.vae.decoder = torch.compile(loaded.pipeline.vae.decoder)
+            loaded.pipeline.vae.decoder = torch.compile(loaded.pipeline.vae.decoder, mode=compile_mode)
     return loaded
 
 

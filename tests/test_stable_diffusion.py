@@ -203,3 +203,17 @@ def test_cuda_graph_refuses_a_cpu_device(folders, tmp_path, capsys):
     err = fails(["generate", "--model", str(folders[1]), "--prompt", "a cat", "--cuda-graph",
                  "--out", str(tmp_path / "o")], capsys)
     assert "--cuda-graph needs a CUDA device" in err
+
+
+def test_compile_wraps_the_unet_and_the_vae_decoder(folders, tmp_path, capsys, monkeypatch):
+    compiled = []
+
+    def fake_compile(module, mode=None, **kwargs):  # records what --compile hands torch.compile
+        compiled.append((type(module).__name__, mode))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run(["sample", "--model", str(folders[1]), "--prompt", "a cat", "--num", "1", "--steps", "1", "--compile",
+         "--compile-mode", "max-autotune-no-cudagraphs", "--out", str(tmp_path / "s.png")], capsys)
+    assert compiled == [("UNet2DConditionModel", "max-autotune-no-cudagraphs"),
+                        ("Decoder", "max-autotune-no-cudagraphs")]

@@ -33,12 +33,14 @@ def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedMode
     if shape is not None and (min(shape) < 1 or math.prod(shape) > MAX_NUMEL):
         raise UserError("--shape must be sizes >= 1 with at most 2**62 elements in all, got "
                         + " ".join(map(str, shape)))
+    if args.compile_mode is not None and not args.compile:
+        raise UserError("--compile-mode needs --compile")
     try:
         loaded = load_model_source(args.model, device=device, dtype=dtype, weights=args.weights,
                                    scheduler_config=args.scheduler_config, sample_shape=shape,
                                    output_type=args.output_type)
         loaded.sampler_options.update(schedule_overrides(args))
-        return optimize(loaded, compile=args.compile, channels_last=args.channels_last)
+        return optimize(loaded, compile=args.compile, channels_last=args.channels_last, compile_mode=args.compile_mode)
     except ImportError as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:

@@ -26,6 +26,8 @@ from ..sampler import DDIMSampler
 from ..schedules import DISCRETIZATIONS
 from ..validation import check_int
 
+# torch.compile modes --compile takes: those that do not capture CUDA graphs of their own.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # More threads than this only oversubscribes the cores (and torch crashes on absurd counts).
 MAX_THREADS = 4 * (os.cpu_count() or 1)
@@ -119,6 +121,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "(default), 'latent' keeps the latents")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model's network, and a pipeline's VAE decoder (pays off on a GPU)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode of --compile (default: torch's default); the modes that use CUDA "
+                        "graphs of their own are left out, --cuda-graph captures the whole loop")
     g.add_argument("--channels-last", action="store_true",
                    help="run the network in channels_last memory format (faster convolutions on GPUs)")
 
