@@ -154,6 +154,26 @@ class Conditioning:
             return np.full(len(indices), NO_LABEL, dtype=np.int64)
         return np.asarray(self.classes, dtype=np.int64)[indices % len(self.classes)]
 
+    def sample_metadata(self, indices) -> list[dict]:
+        """What each sample was fed, as JSON-able dicts for the per-sample metadata of a run.
+
+        This is the hook a model kind fills: generate.sample_metadata adds the run's own
+        fields (index, label, seed, steps, eta, guidance, model) around it, and every output
+        format stores the result (npz shards, png shards' metadata.jsonl, webdataset KEY.json).
+        A subclass overrides it to add its inputs: a text-conditioned model adds "prompt" and
+        "negative_prompt" (None where there is none) per sample.
+
+        Args:
+            indices: (n,) global sample indices.
+
+        Returns:
+            n dicts: {"class": c} for class models given classes, {} otherwise.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.loaded.conditioning == "class" and self.classes is not None:
+            return [{"class": int(c)} for c in self.labels(indices)]
+        return [{} for _ in indices]
+
     def identity(self) -> dict:
         """sha256 of the cond and uncond tensors given (empty for class and unconditional models)."""
         out = {}

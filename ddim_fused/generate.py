@@ -11,8 +11,8 @@ finished shard while the next one is sampled.
 
 Layout of an output directory:
     run.json                 the run's identity (config + model), written before any shard
-    shard-000000.npz ...     samples, indices, labels, seeds, config_hash, checksum (samples are
-                             float32 (n, *shape), or uint8 (n, H, W, 3) pixels of decoded images)
+    shard-000000.npz ...     samples, indices, labels, seeds, metadata, config_hash, checksum (samples
+                             are float32 (n, *shape), or uint8 (n, H, W, 3) pixels of decoded images)
     manifest.json            config, model, versions, shard list with sha256; written last
     preview.png              optional grid of the first samples, written after the manifest
     .generate.lock           held (flock) by the process that runs the folder
@@ -151,17 +151,49 @@ def shard_name(k: int) -> str:
     return f"{SHARD_PREFIX}{k:06d}.npz"
 
 
-def _checksum(samples: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> str:
+def sample_metadata(config: GenerateConfig, model_info: dict, inputs: Conditioning, indices) -> list[dict]:
+    """The per-sample metadata records of a run, as every output format stores them.
+
+    Each record holds the sample's index, label (see Conditioning.labels), the run's seed,
+    what the model kind adds through `inputs.sample_metadata` (a class, or a prompt and
+    negative prompt), then steps, eta, guidance and the model's identity (model_info).
+    A model kind adds its per-sample inputs by overriding Conditioning.sample_metadata.
+
+    Args:
+        indices: (n,) global sample indices.
+
+    Returns:
+        n JSON-able dicts.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    shared = {"steps": config.steps, "eta": config.eta, "guidance": config.guidance, "model": model_info}
+    return [{"index": int(i), "label": int(label), "seed": config.seed, **extra, **shared}
+            for i, label, extra in zip(indices, inputs.labels(indices), inputs.sample_metadata(indices))]
+
+
+def _checksum(samples: np.ndarray, indices: np.ndarray, labels: np.ndarray, metadata=None) -> str:
     h = hashlib.sha256()
     for a in (samples, indices, labels):
         h.update(np.ascontiguousarray(a).tobytes())
+    if metadata is not None:  # shards written before per-sample metadata existed have none
+        h.update("\n".join(str(m) for m in metadata).encode())
     return h.hexdigest()
 
 
-def write_shard(path: Path, samples: np.ndarray, indices: np.ndarray, labels: np.ndarray, seed: int, chash: str):
-    """Write one shard atomically: samples (n, *shape) float32, indices and labels (n,) int64."""
+def write_shard(path: Path, samples: np.ndarray, indices: np.ndarray, labels: np.ndarray, seed: int, chash: str,
+                metadata: Optional[list[dict]] = None):
+    """Write one npz shard atomically.
+
+    Args:
+        samples: (n, *shape) float32 samples, or uint8 pixels.
+        indices, labels: (n,) int64.
+        metadata: n JSON-able dicts (see sample_metadata), stored as one JSON string each.
+    """
     arrays = dict(samples=samples, indices=indices, labels=labels, seeds=np.full(len(indices), seed, dtype=np.int64),
-                  config_hash=np.array(chash), checksum=np.array(_checksum(samples, indices, labels)))
+                  config_hash=np.array(chash))
+    if metadata is not None:
+        arrays["metadata"] = np.array([json.dumps(m, ensure_ascii=False) for m in metadata], dtype=str)
+    arrays["checksum"] = np.array(_checksum(samples, indices, labels, arrays.get("metadata")))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -175,6 +207,7 @@ def read_shard(path: Path, expected: Optional[tuple[int, int]] = None, chash: Op
 
     Returns:
         dict of its arrays: samples (n, *shape), indices (n,), labels (n,), seeds (n,),
+        metadata (n,) JSON strings (absent from shards written before it existed),
         config_hash and checksum (0-d strings).
 
     Raises:
@@ -198,9 +231,10 @@ def _verified_shard(path: Path, expected, chash) -> dict:
     if missing:
         raise ShardError(f"{path.name} lacks {sorted(missing)}")
     samples, indices, labels = shard["samples"], shard["indices"], shard["labels"]
-    if not len(samples) == len(indices) == len(labels):
+    metadata = shard.get("metadata")
+    if not len(samples) == len(indices) == len(labels) == (len(indices) if metadata is None else len(metadata)):
         raise ShardError(f"{path.name} holds {len(samples)} samples for {len(indices)} indices")
-    if str(shard["checksum"]) != _checksum(samples, indices, labels):
+    if str(shard["checksum"]) != _checksum(samples, indices, labels, metadata):
         raise ShardError(f"{path.name} fails its checksum")
     if chash is not None and str(shard["config_hash"]) != chash:
         raise ShardError(f"{path.name} belongs to another configuration")
@@ -358,6 +392,7 @@ def generate_shards(
     shards,
     *,
     on_batch: Optional[Callable[[int], None]] = None,
+    model_info: Optional[dict] = None,
 ) -> int:
     """Generate and write the given shards; returns the number of samples written.
 
@@ -365,6 +400,7 @@ def generate_shards(
         model: a Conditioning (a loaded model with its run inputs), or a digits-like
             protocol model (image_shape, null_cond, labels as cond) fed config.classes
             and config.guidance.
+        model_info: the model's identity, stored in each sample's metadata.
 
     Raises:
         NonFiniteError: a batch holds NaN or Inf (its shard is not written).
@@ -383,7 +419,8 @@ def generate_shards(
                 if on_batch is not None:
                     on_batch(b1 - b0)
             indices = np.arange(start, stop, dtype=np.int64)
-            writer.put(shard_name(k), np.concatenate(parts), indices, inputs.labels(indices))
+            writer.put(shard_name(k), np.concatenate(parts), indices, inputs.labels(indices),
+                       sample_metadata(config, model_info or {}, inputs, indices))
     return writer.written
 
 
@@ -450,9 +487,9 @@ class _ShardWriter:
                 return
             if self.error is not None:
                 continue
-            name, samples, indices, labels = item
+            name, samples, indices, labels, metadata = item
             try:
-                write_shard(self.out_dir / name, samples, indices, labels, self.seed, self.chash)
+                write_shard(self.out_dir / name, samples, indices, labels, self.seed, self.chash, metadata)
                 self.written += len(indices)
             except BaseException as exc:  # noqa: BLE001 - handed to the sampling thread
                 self.error = exc
@@ -462,12 +499,12 @@ class _ShardWriter:
         if self.error is not None:
             raise self.error
 
-    def put(self, name: str, samples: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> None:
+    def put(self, name: str, samples: np.ndarray, indices: np.ndarray, labels: np.ndarray, metadata: list) -> None:
         """Queue a shard; waits while the queue is full, raising a failed write's error."""
         while True:
             self.check()
             try:
-                self._queue.put((name, samples, indices, labels), timeout=0.1)
+                self._queue.put((name, samples, indices, labels, metadata), timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -525,7 +562,9 @@ def load_samples(out_dir) -> dict:
         out_dir: the run folder.
 
     Returns:
-        dict: samples (num, *shape) float32, indices (num,) int64, labels (num,) int64.
+        dict: samples (num, *shape) float32 (or uint8 pixels), indices (num,) int64, labels
+        (num,) int64, metadata (num dicts, see sample_metadata; for shards written before
+        per-sample metadata existed, index, label and seed only).
 
     Raises:
         CorruptRunError: naming the file (and shard) that fails, and why.
@@ -547,7 +586,16 @@ def load_samples(out_dir) -> dict:
         start += entry["count"]
     if start != num:
         raise CorruptRunError(f"{out_dir / MANIFEST}: its shards hold {start} samples, not num_samples = {num}")
-    return {k: np.concatenate([s[k] for s in shards]) for k in ("samples", "indices", "labels")}
+    out = {k: np.concatenate([s[k] for s in shards]) for k in ("samples", "indices", "labels")}
+    out["metadata"] = [record for s in shards for record in _shard_records(s)]
+    return out
+
+
+def _shard_records(shard: dict) -> list[dict]:
+    if "metadata" in shard:
+        return [json.loads(str(m)) for m in shard["metadata"]]
+    return [{"index": int(i), "label": int(label), "seed": int(seed)}
+            for i, label, seed in zip(shard["indices"], shard["labels"], shard["seeds"])]
 
 
 def _verified_entry(out_dir: Path, root: Path, k: int, entry, start: int, chash: str) -> dict:
@@ -676,7 +724,8 @@ def run_generation(
             run_config = dataclasses.replace(config, device=str(device))
             bar = _progress_bar(sum(config.shard_range(k)[1] - config.shard_range(k)[0] for k in todo),
                                 enabled=progress and rank == 0, world=world)
-            written = generate_shards(out_dir, run_config, model, chash, todo, on_batch=bar.update)
+            written = generate_shards(out_dir, run_config, model, chash, todo, on_batch=bar.update,
+                                      model_info=model_info)
             bar.close()
         except BaseException as exc:  # reported after the group agrees, so no rank hangs
             error = exc

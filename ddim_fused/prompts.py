@@ -137,6 +137,10 @@ class PromptConditioning(Conditioning):
         row = index % len(self.prompts)
         return self.prompts[row], self.negative_prompts[row]
 
+    def sample_metadata(self, indices) -> list[dict]:
+        """{"prompt", "negative_prompt" (None where there is none)} of each sample (see Conditioning)."""
+        return [dict(zip(("prompt", "negative_prompt"), self.prompt(int(i)))) for i in indices]
+
     def identity(self) -> dict:
         """sha256 of the prompt list with its negative prompts, and their number."""
         body = json.dumps([self.prompts, self.negative_prompts], ensure_ascii=False).encode()

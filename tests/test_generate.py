@@ -162,3 +162,37 @@ def test_ranks_join_over_gloo_on_every_device(monkeypatch, device):
     rank, world, dev = gen._join_group(device)
     assert (rank, world) == (2, 3) and joined[-1] == "gloo"
     assert dev == (torch.device("cuda", 0) if device == "cuda" else torch.device("cpu"))
+
+
+def test_each_sample_carries_its_metadata(tmp_path):
+    run(tmp_path)
+    records = gen.load_samples(tmp_path)["metadata"]
+    assert [r["index"] for r in records] == list(range(CONFIG.num))
+    assert [r["class"] for r in records] == [(1, 4, 7)[i % 3] for i in range(CONFIG.num)]
+    assert [r["label"] for r in records] == [r["class"] for r in records]
+    for r in records:
+        assert (r["seed"], r["steps"], r["eta"], r["guidance"], r["model"]) == (3, 6, 0.5, 2.0, INFO)
+
+
+def test_shards_written_before_metadata_existed_still_load(tmp_path):
+    run(tmp_path)
+    path = tmp_path / gen.shard_name(0)
+    shard = gen.read_shard(path)
+    gen.write_shard(path, shard["samples"], shard["indices"], shard["labels"], CONFIG.seed, str(shard["config_hash"]))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = gen.file_sha256(path)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    records = gen.load_samples(tmp_path)["metadata"]
+    assert records[0] == {"index": 0, "label": 1, "seed": 3} and records[6]["class"] == 1
+
+
+def test_edited_metadata_fails_the_checksum(tmp_path):
+    run(tmp_path)
+    path = tmp_path / gen.shard_name(1)
+    shard = gen.read_shard(path)
+    arrays = {k: shard[k] for k in shard}
+    arrays["metadata"] = np.array([m.replace('"class": 4', '"class": 5') for m in shard["metadata"].tolist()])
+    assert arrays["metadata"].tolist() != shard["metadata"].tolist()
+    np.savez(path, **arrays)
+    with pytest.raises(gen.ShardError, match="fails its checksum"):
+        gen.read_shard(path)

@@ -78,6 +78,10 @@ def test_images_match_diffusers_pipeline_at_two_batch_sizes(folders, references,
             diff = (got.int() - expected.int()).abs()
             assert diff.max() <= 1, f"sample {i}: {int((diff > 1).sum())} pixels differ by more than 1/255"
     assert runs[0]["labels"].tolist() == [0, 1, 0]  # the prompt index of each sample
+    records = runs[0]["metadata"]
+    assert [(r["index"], r["prompt"], r["negative_prompt"]) for r in records] == \
+        [(i, PROMPTS[i % 2], negative) for i in range(num)]
+    assert all((r["seed"], r["steps"], r["eta"], r["guidance"]) == (SEED, STEPS, eta, 7.5) for r in records)
 
 
 @pytest.mark.parametrize("version", [1, 2], ids=["sd1-epsilon", "sd2-v-trailing"])
@@ -217,3 +221,14 @@ def test_compile_wraps_the_unet_and_the_vae_decoder(folders, tmp_path, capsys, m
          "--compile-mode", "max-autotune-no-cudagraphs", "--out", str(tmp_path / "s.png")], capsys)
     assert compiled == [("UNet2DConditionModel", "max-autotune-no-cudagraphs"),
                         ("Decoder", "max-autotune-no-cudagraphs")]
+
+
+def test_an_edited_prompt_file_is_another_run(folders, tmp_path, capsys):
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "run"
+    prompts.write_text("a cat\n", encoding="utf-8")
+    argv = ["generate", "--model", str(folders[1]), "--prompts", str(prompts), "--num", "1", "--steps", "2",
+            "--out", str(out)]
+    run(argv, capsys)
+    assert run(argv, capsys).out.count("1 complete shard(s) kept") == 1  # the same file resumes
+    prompts.write_text("a cat\n\n", encoding="utf-8")  # the same prompts, another file
+    assert "prompt_file_sha256" in fails(argv, capsys)

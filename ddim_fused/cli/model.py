@@ -13,7 +13,7 @@ import torch
 from .options import UserError, flag_names, parse_classes, sampler_errors, schedule_overrides
 from ..conditioning import Conditioning, load_tensor_file
 from ..digits.pretrained import MODEL_FILE
-from ..models import DIGITS, LoadedModel, load_model_source, optimize
+from ..models import DIGITS, LoadedModel, file_sha256, load_model_source, optimize
 from ..prompts import PromptConditioning, read_prompt_file
 from ..validation import MAX_NUMEL
 
@@ -159,13 +159,15 @@ def run_identity(loaded: LoadedModel, inputs: Conditioning, args) -> dict:
     """The model part of a generate run's identity (run.json, manifest.json).
 
     For the digits model without overrides it is what earlier versions recorded (name and
-    weights sha256), so their runs still resume.
+    weights sha256), so their runs still resume. With --prompts it holds the file's sha256.
     """
     info = dict(loaded.identity)
     overrides = schedule_overrides(args)
     if overrides:
         info["schedule_overrides"] = overrides
     info.update(inputs.identity())
+    if getattr(args, "prompts", None):  # the file itself: an edited prompt file is another run
+        info["prompt_file_sha256"] = file_sha256(args.prompts)
     if not loaded.is_digits:
         info["sample_shape"] = list(loaded.sample_shape)
         info["prediction_type"] = overrides.get("prediction_type", loaded.prediction_type)
