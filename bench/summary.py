@@ -21,6 +21,9 @@ GRAPH_LABELS = {"tiny-eta0": "trivial model 1x4x8x8, eta 0", "tiny-eta1": "trivi
                 "tiny-cfg": "trivial model 1x4x8x8, guidance", "sd-latent-eta1": "trivial model 4x4x64x64, eta 1",
                 "digits": "digits model, batch 16", "digits-cfg": "digits model, batch 16, guidance"}
 NOT_MEASURED = "not measured"
+# bench.sd's rows: (a) diffusers' StableDiffusionPipeline, (e) `ddim-fused generate --cuda-graph`.
+SD_BASE, SD_FUSED, SD_BATCHES = "a", "e", (1, 4, 16)
+DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 def _environment(results: dict) -> str:
@@ -50,8 +53,8 @@ def gpu_summary(results: dict, graph: dict, sd: dict | None = None) -> str:
     Args:
         results: a GPU results.json of `python -m bench` (its `steps` and `copy_bandwidth`).
         graph: a gpu_graph.json of `python -m bench.gpu_graph` (per-step loop times).
-        sd: the Stable Diffusion benchmark's JSON with `rows` of {"row", "batch", "images_per_s"},
-            or None while it has not been measured.
+        sd: an sd.json of `python -m bench.sd` on a GPU with the SD 1.5 configuration, or None
+            while it has not been measured.
     Returns:
         A markdown table and a one-line caption naming the device, versions, commit and date.
     """
@@ -84,18 +87,39 @@ def gpu_summary(results: dict, graph: dict, sd: dict | None = None) -> str:
         ours, theirs = row["fused-graph"]["per_step_us"], row["diffusers"]["per_step_us"]
         lines.append(f"| 50-step loop, {label}, per step | {ours:.1f} µs (one CUDA graph) "
                      f"| diffusers' loop: {theirs:.1f} µs | {theirs / ours:.1f}x |")
-    sd_rows = {} if sd is None else {(r["row"], r["batch"]): r for r in sd["rows"]}
-    for batch in (1, 4, 16):
-        ours, theirs = sd_rows.get(("generate-cuda-graph", batch)), sd_rows.get(("diffusers", batch))
-        label = f"Stable Diffusion 1.5 architecture, 512x512, 50 steps, CFG 7.5, fp16, batch {batch}"
-        if ours is None or theirs is None:
-            lines.append(f"| {label} | {NOT_MEASURED} | diffusers: {NOT_MEASURED} | |")
-            continue
-        lines.append(f"| {label} | {ours['images_per_s']:.2f} images/s | diffusers: {theirs['images_per_s']:.2f} "
-                     f"images/s | {ours['images_per_s'] / theirs['images_per_s']:.2f}x |")
+    lines += _sd_rows(sd)
     caption = (f"{_environment(results)}; p50 times; a copy moves {copy:.0f} GB/s on this device in the same run; "
                f"ratio = baseline time / ddim-fused time (above 1: ddim-fused is faster).")
+    if sd is not None:
+        env = sd["environment"]
+        caption += (f" Stable Diffusion rows: `python -m bench.sd` (random weights), {env.get('device_name', env['device'])}, "
+                    f"commit {str(env.get('commit'))[:7]}, {str(env.get('date'))[:10]}; each row's images checked "
+                    "against diffusers' before timing.")
     return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
+def _sd_rows(sd: dict | None) -> list[str]:
+    """Table rows: `generate --cuda-graph` (bench.sd row e) against diffusers' pipeline (row a), per batch."""
+    if sd is None:
+        return [f"| Stable Diffusion 1.5 architecture, 512x512, 50 steps, CFG 7.5, fp16, batch {b} | {NOT_MEASURED} "
+                f"| diffusers: {NOT_MEASURED} | |" for b in SD_BATCHES]
+    settings = sd["settings"]
+    if settings["config"] != "sd15" or not sd["environment"]["device"].startswith("cuda"):
+        raise ValueError("the Stable Diffusion rows need an sd.json of the SD 1.5 configuration measured on a GPU")
+    rows = {(r["row"], r["batch"]): r for r in sd["rows"]}
+    ratios = {(s["row"], s["batch"]): s for s in sd.get("speedups", []) if s["vs"] == SD_BASE}
+    out = []
+    for batch in settings["batches"]:
+        label = (f"Stable Diffusion 1.5 architecture, 512x512, {settings['steps']} steps, CFG {settings['guidance']:g}, "
+                 f"{DTYPES.get(settings['dtype'], settings['dtype'])}, batch {batch}, images/s")
+        ours, base = rows.get((SD_FUSED, batch), {}), rows.get((SD_BASE, batch), {})
+        cells = [f"{1 / ours['s_per_image']:.2f} (`generate --cuda-graph`)" if "s_per_image" in ours else NOT_MEASURED,
+                 f"diffusers: {1 / base['s_per_image']:.2f}" if "s_per_image" in base else f"diffusers: {NOT_MEASURED}"]
+        ratio = ratios.get((SD_FUSED, batch), {})
+        cells.append(f"{ratio['speedup']:.2f}x" if "speedup" in ratio else
+                     "withheld (images differ from diffusers')" if "withheld" in ratio else "")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
 
 
 def graph_table(graph: dict, results: dict) -> str:

@@ -44,12 +44,27 @@ def test_missing_data_reads_not_measured():
     assert text.count("fp16, batch") == 3 and text.count(f"| {NOT_MEASURED} | diffusers: {NOT_MEASURED} |") == 3
 
 
+def _sd(config="sd15", device="cuda", check=True):
+    rows = [{"row": "a", "batch": 1, "s_per_image": 0.5}, {"row": "e", "batch": 1, "s_per_image": 0.25},
+            {"row": "a", "batch": 4, "s_per_image": 0.2}, {"row": "e", "batch": 4, "error": "OutOfMemoryError: ..."}]
+    speedups = [{"row": "e", "batch": 1, "vs": "a", **({"speedup": 2.0} if check else {"withheld": "a row failed"})},
+                {"row": "e", "batch": 1, "vs": "c", "speedup": 1.1}]
+    return {"environment": {"device": device}, "rows": rows, "speedups": speedups,
+            "settings": {"config": config, "steps": 50, "guidance": 7.5, "dtype": "float16", "batches": [1, 4]}}
+
+
 def test_stable_diffusion_rows_when_measured():
-    sd = {"rows": [{"row": "generate-cuda-graph", "batch": 4, "images_per_s": 6.0},
-                   {"row": "diffusers", "batch": 4, "images_per_s": 4.0}]}
-    text = gpu_summary(_results(), GRAPH, sd)
-    assert "fp16, batch 4 | 6.00 images/s | diffusers: 4.00 images/s | 1.50x |" in text
-    assert f"fp16, batch 1 | {NOT_MEASURED}" in text
+    text = gpu_summary(_results(), GRAPH, _sd())
+    assert "fp16, batch 1, images/s | 4.00 (`generate --cuda-graph`) | diffusers: 2.00 | 2.00x |" in text
+    # A row that failed to run shows no number; its baseline still does.
+    assert f"fp16, batch 4, images/s | {NOT_MEASURED} | diffusers: 5.00 |  |" in text
+    assert "withheld (images differ from diffusers')" in gpu_summary(_results(), GRAPH, _sd(check=False))
+
+
+@pytest.mark.parametrize("sd", [_sd(config="tiny"), _sd(device="cpu")], ids=["tiny-config", "cpu-run"])
+def test_stable_diffusion_rows_refuse_other_runs(sd):
+    with pytest.raises(ValueError, match="SD 1.5 configuration measured on a GPU"):
+        gpu_summary(_results(), GRAPH, sd)
 
 
 def test_a_failed_parity_gate_withholds_the_ratios():
