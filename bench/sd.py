@@ -44,13 +44,14 @@ from ddim_fused import initial_noise
 from . import sd_pipeline
 from .timing import environment, sync
 
+# row letter: (its id, what it runs)
 ROWS = {
-    "a": "diffusers StableDiffusionPipeline + DDIMScheduler",
-    "b": "(a) + use_fused",
-    "c": "(a) + torch.compile(unet, max-autotune)",
-    "d": "ddim-fused generate",
-    "e": "ddim-fused generate --cuda-graph",
-    "f": "ddim-fused generate --cuda-graph --compile",
+    "a": ("diffusers", "diffusers StableDiffusionPipeline + DDIMScheduler"),
+    "b": ("diffusers-fused", "(a) + use_fused"),
+    "c": ("diffusers-compile", "(a) + torch.compile(unet, max-autotune)"),
+    "d": ("generate", "ddim-fused generate"),
+    "e": ("generate-cuda-graph", "ddim-fused generate --cuda-graph"),
+    "f": ("generate-cuda-graph-compile", "ddim-fused generate --cuda-graph --compile"),
 }
 GUIDANCE, SEED = 7.5, 0
 # The first call's images against row (a)'s, in 8-bit levels: float32 must agree to rounding;
@@ -69,10 +70,10 @@ class DiffusersRows:
     def __init__(self, folder: Path, device, dtype, steps: int):
         import diffusers  # noqa: PLC0415 - optional dependency
 
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        self.pipe, self.steps, self.device = pipe.to(device), steps, device
+        self.pipe, self.steps, self.device = pipe.to(device=device, dtype=dtype), steps, device
         self.stock_scheduler, self.unet = pipe.scheduler, pipe.unet
 
     @contextlib.contextmanager
@@ -159,7 +160,7 @@ def run(folder: Path, rows: str, batches: list[int], steps: int, repeats: int, d
         latents = initial_noise((batch, 4, latent_size, latent_size), SEED, device=device, dtype=dtype)
         reference = None
         for name in rows:
-            row = {"row": name, "what": ROWS[name], "batch": batch, "steps": steps}
+            row = {"row": name, "id": ROWS[name][0], "what": ROWS[name][1], "batch": batch, "steps": steps}
             if name in "ef" and device.type != "cuda":
                 row["skipped"] = "needs CUDA (a CUDA graph)"
                 out.append(row)
@@ -189,6 +190,7 @@ def run(folder: Path, rows: str, batches: list[int], steps: int, repeats: int, d
                 row["check"] = compare(first, reference, precision)
             row.update(timing)
             row["s_per_image"] = timing["p50"] / batch
+            row["images_per_s"] = batch / timing["p50"]
             row["ms_per_step"] = 1000 * timing["p50"] / steps
             out.append(row)
             log(row)
@@ -196,20 +198,20 @@ def run(folder: Path, rows: str, batches: list[int], steps: int, repeats: int, d
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Each row against (a) and (c) of its batch size, where both ran and passed the check."""
-    def ok(row):
-        return row is not None and "p50" in row and row.get("check", {}).get("passed", False)
+    """Each row against (a) and (c) of its batch size, where both ran; withheld unless both passed the check."""
+    def timed(letter, batch):
+        return next((r for r in rows if r["row"] == letter and r["batch"] == batch and "p50" in r), None)
 
     out = []
     for row in rows:
         if "p50" not in row:
             continue
-        for base_name in ("a", "c"):
-            base = next((r for r in rows if r["row"] == base_name and r["batch"] == row["batch"]), None)
-            if base is None or base is row or "p50" not in base:
+        for base_letter in ("a", "c"):
+            base = timed(base_letter, row["batch"])
+            if base is None or base is row:
                 continue
-            entry = {"row": row["row"], "batch": row["batch"], "vs": base_name}
-            if ok(row) and ok(base):
+            entry = {"row": row["row"], "id": row["id"], "batch": row["batch"], "vs": base_letter}
+            if all(r.get("check", {}).get("passed", False) for r in (row, base)):
                 entry["speedup"] = base["p50"] / row["p50"]
             else:
                 entry["withheld"] = "a row failed its check against (a)"
@@ -218,7 +220,7 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 
 def row_line(row: dict) -> str:
-    head = f"({row['row']}) B={row['batch']:<3} {row['what']:<44}"
+    head = f"({row['row']}) B={row['batch']:<3} {row['what']:<50}"
     if "skipped" in row:
         return f"{head} not run: {row['skipped']}"
     if "error" in row:
@@ -272,6 +274,7 @@ def main(argv=None) -> int:
         with open(jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps({**row, "settings": settings}) + "\n")
 
+    _quiet()
     print(f"building a random {config} pipeline ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = _build(Path(tmp), config, device, dtype)
@@ -282,6 +285,16 @@ def main(argv=None) -> int:
                                              "speedups": speedups(rows)}, indent=2) + "\n")
     (out / "sd.txt").write_text(text)
     return 0
+
+
+def _quiet() -> None:
+    """diffusers' and transformers' loading progress bars and notes off (the rows are the output)."""
+    from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415 - optional dependencies
+    from transformers.utils import logging as transformers_logging  # noqa: PLC0415
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
 
 
 def _build(root: Path, config: str, device, dtype) -> Path:
