@@ -20,6 +20,7 @@ with KIND one of
                (bench.summary.gpu_summary: the README's results table)
     graph      a gpu_graph.json and the same machine's results.json (bench.summary.graph_table)
     static     a static.json of `python -m bench.static` (its markdown_table)
+    host       a host.json of `python -m bench.host` (bench.summary.host_table)
 
 tests/test_readme_data.py runs the check, so no table in the pages can drift from its data.
 """
@@ -38,14 +39,14 @@ from ddim_fused.quality import markdown_table as quality_table
 
 from .report import readme_section
 from .static import markdown_table as static_table
-from .summary import gpu_summary, graph_table
+from .summary import gpu_summary, graph_table, host_table
 from .throughput import markdown_table as throughput_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"<!-- data: (\w+) (\S+(?: \S+)*) -->\n(.*?)<!-- /data -->", re.DOTALL)
 RENDER = {"bench": readme_section, "quality": quality_table, "adherence": adherence_table,
           "table1": table1_table, "throughput": throughput_table, "gpu": gpu_summary, "graph": graph_table,
-          "static": static_table}
+          "static": static_table, "host": host_table}
 
 
 def pages(root: Path = ROOT) -> list[Path]:

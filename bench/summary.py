@@ -4,6 +4,7 @@
                                         bandwidth, the captured loop against diffusers'
                                         loop, Stable Diffusion images/s
     graph_table(graph, results)         every captured-loop row of a `bench.gpu_graph` run
+    host_table(rows)                    every row of a `bench.host` run (host.json)
 
 `results` is a results.json of `python -m bench` on a GPU, `graph` a gpu_graph.json of
 `python -m bench.gpu_graph` from the same machine, `sd` the JSON of the Stable Diffusion
@@ -141,3 +142,39 @@ def graph_table(graph: dict, results: dict) -> str:
         lines.append(f"| {GRAPH_LABELS.get(case, case)} | " + " | ".join(cells + ratios) + " |")
     caption = f"`python -m bench.gpu_graph` on {_environment(results)}; p50 per step of a 50-step loop."
     return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
+def _verdict(value: float, target, unit: str = "") -> str:
+    if target is None:
+        return "no target"
+    return f"{'met' if value <= target else 'missed'}: <= {target:g}{unit}"
+
+
+def host_table(rows: list) -> str:
+    """A host.json of `python -m bench.host` as a markdown table, host (thread CPU) time per step.
+
+    Args:
+        rows: the file's rows: "sampler-step" and "scheduler-step" rows (fused against a
+            baseline, with a ratio target) and "gpu-host" / "cpu-host" rows (fused alone,
+            with a time target).
+    Returns:
+        A markdown table: what, shape, ddim-fused, baseline, ratio, target verdict.
+    """
+    lines = ["| host time per step | shape | ddim-fused | baseline | ratio | target |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        if r["kind"] in ("gpu-host", "cpu-host"):
+            lines.append(f"| {r['label']} on {r['device']} | {shape} | {r['fused_us']:.1f} µs | | | "
+                         f"{_verdict(r['fused_us'], r['target_us'], ' µs')} |")
+        elif r["kind"] == "scheduler-step":
+            lines.append(f"| `FusedDDIMScheduler.step`, eta {r['eta']:g}, on {r['device']} | {shape} | "
+                         f"{r['fused_us']:.1f} µs | diffusers' step: {r['stock_us']:.1f} µs | {r['ratio']:.2f} | "
+                         f"{_verdict(r['ratio'], r['target'])} |")
+        elif r["kind"] == "sampler-step":
+            lines.append(f"| sampler/step {r['case']} | {shape} | {r['fused_us']:.1f} µs | "
+                         f"reference sampler: {r['reference_us']:.1f} µs | {r['ratio']:.2f} | "
+                         f"{_verdict(r['ratio'], r['target'])} |")
+        else:
+            raise ValueError(f"unknown host row kind {r['kind']!r}")
+    return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """bench.summary: the README's GPU results table, from synthetic runs with known numbers."""
 import pytest
 
-from bench.summary import NOT_MEASURED, gpu_summary, graph_table
+from bench.summary import NOT_MEASURED, gpu_summary, graph_table, host_table
 
 
 def _results(gate=True, device="cuda"):
@@ -81,3 +81,21 @@ def test_graph_table_lists_every_timed_case():
     text = graph_table(GRAPH, _results())
     assert "| trivial model 1x4x8x8, eta 0 | 16.0 µs | 2.0 µs | 150.0 µs | 75.0x | 8.0x |" in text
     assert f"| digits model, batch 16 | {NOT_MEASURED} | 400.0 µs | {NOT_MEASURED} | - | - |" in text
+
+
+def test_host_table_judges_each_row_by_its_own_target():
+    rows = [{"kind": "gpu-host", "label": "sampler/step eta0", "shape": [1, 4, 64, 64], "fused_us": 12.0,
+             "target_us": 10.0, "device": "Test GPU"},
+            {"kind": "cpu-host", "label": "ddim_fused.ddim_step eta0", "shape": [1, 4, 64, 64], "fused_us": 50.0,
+             "target_us": None, "device": "CPU"},
+            {"kind": "scheduler-step", "shape": [1, 4, 32, 32], "eta": 1.0, "stock_us": 200.0, "fused_us": 40.0,
+             "ratio": 0.2, "device": "cuda", "target": 0.25},
+            {"kind": "sampler-step", "case": "guidance", "shape": [1, 4, 8, 8], "fused_us": 30.0,
+             "reference_us": 100.0, "ratio": 0.3, "target": 0.25}]
+    text = host_table(rows)
+    assert "| sampler/step eta0 on Test GPU | 1x4x64x64 | 12.0 µs | | | missed: <= 10 µs |" in text
+    assert "| ddim_fused.ddim_step eta0 on CPU | 1x4x64x64 | 50.0 µs | | | no target |" in text
+    assert "| 40.0 µs | diffusers' step: 200.0 µs | 0.20 | met: <= 0.25 |" in text
+    assert "| 30.0 µs | reference sampler: 100.0 µs | 0.30 | missed: <= 0.25 |" in text
+    with pytest.raises(ValueError, match="unknown host row kind"):
+        host_table([{"kind": "other", "shape": [1]}])
