@@ -1,6 +1,7 @@
 /* The CPU kernels of ddim_fused, built and loaded by ddim_fused/native.py:
  * - the keyed Philox4x32-10 normal stream: the integer half and the final store;
- * - the fused DDIM update in float32 (ddim_update_f32, at the end of this file).
+ * - the fused DDIM update in float32, with or without the paint blend (ddim_update_f32
+ *   and ddim_paint_f32, at the end of this file).
  *
  * The noise stream: The counters, key, uniform mapping
  * and lane order are those of kernels/noise.py. Only exactly rounded float operations
@@ -187,27 +188,123 @@ void ddim_box_muller_store(float *out, const float *radius, const float *cos_ang
  *   eps_out = e                                                 (when eps_out is given)
  *   out[i]  = (x_coef * x[i] + eps_coef * e) + noise_coef * n   (n from noise, when given)
  *
- * Each product and sum is rounded to float32 (no contraction: -ffp-contract=off), in
- * this order. noise holds B rows, or one row shared by every sample (noise_rows == 1).
- * out may be x itself, or the noise when it has B rows (each element is read before it
- * is written).
+ * and, with a paint mask (ddim_paint_f32), then
+ *
+ *   t       = orig_coef * orig[i], plus orig_noise_coef * orig_noise[i] when given
+ *   out[i]  = m * t + (out[i] - m * out[i])                     (m: the mask's value for i)
+ *
+ * which is exact at m = 0 and m = 1, as the Triton kernel's blend. Each product and sum is
+ * rounded to float32 (no contraction: -ffp-contract=off), in this order. noise, orig and
+ * orig_noise hold B rows, or one row shared by every sample (their *_rows == 1). out may
+ * be x itself, or the noise when it has B rows (each element is read before it is written).
  */
+typedef struct {
+    float x_coef, eps_coef, guidance, noise_coef, x0_x, x0_eps, orig_coef, orig_noise_coef;
+} step_coefs_t;
+
+/* The update of len elements into dst; every pointer at the first element (0 when absent). */
+static inline __attribute__((always_inline)) void update_span(
+    float *dst, float *x0_out, float *eps_out, const float *x, const float *eps, const float *eps_c,
+    const float *n, int64_t len, const step_coefs_t *c) {
+    for (int64_t j = 0; j < len; j++) {
+        const float xi = x[j];
+        float e = eps[j];
+        if (eps_c) e = e + c->guidance * (eps_c[j] - e);
+        if (x0_out) x0_out[j] = c->x0_x * xi + c->x0_eps * e;
+        if (eps_out) eps_out[j] = e;
+        float acc = c->x_coef * xi + c->eps_coef * e;
+        if (n) acc = acc + c->noise_coef * n[j];
+        dst[j] = acc;
+    }
+}
+
+/* The blend of len updated values into out. The mask advances with the elements
+ * (MASK_STEP 1) or holds one value for the span (0): a constant, so that each use
+ * compiles to its own loop. */
+static inline __attribute__((always_inline)) void blend_span(
+    float *out, const float *acc, const float *orig, const float *orig_noise, const float *mask, const int mask_step,
+    int64_t len, const step_coefs_t *c) {
+    for (int64_t j = 0; j < len; j++) {
+        float t = c->orig_coef * orig[j];
+        if (orig_noise) t = t + c->orig_noise_coef * orig_noise[j];
+        const float m = mask[mask_step * j];
+        out[j] = m * t + (acc[j] - m * acc[j]);
+    }
+}
+
+#define BLEND_CHUNK 512 /* elements updated into a stack buffer, then blended (2 KiB, in L1) */
+
+/* One run of len elements; every pointer at the run's first element (0 when absent).
+ * With a mask, the update goes through a stack buffer in chunks: two simple loops, each of
+ * which the compiler vectorizes (one loop over ten streams it does not). */
+static inline __attribute__((always_inline)) void update_run(
+    float *out, float *x0_out, float *eps_out, const float *x, const float *eps, const float *eps_c,
+    const float *n, const float *orig, const float *orig_noise, const float *mask, const int mask_step, int64_t len,
+    const step_coefs_t *c) {
+    if (!mask) {
+        update_span(out, x0_out, eps_out, x, eps, eps_c, n, len, c);
+        return;
+    }
+    float acc[BLEND_CHUNK];
+    for (int64_t j = 0; j < len; j += BLEND_CHUNK) {
+        const int64_t k = len - j < BLEND_CHUNK ? len - j : BLEND_CHUNK;
+        update_span(acc, x0_out ? x0_out + j : 0, eps_out ? eps_out + j : 0, x + j, eps + j, eps_c ? eps_c + j : 0,
+                    n ? n + j : 0, k, c);
+        blend_span(out + j, acc, orig + j, orig_noise ? orig_noise + j : 0, mask + mask_step * j, mask_step, k, c);
+    }
+}
+
+/* The pointers of sample b's element `at` (rows of numel; inputs with one row share it). */
+#define AT(p, rows) ((p) ? (p) + ((rows) == 1 ? 0 : b * numel) + at : 0)
+
+static void update_sample(float *out, float *x0_out, float *eps_out, const float *x, const float *eps,
+                          const float *eps_c, const float *noise, int64_t noise_rows, const float *orig,
+                          int64_t orig_rows, const float *orig_noise, int64_t orig_noise_rows, const float *mask,
+                          int64_t mid, int64_t inner, int64_t b, int64_t numel, const step_coefs_t *c) {
+    if (!mask) {
+        const int64_t at = 0;
+        update_run(AT(out, 0), AT(x0_out, 0), AT(eps_out, 0), AT(x, 0), AT(eps, 0), AT(eps_c, 0), AT(noise, noise_rows),
+                   0, 0, 0, 0, numel, c);
+        return;
+    }
+    /* Mask layout (ddim_fused.masks): element (o * mid + k) * inner + i of a sample reads
+     * mask[o * inner + i]. With inner == 1 a run of mid elements shares one value. */
+    const int64_t outer = numel / (mid * inner);
+    for (int64_t o = 0; o < outer; o++) {
+        if (inner == 1) {
+            const int64_t at = o * mid;
+            update_run(AT(out, 0), AT(x0_out, 0), AT(eps_out, 0), AT(x, 0), AT(eps, 0), AT(eps_c, 0),
+                       AT(noise, noise_rows), AT(orig, orig_rows), AT(orig_noise, orig_noise_rows), mask + o, 0, mid,
+                       c);
+            continue;
+        }
+        for (int64_t k = 0; k < mid; k++) {
+            const int64_t at = (o * mid + k) * inner;
+            update_run(AT(out, 0), AT(x0_out, 0), AT(eps_out, 0), AT(x, 0), AT(eps, 0), AT(eps_c, 0),
+                       AT(noise, noise_rows), AT(orig, orig_rows), AT(orig_noise, orig_noise_rows), mask + o * inner,
+                       1, inner, c);
+        }
+    }
+}
+
 void ddim_update_f32(float *out, float *x0_out, float *eps_out, const float *x, const float *eps,
                      const float *eps_c, const float *noise, int64_t batch, int64_t numel, int64_t noise_rows,
                      float x_coef, float eps_coef, float guidance, float noise_coef, float x0_x, float x0_eps) {
-    for (int64_t b = 0; b < batch; b++) {
-        const int64_t base = b * numel;
-        const float *n = noise ? noise + (noise_rows == 1 ? 0 : base) : 0;
-        for (int64_t j = 0; j < numel; j++) {
-            const int64_t i = base + j;
-            const float xi = x[i];
-            float e = eps[i];
-            if (eps_c) e = e + guidance * (eps_c[i] - e);
-            if (x0_out) x0_out[i] = x0_x * xi + x0_eps * e;
-            if (eps_out) eps_out[i] = e;
-            float acc = x_coef * xi + eps_coef * e;
-            if (n) acc = acc + noise_coef * n[j];
-            out[i] = acc;
-        }
-    }
+    const step_coefs_t c = {x_coef, eps_coef, guidance, noise_coef, x0_x, x0_eps, 0.0f, 0.0f};
+    for (int64_t b = 0; b < batch; b++)
+        update_sample(out, x0_out, eps_out, x, eps, eps_c, noise, noise_rows, 0, 0, 0, 0, 0, 1, 1, b, numel, &c);
+}
+
+/* ddim_update_f32, then the paint blend. mask: float32, (1 or B) rows of mask_numel
+ * values, mask_stride apart (0: one mask for every sample), laid out by (mid, inner) as
+ * in ddim_fused.masks (a dense mask: mid 1, inner numel). orig_noise may be 0. */
+void ddim_paint_f32(float *out, float *x0_out, float *eps_out, const float *x, const float *eps, const float *eps_c,
+                    const float *noise, int64_t batch, int64_t numel, int64_t noise_rows, float x_coef,
+                    float eps_coef, float guidance, float noise_coef, float x0_x, float x0_eps, const float *orig,
+                    int64_t orig_rows, const float *orig_noise, int64_t orig_noise_rows, const float *mask,
+                    int64_t mask_stride, int64_t mid, int64_t inner, float orig_coef, float orig_noise_coef) {
+    const step_coefs_t c = {x_coef, eps_coef, guidance, noise_coef, x0_x, x0_eps, orig_coef, orig_noise_coef};
+    for (int64_t b = 0; b < batch; b++)
+        update_sample(out, x0_out, eps_out, x, eps, eps_c, noise, noise_rows, orig, orig_rows, orig_noise,
+                      orig_noise_rows, mask + b * mask_stride, mid, inner, b, numel, &c);
 }

@@ -7,8 +7,8 @@ rounded; log, sqrt, cos and sin stay torch ops, so the normals are the same bits
 of the torch-ops path in `ddim_fused.philox`.
 
 Step: `ddim_update_f32` computes a float32 DDIM step (guidance, noise, pred_x0, eps) in one
-pass, where torch ops take 2 to 5 passes and as many dispatches (`ddim_fused.torch_step`
-calls it).
+pass, and `ddim_paint_f32` the same step with paint's mask blend, where torch ops take 2 to
+7 passes and as many dispatches (`ddim_fused.torch_step` calls them).
 
 The library is compiled with the system C compiler ($CC, else cc, gcc or clang; about a
 second) into $XDG_CACHE_HOME/ddim-fused (default ~/.cache/ddim-fused), under a name hashed
@@ -123,6 +123,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     f32 = ctypes.c_float
     lib.ddim_update_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32, f32, f32, f32, f32, f32]
     lib.ddim_update_f32.restype = None
+    lib.ddim_paint_f32.argtypes = [*lib.ddim_update_f32.argtypes, ptr, i64, ptr, i64, ptr, i64, i64, i64, f32, f32]
+    lib.ddim_paint_f32.restype = None
     return lib
 
 

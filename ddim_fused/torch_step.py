@@ -2,15 +2,17 @@
 
 Same host coefficients, the same noise stream and the same formula as
 ddim_fused/kernels/ddim_step.py (guided eps = eps_u + g * (eps_c - eps_u)). A float32 step on
-contiguous CPU tensors without paint runs as one pass of the C kernel `ddim_update_f32`
-(`ddim_fused/cpu_kernels.c`: float32, every product and sum rounded, no fused
-multiply-adds), when that library is available (`ddim_fused.native`). Every other step,
+contiguous CPU tensors runs as one pass of the C kernel `ddim_update_f32`, or with paint's
+mask blend `ddim_paint_f32` (`ddim_fused/cpu_kernels.c`: float32, every product and sum
+rounded, no fused multiply-adds), when that library is available (`ddim_fused.native`).
+Every other step,
 and every step without the library, is torch ops on one accumulator (fp32 for fp16/bf16
 inputs, as in the kernel's registers), as few as the inputs allow:
 
     eps  = lerp(eps_u, eps_c, g)               (under guidance)
     acc  = noise_coef * noise + x_coef * x     (torch.add; torch.mul without noise)
     acc += eps_coef * eps                      (add_)
+    acc.lerp_(orig_coef * orig + orig_noise_coef * orig_noise, mask)   (paint)
 
 The two paths differ by a few units in the last place.
 """
@@ -38,14 +40,15 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
     Returns:
         out: (B, *s).
     """
-    noise = None
+    noise = orig_noise = None
     if step.noise_coef != 0.0:
         noise = step.noise if step.noise is not None else _keyed(x, step, "step", step.repeat_noise)
-    if step.mask is None:
-        lib = _native(x, model_out, out, x0_out, eps_out, noise, step.guidance is not None)
-        if lib is not None:
-            _native_update(lib, x, model_out, out, x0_out, eps_out, noise, step)
-            return out
+    if step.mask is not None and step.orig_noise_coef != 0.0:
+        orig_noise = step.orig_noise if step.orig_noise is not None else _keyed(x, step, "orig", False)
+    lib = _native(x, model_out, out, x0_out, eps_out, noise, step.guidance is not None)
+    if lib is not None and (step.mask is None or _native_paint(x, step, orig_noise)):
+        _native_update(lib, x, model_out, out, x0_out, eps_out, noise, step, orig_noise)
+        return out
     compute = x.dtype if x.dtype in COMPUTE_DTYPES else torch.float32
     xc, mo = _as(x, compute), _as(model_out, compute)
     eps = mo if step.guidance is None else torch.lerp(*mo.tensor_split(2), step.guidance)
@@ -63,8 +66,7 @@ def torch_ddim_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
     acc = _update(xc, eps, step.x_coef, step.eps_coef, noise_term, out if direct else None)
     if step.mask is not None:
         orig_t = _as(step.orig, compute) * step.orig_coef
-        if step.orig_noise_coef != 0.0:
-            orig_noise = step.orig_noise if step.orig_noise is not None else _keyed(x, step, "orig", False)
+        if orig_noise is not None:
             orig_t = torch.add(orig_t, _as(orig_noise, compute), alpha=step.orig_noise_coef)
         # orig_t * m + acc * (1 - m), exact at m = 0 and 1.
         acc.lerp_(orig_t, _as(step.mask.mask, compute))
@@ -89,21 +91,49 @@ def _native(x, model_out, out, x0_out, eps_out, noise, guided: bool):
     return native.library()
 
 
+def _native_paint(x, step: StepArgs, orig_noise) -> bool:
+    """Whether `ddim_paint_f32` can take the step's paint inputs (as `_native`, for tensors
+    it already accepted): orig and orig_noise float32, contiguous (1 or B, *s) CPU tensors,
+    the mask on the CPU (not float32: converted per call)."""
+    size = x.numel()
+    sizes = (size, size // max(x.shape[0], 1))
+    return (_f32_cpu(step.orig) and step.orig.numel() in sizes
+            and (orig_noise is None or (_f32_cpu(orig_noise) and orig_noise.numel() in sizes))
+            and step.mask.mask.is_cpu)
+
+
 def _f32_cpu(t: torch.Tensor) -> bool:
     return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
 
 
-def _native_update(lib, x, model_out, out, x0_out, eps_out, noise, step: StepArgs) -> None:
-    """`ddim_update_f32` on tensors `_native` accepted; noise (1 or B, *s) or None."""
+def _rows(t, batch: int, numel: int) -> int:
+    """Rows of a (1 or B, *s) input: 1 when one sample serves the batch, else batch."""
+    return 1 if t.numel() == numel and batch != 1 else batch
+
+
+def _native_update(lib, x, model_out, out, x0_out, eps_out, noise, step: StepArgs, orig_noise=None) -> None:
+    """`ddim_update_f32` (no mask) or `ddim_paint_f32` on tensors `_native` (`_native_paint`)
+    accepted; noise and orig_noise (1 or B, *s) or None."""
     batch = x.shape[0]
     numel = x.numel() // batch if batch else 0
     guided = step.guidance is not None  # eps_c: the second half of model_out, 4 bytes per element
-    noise_rows = 0 if noise is None else (1 if noise.numel() == numel and batch != 1 else batch)
-    lib.ddim_update_f32(out.data_ptr(), None if x0_out is None else x0_out.data_ptr(),
-                        None if eps_out is None else eps_out.data_ptr(), x.data_ptr(), model_out.data_ptr(),
-                        model_out.data_ptr() + 4 * batch * numel if guided else None,
-                        None if noise is None else noise.data_ptr(), batch, numel, noise_rows, step.x_coef,
-                        step.eps_coef, step.guidance if guided else 0.0, step.noise_coef, *step.x0_coefs)
+    args = (out.data_ptr(), None if x0_out is None else x0_out.data_ptr(),
+            None if eps_out is None else eps_out.data_ptr(), x.data_ptr(), model_out.data_ptr(),
+            model_out.data_ptr() + 4 * batch * numel if guided else None,
+            None if noise is None else noise.data_ptr(), batch, numel,
+            0 if noise is None else _rows(noise, batch, numel), step.x_coef,
+            step.eps_coef, step.guidance if guided else 0.0, step.noise_coef, *step.x0_coefs)
+    layout = step.mask
+    if layout is None:
+        lib.ddim_update_f32(*args)
+        return
+    mask = _as(layout.mask, torch.float32)
+    # A dense mask is one run of numel values per sample (mid 1, inner numel).
+    mid, inner = (1, numel) if layout.dense else (layout.mid, layout.inner)
+    lib.ddim_paint_f32(*args, step.orig.data_ptr(), _rows(step.orig, batch, numel),
+                       None if orig_noise is None else orig_noise.data_ptr(),
+                       0 if orig_noise is None else _rows(orig_noise, batch, numel),
+                       mask.data_ptr(), layout.batch_stride, mid, inner, step.orig_coef, step.orig_noise_coef)
 
 
 def _update(xc, eps, x_coef: float, eps_coef: float, noise_term, out):

@@ -169,3 +169,88 @@ def test_torch_step_with_and_without_the_c_kernel(cpu_lib, monkeypatch, guidance
         results.append(outs)
     for c_kernel, torch_ops in zip(*results):
         torch.testing.assert_close(c_kernel, torch_ops, rtol=3e-6, atol=3e-6)
+
+
+# ---------------------------------------------------------------- ddim_paint_f32
+PAINT_SHAPE = (3, 2, 5, 7)  # 70 elements per sample: no multiple of a vector or of a block
+MASKS = {  # mask shape -> how it lies against PAINT_SHAPE (ddim_fused.masks)
+    "B1HW-run": (3, 1, 5, 7),  # mid C, inner H * W
+    "11HW-shared": (1, 1, 5, 7),
+    "BC11-inner1": (3, 2, 1, 1),  # one value per run of H * W elements
+    "HW-no-batch-dim": (5, 7),
+    "BCHW-dense": (3, 2, 5, 7),
+    "1CHW-dense-shared": (1, 2, 5, 7),
+    "B1H1-expanded": (3, 1, 5, 1),  # two broadcast runs: mask_layout expands it to a dense copy
+}
+
+
+def paint_oracle(acc, orig, orig_noise, mask, orig_coef, orig_noise_coef):
+    """ddim_paint_f32's documented blend in numpy float32, one rounding per operation."""
+    f = np.float32
+    t = f(orig_coef) * orig.numpy()
+    if orig_noise is not None:
+        t = t + f(orig_noise_coef) * orig_noise.numpy()
+    m = np.broadcast_to(mask.to(torch.float32).numpy(), acc.shape)
+    return torch.from_numpy(m * t + (acc.numpy() - m * acc.numpy()))
+
+
+def spy(monkeypatch, lib, name):
+    calls, real = [], getattr(lib, name)
+    monkeypatch.setattr(lib, name, lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
+# Runs longer than the C side's chunk (BLEND_CHUNK, 512) and no multiple of it: 3 x 37 x 41.
+LONG_RUNS = {"B1HW-run-long": ((2, 3, 37, 41), (2, 1, 37, 41)), "BCHW-dense-long": ((2, 3, 37, 41), (2, 3, 37, 41)),
+             "BC11-inner1-long": ((2, 3, 37, 41), (2, 3, 1, 1))}
+PAINT_CASES = {**{k: (PAINT_SHAPE, m) for k, m in MASKS.items()}, **LONG_RUNS}
+
+
+@pytest.mark.parametrize("shape,mask_shape", PAINT_CASES.values(), ids=PAINT_CASES.keys())
+@pytest.mark.parametrize("orig_rows,orig_noise_rows", [("B", "B"), (1, 0), ("B", 1)],
+                         ids=["per-sample", "shared-no-noise", "shared-noise"])
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
+def test_paint_step_is_one_c_pass_of_the_documented_float32_arithmetic(cpu_lib, monkeypatch, shape, mask_shape,
+                                                                      orig_rows, orig_noise_rows, guided):
+    from ddim_fused.masks import mask_layout  # noqa: PLC0415
+
+    orig_rows, orig_noise_rows = (shape[0] if r == "B" else r for r in (orig_rows, orig_noise_rows))
+    x, eps, eps_c, noise = f32(shape, 1), f32(shape, 2), f32(shape, 3), f32(shape, 4)
+    orig = f32((orig_rows,) + shape[1:], 5)
+    orig_noise = f32((orig_noise_rows,) + shape[1:], 6) if orig_noise_rows else None
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(7))  # fractional: both terms count
+    mask.view(-1)[:2] = torch.tensor([0.0, 1.0])  # and the exact ends
+    model_out = torch.cat([eps, eps_c]) if guided else eps
+    coefs = dict(x_coef=1.0137, eps_coef=-0.4129, guidance=7.5 if guided else None, noise_coef=0.3311,
+                 x0_coefs=(2.0917, -1.7703))
+    step = StepArgs(**coefs, noise=noise, mask=mask_layout(mask, shape), orig=orig, orig_coef=0.8123,
+                    orig_noise=orig_noise, orig_noise_coef=0.5861 if orig_noise is not None else 0.0)
+    calls = spy(monkeypatch, cpu_lib, "ddim_paint_f32")
+    out, x0 = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+    torch_ddim_step(x, model_out, out, step, x0)
+    assert calls == [1]
+    acc, want_x0, _ = update_oracle(x, eps, eps_c if guided else None, noise, coefs["x_coef"], coefs["eps_coef"],
+                                    7.5 if guided else 0.0, coefs["noise_coef"], *coefs["x0_coefs"])
+    want = paint_oracle(acc, orig, orig_noise, mask.reshape((1,) * (len(shape) - mask.dim()) + mask.shape),
+                        step.orig_coef, step.orig_noise_coef)
+    assert torch.equal(out, want) and torch.equal(x0, want_x0)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bool], ids=["float", "bool"])
+@pytest.mark.parametrize("orig_noise", ["given", "keyed"])
+def test_paint_step_with_and_without_the_c_kernel(cpu_lib, monkeypatch, mask_dtype, orig_noise):
+    """The C pass and the torch ops (lerp) paint alike, to float32 rounding."""
+    from ddim_fused.masks import mask_layout  # noqa: PLC0415
+
+    shape = (2, 3, 4, 5)
+    mask = torch.rand((2, 1, 4, 5), generator=torch.Generator().manual_seed(3)) > 0.5
+    step = StepArgs(x_coef=1.01, eps_coef=-0.3, x0_coefs=(1.7, -0.9), noise_coef=0.4, seed=5, step_key=2,
+                    mask=mask_layout(mask.to(mask_dtype), shape), orig=f32(shape, 4), orig_coef=0.7,
+                    orig_noise=f32(shape, 5) if orig_noise == "given" else None, orig_noise_coef=0.6)
+    calls = spy(monkeypatch, cpu_lib, "ddim_paint_f32")
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(native.DISABLE_ENV, enabled)
+        results.append(torch_ddim_step(f32(shape, 1), f32(shape, 2), torch.empty(shape), step))
+    assert calls == [1]
+    torch.testing.assert_close(results[0], results[1], rtol=3e-6, atol=3e-6)
