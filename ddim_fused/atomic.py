@@ -1,7 +1,7 @@
 """Crash-safe file output: exclusive temporary files renamed over their targets.
 
 Every file the project writes (shards, manifests, PNGs, weights) goes through
-`atomic_write`: the bytes go to a new temporary file in the target's folder, created with
+`atomic_write` (and a folder of files, a png shard, through `atomic_write_dir`): the bytes go to a new temporary file in the target's folder, created with
 O_EXCL (so a file or symlink planted at a guessable name is never followed or reused),
 fsynced, renamed over the target and the folder fsynced. A crash, a full disk or Ctrl-C
 leaves the old file or the new one, never a mix, and the temporary file is removed
@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
@@ -82,6 +83,64 @@ def atomic_write_all(items: Iterable[tuple[object, Writer]]) -> None:
         fsync_dir(folder)
 
 
+def atomic_write_dir(path, fill: Callable[[Path], None]) -> None:
+    """Build a folder through `fill(temporary_folder)`, then rename it to `path` once complete.
+
+    The temporary folder is new (created exclusively, named as temporary files are); fill
+    writes plain files into it, and each is fsynced, then the folder. Whatever is at path
+    (an earlier folder, a file, a symlink: never followed) is renamed aside first and
+    removed once the new folder is in place, so a crash leaves the old content, nothing, or
+    the new folder at path, plus leftovers under temporary names (see temp_target).
+
+    Args:
+        path: the folder to create or replace; its parent must exist.
+        fill: called once with the temporary folder (a Path).
+
+    Raises:
+        whatever fill or the file system raises; path is then unchanged and the
+        temporary folder is removed.
+    """
+    path = Path(path)
+    tmp = _create_temp_dir(path)
+    aside = None
+    try:
+        fill(tmp)
+        for child in sorted(tmp.iterdir()):
+            fd = os.open(child, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(tmp)
+        if os.path.lexists(path):
+            aside = _create_temp_dir(path)
+            os.rename(path, aside / "old")
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside / "old", path)
+            raise
+    except BaseException:
+        remove_temp_tree(tmp)
+        if aside is not None:
+            remove_temp_tree(aside)
+        raise
+    fsync_dir(_folder(path))
+    if aside is not None:
+        remove_temp_tree(aside)
+
+
+def remove_temp_tree(path) -> None:
+    """Remove a temporary folder of atomic_write_dir with what it holds (symlinks inside are
+    removed, never followed); a no-op when it is gone."""
+    path = Path(path)
+    if not path.is_symlink() and path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink_quietly(path)
+
+
 def fsync_dir(folder) -> None:
     """Make a rename in `folder` durable (a no-op where folders cannot be opened, as on Windows)."""
     try:
@@ -132,6 +191,18 @@ def _create_temp(path: Path) -> tuple[int, Path]:
         tmp = folder / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
         try:
             return os.open(tmp, _CREATE_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name for {path.name} in {folder}")
+
+
+def _create_temp_dir(path: Path) -> Path:
+    folder = _folder(path)
+    for _ in range(64):
+        tmp = folder / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            os.mkdir(tmp)
+            return tmp
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, f"no free temporary name for {path.name} in {folder}")

@@ -45,9 +45,11 @@ import torch
 
 from . import __version__
 # OutputPathError and NonFiniteError are part of this module's API: run_generation raises them.
-from .atomic import TEMP_SUFFIX, OutputPathError, atomic_write, check_output_dir, temp_target
+from .atomic import TEMP_SUFFIX, OutputPathError, atomic_write, check_output_dir, remove_temp_tree, temp_target
 from .conditioning import Conditioning
 from .digits.images import default_scale, is_image_batch, save_grid, to_uint8
+# ShardError and ForeignShardError are part of this module's API: read_shard raises them.
+from .shards import FORMAT, FORMATS, ForeignShardError, Shard, ShardError, located_inside, to_pixels  # noqa: F401
 from .finite import NonFiniteError, check_finite, nonfinite_hint  # noqa: F401
 # file_sha256 is part of this module's API (manifests list each shard's).
 from .models import LoadedModel, file_sha256  # noqa: F401
@@ -61,10 +63,11 @@ MANIFEST, RUN_FILE, SHARD_PREFIX, PREVIEW, LOCK_FILE = (
     "manifest.json", "run.json", "shard-", "preview.png", ".generate.lock")
 TMP_MARK = TEMP_SUFFIX  # every temporary name ends with it
 # The files a run writes; only temporary files of these are ever removed from a folder.
-_RUN_FILES = re.compile(r"shard-\d{6,}\.npz|manifest\.json|run\.json|preview\.png")  # 6 digits or more
+_RUN_FILES = re.compile(r"shard-\d{6,}(\.npz|\.tar)?|manifest\.json|run\.json|preview\.png")  # 6 digits or more
+_SHARD_FOLDER = re.compile(r"shard-\d{6,}")  # a png shard, built as a temporary folder
+_SHARD_NAME = re.compile(r"shard-\d{6,}(\.npz|\.tar)?")
 # Temporary names of earlier versions (".shard-000003.npz.tmp.<pid>", ".preview.png.tmp.<pid>.png").
 _LEGACY_TEMP = re.compile(r"\.(?P<target>.+)\.tmp\.\d+(\.png)?")
-_SHARD_KEYS = {"samples", "indices", "labels", "seeds", "config_hash", "checksum"}
 # Settings that change no sample (philox keys by global index), so a resume may change them.
 _FREE_FIELDS = ("batch_size", "device", "backend")
 # Finished shards waiting for the writer thread: bounds the memory a fast sampler holds.
@@ -81,10 +84,6 @@ class RunLockedError(RuntimeError):
 
 class RankFailedError(RuntimeError):
     """Another process of a torchrun group failed (it reports its own error)."""
-
-
-class ShardError(ValueError):
-    """A shard file that is unreadable or fails verification."""
 
 
 class CorruptRunError(ValueError):
@@ -111,6 +110,9 @@ class GenerateConfig:
     # captured model is not bound to run the kernels an uncaptured one runs, so it is part of
     # the run's identity; when off it is left out, so runs made before it existed still resume.
     cuda_graph: bool = False
+    # The output format (see ddim_fused.shards). Left out of the identity when "npz", so runs
+    # made before formats existed still resume.
+    format: str = "npz"
 
     def __post_init__(self):
         for name in ("num", "shard_size", "batch_size", "steps"):
@@ -121,11 +123,13 @@ class GenerateConfig:
             raise ValueError("classes must hold at least one class (or be None for no class)")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
 
     def identity(self) -> dict:
         """The fields that define the samples (hashed into run.json's config hash)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in _FREE_FIELDS and not (k == "cuda_graph" and not v)}
+                if k not in _FREE_FIELDS and not (k == "cuda_graph" and not v) and not (k == "format" and v == "npz")}
 
     @property
     def n_shards(self) -> int:
@@ -133,6 +137,11 @@ class GenerateConfig:
 
     def shard_range(self, k: int) -> tuple[int, int]:
         return k * self.shard_size, min((k + 1) * self.shard_size, self.num)
+
+    @property
+    def shard_format(self):
+        """The ddim_fused.shards.ShardFormat of this run's format."""
+        return FORMAT[self.format]
 
 
 def config_hash(identity: dict) -> str:
@@ -171,15 +180,6 @@ def sample_metadata(config: GenerateConfig, model_info: dict, inputs: Conditioni
             for i, label, extra in zip(indices, inputs.labels(indices), inputs.sample_metadata(indices))]
 
 
-def _checksum(samples: np.ndarray, indices: np.ndarray, labels: np.ndarray, metadata=None) -> str:
-    h = hashlib.sha256()
-    for a in (samples, indices, labels):
-        h.update(np.ascontiguousarray(a).tobytes())
-    if metadata is not None:  # shards written before per-sample metadata existed have none
-        h.update("\n".join(str(m) for m in metadata).encode())
-    return h.hexdigest()
-
-
 def write_shard(path: Path, samples: np.ndarray, indices: np.ndarray, labels: np.ndarray, seed: int, chash: str,
                 metadata: Optional[list[dict]] = None):
     """Write one npz shard atomically.
@@ -189,16 +189,12 @@ def write_shard(path: Path, samples: np.ndarray, indices: np.ndarray, labels: np
         indices, labels: (n,) int64.
         metadata: n JSON-able dicts (see sample_metadata), stored as one JSON string each.
     """
-    arrays = dict(samples=samples, indices=indices, labels=labels, seeds=np.full(len(indices), seed, dtype=np.int64),
-                  config_hash=np.array(chash))
-    if metadata is not None:
-        arrays["metadata"] = np.array([json.dumps(m, ensure_ascii=False) for m in metadata], dtype=str)
-    arrays["checksum"] = np.array(_checksum(samples, indices, labels, arrays.get("metadata")))
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    seeds = np.full(len(indices), seed, dtype=np.int64)
+    FORMAT["npz"].write(Path(path), Shard(samples, indices, labels, seeds, metadata, chash))
 
 
 def read_shard(path: Path, expected: Optional[tuple[int, int]] = None, chash: Optional[str] = None) -> dict:
-    """Load and verify a shard.
+    """Load and verify an npz shard (any format's: see ddim_fused.shards.ShardFormat.read).
 
     Args:
         path: the .npz file.
@@ -206,43 +202,17 @@ def read_shard(path: Path, expected: Optional[tuple[int, int]] = None, chash: Op
         chash: the config hash it must carry.
 
     Returns:
-        dict of its arrays: samples (n, *shape), indices (n,), labels (n,), seeds (n,),
-        metadata (n,) JSON strings (absent from shards written before it existed),
-        config_hash and checksum (0-d strings).
+        dict: samples (n, *shape), indices (n,), labels (n,), seeds (n,), metadata (n
+        dicts; index, label and seed for shards written before it existed), config_hash
+        and sha256 (str).
 
     Raises:
         ShardError: the file cannot be read, whatever the reason (a flipped bit can make the
             zip or npy reader raise nearly anything), or it fails a check; the message starts
-            with the file name.
+            with the file name. ForeignShardError (a ShardError) when only the config hash
+            differs.
     """
-    path = Path(path)
-    try:
-        return _verified_shard(path, expected, chash)
-    except ShardError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is damaged
-        raise ShardError(f"{path.name} is unreadable ({exc.__class__.__name__}: {exc})") from None
-
-
-def _verified_shard(path: Path, expected, chash) -> dict:
-    with np.load(path, allow_pickle=False) as data:
-        shard = {k: data[k] for k in data.files}
-    missing = _SHARD_KEYS - shard.keys()
-    if missing:
-        raise ShardError(f"{path.name} lacks {sorted(missing)}")
-    samples, indices, labels = shard["samples"], shard["indices"], shard["labels"]
-    metadata = shard.get("metadata")
-    if not len(samples) == len(indices) == len(labels) == (len(indices) if metadata is None else len(metadata)):
-        raise ShardError(f"{path.name} holds {len(samples)} samples for {len(indices)} indices")
-    if str(shard["checksum"]) != _checksum(samples, indices, labels, metadata):
-        raise ShardError(f"{path.name} fails its checksum")
-    if chash is not None and str(shard["config_hash"]) != chash:
-        raise ShardError(f"{path.name} belongs to another configuration")
-    if expected is not None and not np.array_equal(indices, np.arange(*expected)):
-        raise ShardError(f"{path.name} does not hold indices {expected[0]}..{expected[1] - 1}")
-    if not np.isfinite(samples).all():
-        raise ShardError(f"{path.name} holds non-finite samples")
-    return shard
+    return dict(vars(FORMAT["npz"].read_path(Path(path), expected, chash)))
 
 
 @contextlib.contextmanager
@@ -254,6 +224,7 @@ def run_lock(out_dir: Path):
 
     Raises:
         RunLockedError: another process holds it.
+        OutputPathError: the lock file is a symlink or not a regular file (it is never followed).
         OSError: the lock file cannot be opened.
     """
     if fcntl is None:
@@ -265,8 +236,12 @@ def run_lock(out_dir: Path):
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as exc:
+        if path.is_symlink() or exc.errno in (errno.ELOOP, errno.EISDIR):
+            raise _foreign_lock(path) from None
         raise OSError(exc.errno, f"cannot open the lock file {path}: {exc.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device planted at the name
+            raise _foreign_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -287,31 +262,99 @@ def run_lock(out_dir: Path):
         os.close(fd)  # releases the lock
 
 
-def prepare_dir(out_dir: Path, config: GenerateConfig, model_info: dict) -> str:
+def _foreign_lock(path: Path) -> OutputPathError:
+    kind = "a symlink" if path.is_symlink() else "not a regular file"
+    return OutputPathError(f"the lock file {path} is {kind}, which a run never follows or uses; remove it, then "
+                           "rerun")
+
+
+# How the refusals below end: the ways out.
+_WAYS_OUT = "use another --out, the same settings to resume, or --overwrite-mismatched to replace it"
+
+
+def prepare_dir(out_dir: Path, config: GenerateConfig, model_info: dict, *, overwrite: bool = False) -> str:
     """Record this run in out_dir/run.json, or check that the run recorded there is this one.
 
+    Nothing generated is replaced unless it is damaged or `overwrite` says so: a folder
+    whose run.json, manifest or (run.json missing) any intact shard shows another
+    configuration is refused. With overwrite, run.json is rewritten and the other run's
+    manifest and preview removed (its shards are replaced as the run reaches them).
     out_dir must exist (see ddim_fused.atomic.check_output_dir) and be locked by the caller.
 
     Returns:
         the config hash that every shard of this run carries.
 
     Raises:
-        RunMismatchError: run.json describes another configuration or is damaged.
+        RunMismatchError: run.json, the manifest or a shard shows another configuration,
+            or run.json is damaged (unless overwrite).
     """
     identity, chash = run_identity(config, model_info)
     run_file = out_dir / RUN_FILE
     if run_file.exists() or run_file.is_symlink():
-        previous = _read_run_file(out_dir)
+        try:
+            previous = _read_run_file(out_dir)
+        except RunMismatchError:
+            if not overwrite:
+                raise
+            previous = {"config_hash": None, "identity": {}}
+        foreign = None
         if previous["config_hash"] != chash:
             diff = _differences(previous["identity"], identity) or "values of another type"
-            raise RunMismatchError(
-                f"{out_dir} holds a run with a different configuration ({diff}); use another --out "
-                "or the same settings to resume"
-            )
+            foreign = f"a run with a different configuration ({diff})"
     else:
+        foreign = _foreign_files(out_dir, chash)
+        previous = None
+    if foreign is None:
+        manifest_hash = _manifest_hash(out_dir)
+        if manifest_hash not in (None, chash):
+            foreign = f"a {MANIFEST} of another configuration"
+    if foreign is not None:
+        if not overwrite:
+            raise RunMismatchError(f"{out_dir} holds {foreign}; {_WAYS_OUT}")
+        warnings.warn(f"{out_dir} holds {foreign}: replacing it (overwrite_mismatched)", stacklevel=3)
+        for name in (MANIFEST, PREVIEW):
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
+    if previous is None or previous["config_hash"] != chash:
         body = json.dumps({"config_hash": chash, "identity": identity}, indent=2).encode()
         atomic_write(run_file, lambda f: f.write(body))
     return chash
+
+
+def _manifest_hash(out_dir: Path) -> Optional[str]:
+    """The config hash a readable manifest.json names, else None (missing or damaged: no evidence)."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return None
+    chash = manifest.get("config_hash") if isinstance(manifest, dict) else None
+    return chash if isinstance(chash, str) else None
+
+
+def _foreign_files(out_dir: Path, chash: str) -> Optional[str]:
+    """What shows, in a folder without run.json, another run than chash's: its manifest, or an
+    intact shard of any format that carries another config hash (damaged ones prove nothing).
+    None when nothing does."""
+    manifest_hash = _manifest_hash(out_dir)
+    if manifest_hash not in (None, chash):
+        return f"no {RUN_FILE}, and a {MANIFEST} of another configuration"
+    for path in sorted(out_dir.iterdir()):
+        fmt = _format_of(path.name)
+        if fmt is None:
+            continue
+        try:
+            shard = fmt.load(located_inside(out_dir, path.name))
+        except ShardError:
+            continue
+        if shard.config_hash != chash:
+            return f"no {RUN_FILE}, and {path.name} belongs to another configuration"
+    return None
+
+
+def _format_of(name: str):
+    """The ShardFormat whose shard names include `name`, or None."""
+    match = _SHARD_NAME.fullmatch(name)
+    return None if match is None else FORMAT[{".npz": "npz", ".tar": "webdataset", None: "png"}[match[1]]]
 
 
 def _read_run_file(out_dir: Path) -> dict:
@@ -353,7 +396,8 @@ def remove_stale_temps(out_dir: Path) -> int:
 
     Only regular files named exactly like this module's temporary files are touched:
     '.<run file>.<8 hex digits>.tmp' (and the '.<run file>.tmp.<pid>' of earlier versions),
-    where <run file> is a shard, run.json, manifest.json or preview.png.
+    where <run file> is a shard, run.json, manifest.json or preview.png; and folders named
+    '.shard-<k>.<8 hex digits>.tmp', the temporary folders of png shards (with what they hold).
     """
     removed = 0
     for p in out_dir.iterdir():
@@ -362,22 +406,37 @@ def remove_stale_temps(out_dir: Path) -> int:
         if target is None or not _RUN_FILES.fullmatch(target):
             continue
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISREG(p.lstat().st_mode):
+            mode = p.lstat().st_mode
+            if stat.S_ISREG(mode):
                 p.unlink()
+                removed += 1
+            elif stat.S_ISDIR(mode) and temp_target(p.name) and _SHARD_FOLDER.fullmatch(target):
+                remove_temp_tree(p)
                 removed += 1
     return removed
 
 
-def pending_shards(out_dir: Path, config: GenerateConfig, chash: str, shards) -> list[int]:
-    """The shards among `shards` that are missing or fail verification (with a warning)."""
-    todo = []
+def pending_shards(out_dir: Path, config: GenerateConfig, chash: str, shards, *, overwrite: bool = False) -> list[int]:
+    """The shards among `shards` that are missing or fail verification (with a warning).
+
+    A shard fails when ShardFormat.read refuses it, which load_samples applies too: damaged,
+    wrong indices, non-finite, or leading out of out_dir (a symlink: replaced by a real file).
+
+    Raises:
+        RunMismatchError: an intact shard of another configuration (unless overwrite).
+    """
+    fmt, todo = config.shard_format, []
     for k in shards:
-        path = out_dir / shard_name(k)
-        if not (path.exists() or path.is_symlink()):
+        if not os.path.lexists(out_dir / fmt.shard_name(k)):
             todo.append(k)
             continue
         try:
-            read_shard(path, config.shard_range(k), chash)
+            fmt.read(out_dir, k, config.shard_range(k), chash)
+        except ForeignShardError as exc:
+            if not overwrite:
+                raise RunMismatchError(f"{out_dir}: {exc}; {_WAYS_OUT}") from None
+            warnings.warn(f"replacing {exc} (overwrite_mismatched)", stacklevel=2)
+            todo.append(k)
         except ShardError as exc:
             warnings.warn(f"regenerating {exc}", stacklevel=2)
             todo.append(k)
@@ -403,12 +462,15 @@ def generate_shards(
         model_info: the model's identity, stored in each sample's metadata.
 
     Raises:
+        ValueError: the format stores images and the model's samples are not (check_format).
         NonFiniteError: a batch holds NaN or Inf (its shard is not written).
         OSError: a shard write failed; shards finished before it are kept.
     """
     inputs = model if isinstance(model, Conditioning) else _class_inputs(model, config)
+    check_format(config.format, inputs.loaded)
     sampler = inputs.sampler(config.steps, config.discretize, config.eta, backend=config.backend, seed=config.seed)
-    with _ShardWriter(out_dir, config.seed, chash) as writer, torch.inference_mode():
+    fmt = config.shard_format
+    with _ShardWriter(out_dir, fmt) as writer, torch.inference_mode():
         for k in shards:
             start, stop = config.shard_range(k)
             parts = []
@@ -419,9 +481,22 @@ def generate_shards(
                 if on_batch is not None:
                     on_batch(b1 - b0)
             indices = np.arange(start, stop, dtype=np.int64)
-            writer.put(shard_name(k), np.concatenate(parts), indices, inputs.labels(indices),
-                       sample_metadata(config, model_info or {}, inputs, indices))
+            writer.put(fmt.shard_name(k), Shard(
+                np.concatenate(parts), indices, inputs.labels(indices), np.full(len(indices), config.seed, np.int64),
+                sample_metadata(config, model_info or {}, inputs, indices), chash))
     return writer.written
+
+
+def check_format(format: str, loaded: LoadedModel) -> None:
+    """Refuse an output format that stores images (png, webdataset) for a model whose samples are not.
+
+    Raises:
+        ValueError: naming the format and the samples' shape.
+    """
+    shape = (1,) + tuple(loaded.sample_shape)
+    if FORMAT[format].images_only and not (loaded.decodes or is_image_batch(shape)):
+        raise ValueError(f"format {format!r} stores images as PNG files, and this model's samples have shape "
+                         f"{shape[1:]} (latents, not grey or RGB images): use format 'npz'")
 
 
 def sample_batch(inputs: Conditioning, sampler, config: GenerateConfig, b0: int, b1: int) -> np.ndarray:
@@ -463,8 +538,8 @@ class _ShardWriter:
     what is queued (unless a write failed) and waits for it.
     """
 
-    def __init__(self, out_dir: Path, seed: int, chash: str):
-        self.out_dir, self.seed, self.chash = Path(out_dir), seed, chash
+    def __init__(self, out_dir: Path, fmt):
+        self.out_dir, self.fmt = Path(out_dir), fmt
         self.written = 0
         self.error: Optional[BaseException] = None
         self._queue: queue.Queue = queue.Queue(maxsize=_WRITE_QUEUE_DEPTH)
@@ -487,10 +562,10 @@ class _ShardWriter:
                 return
             if self.error is not None:
                 continue
-            name, samples, indices, labels, metadata = item
+            name, shard = item
             try:
-                write_shard(self.out_dir / name, samples, indices, labels, self.seed, self.chash, metadata)
-                self.written += len(indices)
+                self.fmt.write(self.out_dir / name, shard)
+                self.written += len(shard.indices)
             except BaseException as exc:  # noqa: BLE001 - handed to the sampling thread
                 self.error = exc
 
@@ -499,12 +574,12 @@ class _ShardWriter:
         if self.error is not None:
             raise self.error
 
-    def put(self, name: str, samples: np.ndarray, indices: np.ndarray, labels: np.ndarray, metadata: list) -> None:
+    def put(self, name: str, shard: Shard) -> None:
         """Queue a shard; waits while the queue is full, raising a failed write's error."""
         while True:
             self.check()
             try:
-                self._queue.put((name, samples, indices, labels, metadata), timeout=0.1)
+                self._queue.put((name, shard), timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -512,14 +587,14 @@ class _ShardWriter:
 
 def write_manifest(out_dir: Path, config: GenerateConfig, model_info: dict, chash: str) -> dict:
     """Verify every shard and write manifest.json atomically; returns the manifest."""
-    shards = []
+    fmt, shards = config.shard_format, []
     for k in range(config.n_shards):
-        path = out_dir / shard_name(k)
         start, stop = config.shard_range(k)
-        read_shard(path, (start, stop), chash)
-        shards.append({"file": path.name, "start": start, "count": stop - start, "sha256": file_sha256(path)})
+        shard = fmt.read(out_dir, k, (start, stop), chash)
+        shards.append({"file": fmt.shard_name(k), "start": start, "count": stop - start, "sha256": shard.sha256})
     manifest = {
         "format": 1,
+        "output_format": config.format,
         "complete": True,
         "num_samples": config.num,
         "config": dataclasses.asdict(config),
@@ -534,37 +609,39 @@ def write_manifest(out_dir: Path, config: GenerateConfig, model_info: dict, chas
     return manifest
 
 
-def write_preview(out_dir: Path, max_samples: int = 100, ncols: int = 10) -> bool:
-    """Write out_dir/preview.png: the first samples of shard 0 as a PNG grid (in [-1, 1], or uint8 pixels).
+def write_preview(out_dir: Path, max_samples: int = 100, ncols: int = 10, output_format: str = "npz") -> bool:
+    """Write out_dir/preview.png: the first samples of shard 0 as a PNG grid.
 
     Returns:
         False (and writes nothing) when the samples are not grey or RGB images.
     """
-    first = read_shard(out_dir / shard_name(0))["samples"][:max_samples]
-    if not is_image_batch(first.shape, first.dtype):
+    first = FORMAT[output_format].read(out_dir, 0).samples[:max_samples]
+    try:
+        pixels = torch.from_numpy(to_pixels(first) if first.dtype != np.uint8 else first)
+    except ValueError:  # latents
         return False
-    height, width = first.shape[1:3] if first.dtype == np.uint8 else first.shape[-2:]
-    save_grid(torch.from_numpy(first), out_dir / PREVIEW, ncols=min(len(first), ncols),
-              scale=default_scale(height, width))
+    save_grid(pixels, out_dir / PREVIEW, ncols=min(len(first), ncols), scale=default_scale(*pixels.shape[1:3]))
     return True
 
 
 def load_samples(out_dir) -> dict:
-    """All samples of a complete run, ordered by global index, after verifying the whole run.
+    """All samples of a complete run in any output format, ordered by global index, after verifying the whole run.
 
     Checks that manifest.json and run.json agree on the config hash, that the shards listed
-    are shard-000000.npz, shard-000001.npz, ... inside out_dir (no path or symlink leaving
-    it), that each matches its sha256 in the manifest, carries the config hash, holds
-    exactly the indices of its range and only finite samples, and that the ranges cover
-    0..num_samples-1.
+    are the format's shard-000000..., shard-000001... inside out_dir (no path or symlink
+    leaving it: the rule generate applies on resume, ddim_fused.shards.located_inside),
+    that each matches its sha256 in the manifest, carries the config hash, holds exactly the
+    indices of its range and only finite samples, and that the ranges cover 0..num_samples-1.
 
     Args:
         out_dir: the run folder.
 
     Returns:
-        dict: samples (num, *shape) float32 (or uint8 pixels), indices (num,) int64, labels
-        (num,) int64, metadata (num dicts, see sample_metadata; for shards written before
-        per-sample metadata existed, index, label and seed only).
+        dict: samples: (num, *shape) float32 or uint8 pixels (npz: as generated); png and
+        webdataset: uint8 (num, H, W) grey or (num, H, W, 3) RGB; indices (num,) int64;
+        labels (num,) int64; metadata: num dicts (see sample_metadata; for npz shards
+        written before per-sample metadata existed, index, label and seed only);
+        output_format: "npz", "png" or "webdataset".
 
     Raises:
         CorruptRunError: naming the file (and shard) that fails, and why.
@@ -577,47 +654,37 @@ def load_samples(out_dir) -> dict:
         raise CorruptRunError(f"{out_dir}: {MANIFEST} and {RUN_FILE} disagree on the config hash "
                               f"({chash!r} vs {run.get('config_hash')!r}): the files come from different runs")
     entries, num = manifest.get("shards"), manifest.get("num_samples")
-    if manifest.get("complete") is not True or not isinstance(entries, list) or not _is_int(num):
+    output_format = manifest.get("output_format", "npz")
+    if manifest.get("complete") is not True or not isinstance(entries, list) or not _is_int(num) \
+            or output_format not in FORMAT:
         raise CorruptRunError(f"{out_dir / MANIFEST} is not the manifest of a complete run")
-    root = out_dir.resolve()
+    fmt = FORMAT[output_format]
     shards, start = [], 0
     for k, entry in enumerate(entries):
-        shards.append(_verified_entry(out_dir, root, k, entry, start, chash))
+        shards.append(_verified_entry(out_dir, fmt, k, entry, start, chash))
         start += entry["count"]
     if start != num:
         raise CorruptRunError(f"{out_dir / MANIFEST}: its shards hold {start} samples, not num_samples = {num}")
-    out = {k: np.concatenate([s[k] for s in shards]) for k in ("samples", "indices", "labels")}
-    out["metadata"] = [record for s in shards for record in _shard_records(s)]
-    return out
+    try:
+        out = {k: np.concatenate([getattr(s, k) for s in shards]) for k in ("samples", "indices", "labels")}
+    except ValueError:
+        raise CorruptRunError(f"{out_dir}: its shards hold samples of different shapes") from None
+    return {**out, "metadata": [record for s in shards for record in s.metadata], "output_format": output_format}
 
 
-def _shard_records(shard: dict) -> list[dict]:
-    if "metadata" in shard:
-        return [json.loads(str(m)) for m in shard["metadata"]]
-    return [{"index": int(i), "label": int(label), "seed": int(seed)}
-            for i, label, seed in zip(shard["indices"], shard["labels"], shard["seeds"])]
-
-
-def _verified_entry(out_dir: Path, root: Path, k: int, entry, start: int, chash: str) -> dict:
+def _verified_entry(out_dir: Path, fmt, k: int, entry, start: int, chash: str) -> Shard:
     if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
             and _is_int(entry.get("start")) and _is_int(entry.get("count")) and entry["count"] > 0):
         raise CorruptRunError(f"{out_dir / MANIFEST}: shard entry {k} is malformed")
     name = entry["file"]
-    if name != shard_name(k) or entry["start"] != start:
+    if name != fmt.shard_name(k) or entry["start"] != start:
         raise CorruptRunError(f"{out_dir / MANIFEST}: shard {k} is listed as {name!r} from index {entry['start']}, "
-                              f"expected {shard_name(k)!r} from index {start}")
-    path = out_dir / name
+                              f"expected {fmt.shard_name(k)!r} from index {start}")
     try:
-        inside = path.resolve().parent == root
-        digest = file_sha256(path) if inside else None
-    except OSError as exc:
-        raise CorruptRunError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if not inside:
-        raise CorruptRunError(f"{path} leads outside {out_dir} (a symlink to {path.resolve()})")
-    if digest != entry["sha256"]:
-        raise CorruptRunError(f"{path}: its sha256 differs from the manifest's (modified or replaced)")
-    try:
-        return read_shard(path, (start, start + entry["count"]), chash)
+        shard = fmt.load(located_inside(out_dir, name))
+        if shard.sha256 != entry["sha256"]:
+            raise CorruptRunError(f"{out_dir / name}: its sha256 differs from the manifest's (modified or replaced)")
+        return fmt.verify(shard, name, (start, start + entry["count"]), chash)
     except ShardError as exc:
         raise CorruptRunError(f"{out_dir}: {exc}") from None
 
@@ -660,6 +727,7 @@ def run_generation(
     *,
     progress: bool = True,
     preview: bool = False,
+    overwrite_mismatched: bool = False,
 ) -> dict:
     """Generate a whole run into out_dir, resuming what is there; one process or a torchrun group.
 
@@ -678,6 +746,8 @@ def run_generation(
         model_info: JSON-able identity of the model (name, weights sha256).
         progress: show a progress bar (rank 0).
         preview: also write preview.png, a grid of the first 100 samples (grey or RGB images only).
+        overwrite_mismatched: replace what another configuration left in out_dir (its
+            run.json, manifest and shards, with a warning) instead of refusing the folder.
 
     Returns:
         summary dict: samples_written (this invocation, all ranks), seconds, samples_per_s,
@@ -686,7 +756,8 @@ def run_generation(
     Raises:
         OutputPathError: out_dir is empty, a file, or cannot be created or written.
         RunLockedError: another process is generating into out_dir.
-        RunMismatchError: out_dir holds another run, or a damaged run.json.
+        RunMismatchError: out_dir holds another run (its run.json, manifest or shards say so),
+            or a damaged run.json; unless overwrite_mismatched.
         NonFiniteError: a sample came out NaN or Inf (nothing non-finite is written).
         OSError: a write failed (a full disk); finished shards are kept.
         RankFailedError: (torchrun) another rank failed; it reports why.
@@ -703,7 +774,7 @@ def run_generation(
             try:
                 check_output_dir(out_dir, "output directory")
                 held.enter_context(run_lock(out_dir))
-                prepare_dir(out_dir, config, model_info)
+                prepare_dir(out_dir, config, model_info, overwrite=overwrite_mismatched)
                 remove_stale_temps(out_dir)
             except BaseException as exc:  # reported after the group agrees, so no rank hangs
                 setup_error = exc
@@ -718,7 +789,7 @@ def run_generation(
         written = skipped = 0
         try:
             mine = list(range(rank, config.n_shards, world))
-            todo = pending_shards(out_dir, config, chash, mine)
+            todo = pending_shards(out_dir, config, chash, mine, overwrite=overwrite_mismatched)
             skipped = len(mine) - len(todo)
             model = model_factory(device)
             run_config = dataclasses.replace(config, device=str(device))
@@ -734,7 +805,7 @@ def run_generation(
         if failed_ranks == 0 and rank == 0:
             manifest = write_manifest(out_dir, config, model_info, chash)
             if preview:
-                write_preview(out_dir)
+                write_preview(out_dir, output_format=config.format)
         if error is not None:
             raise error
         if failed_ranks:

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     """Add the `generate` subcommand to the ddim-fused subparsers `sub`."""
     p = sub.add_parser(
         "generate", help="bulk generation into resumable shards (torchrun for several processes)",
-        description="Generate --num samples into DIR as .npz shards plus manifest.json and a preview grid. "
+        description="Generate --num samples into DIR as shards (--format npz, png or webdataset) plus "
+                    "manifest.json and a preview grid. "
                     "Rerunning the same command resumes: complete shards are kept, missing or corrupt ones "
                     "are redone. Sample i depends only on (--seed, i), never on batch size, shard size, "
                     "process count or resume point: it starts from ddim_fused.initial_noise(shape, seed, "
@@ -35,6 +36,13 @@ def add_parser(sub) -> None:
                    help="capture each batch shape's whole S-step loop, model included, as one CUDA graph and "
                         "replay it (CUDA only; the model must be capturable: no host syncs). A run keeps its "
                         "choice on resume")
+    p.add_argument("--format", dest="output_format", choices=gen.FORMATS, default="npz",
+                   help="shard format: npz (arrays: images or latents, default), png (a folder of one PNG per "
+                        "sample plus metadata.jsonl per shard) or webdataset (tar shards of KEY.png + KEY.json); "
+                        "png and webdataset store images as 8-bit pixels")
+    p.add_argument("--overwrite-mismatched", action="store_true",
+                   help="replace what another configuration left in --out (its run.json, manifest and shards) "
+                        "instead of refusing the folder; without it such a folder exits with status 2")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
 
 
@@ -59,10 +67,11 @@ def cmd_generate(args) -> None:
             num=args.num, shard_size=args.shard_size, batch_size=args.batch_size, steps=args.steps, eta=args.eta,
             discretize=args.discretize or cpu_model.discretize, guidance=guidance(args, cpu_model),
             classes=None if classes is None else tuple(classes), seed=args.seed, dtype=args.dtype,
-            device=env["device"].type, backend=args.backend, cuda_graph=args.cuda_graph,
+            device=env["device"].type, backend=args.backend, cuda_graph=args.cuda_graph, format=args.output_format,
         )
+        gen.check_format(config.format, cpu_model)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc).replace("format '", "--format '").replace("use format", "use --format")) from None
     info = run_identity(cpu_model, cpu_inputs, args)
 
     def make_model(device: torch.device):
@@ -75,7 +84,8 @@ def cmd_generate(args) -> None:
     # Usage errors (a locked or foreign folder, an unusable --out) and NaN output pass to
     # ddim_fused.cli.errors as they are; these two say what a rerun will do.
     try:
-        summary = gen.run_generation(args.out, config, make_model, info, progress=not args.no_progress, preview=True)
+        summary = gen.run_generation(args.out, config, make_model, info, progress=not args.no_progress, preview=True,
+                                     overwrite_mismatched=args.overwrite_mismatched)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {kept}") from None
     except OSError as exc:
