@@ -87,6 +87,10 @@ class Conditioning:
             raise ValueError("cond: this model is conditioned on a tensor (encoder hidden states); give one")
         if uncond is not None and cond is None:
             raise ValueError("uncond needs cond too")
+        if uncond is not None and self.guidance == 1.0:
+            # Guidance 1 runs on cond alone: an uncond given there would go unused.
+            raise ValueError("uncond is used only with guidance other than 1 (guidance 1 runs on cond alone): "
+                             "give guidance or leave uncond out")
         if cond is not None:
             self.cond, self.shared = self._rows("cond", cond)
         if uncond is not None:

@@ -69,6 +69,19 @@ class DiffusersUNet:
             self.conditioning, self.n_classes = "class", int(config.num_class_embeds)
         else:
             self.conditioning = "none"
+        # UNet2DModel's up blocks join the down blocks' outputs, so every down-sampling must
+        # halve the size exactly; UNet2DConditionModel resizes to fit, so any size runs.
+        self.size_multiple = 2 ** (len(config.down_block_types) - 1) if isinstance(net, UNet2DModel) else 1
+
+    def check_sample_shape(self, shape: tuple[int, ...]) -> None:
+        """ValueError unless shape (C, H, W) fits the UNet: its in_channels, H and W multiples of size_multiple."""
+        if len(shape) != 3:
+            raise ValueError(f"sample_shape {shape} must be (channels, height, width) for a 2-D UNet")
+        if shape[0] != self.channels:
+            raise ValueError(f"sample_shape {shape} does not have the model's {self.channels} input channels")
+        if shape[1] % self.size_multiple or shape[2] % self.size_multiple:
+            raise ValueError(f"sample_shape {shape} does not fit the UNet: its down-sampling needs a height and "
+                             f"width that are multiples of {self.size_multiple}")
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -90,20 +103,20 @@ def find_files(folder: Path, scheduler_config: Optional[Path]) -> tuple[Path, Pa
     if (folder / "model_index.json").is_file():
         unet_dir = folder / "unet"
         if not (unet_dir / "config.json").is_file():
-            raise ValueError(f"{folder} is a diffusers pipeline folder without unet/config.json; only pipelines "
+            raise ValueError(f"{str(folder)!r} is a diffusers pipeline folder without unet/config.json; only pipelines "
                              "with a `unet` component are supported")
         default_scheduler = folder / "scheduler" / SCHEDULER_FILE
     elif (folder / "config.json").is_file():
         unet_dir, default_scheduler = folder, None
     else:
-        raise ValueError(f"{folder} holds neither model_index.json (a diffusers pipeline) nor config.json "
+        raise ValueError(f"{str(folder)!r} holds neither model_index.json (a diffusers pipeline) nor config.json "
                          "(a diffusers UNet)")
     scheduler_file = scheduler_config if scheduler_config is not None else default_scheduler
     if scheduler_file is None:
-        raise ValueError(f"{folder} is a bare UNet folder: give its schedule as scheduler_config, a diffusers "
+        raise ValueError(f"{str(folder)!r} is a bare UNet folder: give its schedule as scheduler_config, a diffusers "
                          "scheduler config file")
     if not scheduler_file.is_file():
-        raise ValueError(f"scheduler config {scheduler_file} is not a file")
+        raise ValueError(f"scheduler config {str(scheduler_file)!r} is not a file")
     return unet_dir, scheduler_file
 
 
@@ -112,20 +125,30 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
+        raise ValueError(f"cannot read {str(path)!r}: {str(exc)!r}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+        raise ValueError(f"{str(path)!r} does not hold a JSON object")
     return value
 
 
 def ddim_scheduler(scheduler_file: Path) -> DDIMScheduler:
     """DDIMScheduler.from_config of a scheduler config file (of any diffusers scheduler class)."""
     config = read_json(scheduler_file)
+    steps = config.get("num_train_timesteps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not steps >= 1:
+        raise ValueError(f"{str(scheduler_file)!r} is not a scheduler config DDIM accepts: num_train_timesteps must "
+                         f"be >= 1, got {steps!r}")
     with quiet_diffusers():  # other schedulers' keys (e.g. DDPM's variance_type) only warn
         try:
-            return DDIMScheduler.from_config(config)
-        except (TypeError, ValueError, NotImplementedError) as exc:
-            raise ValueError(f"{scheduler_file} is not a scheduler config DDIM accepts: {exc}") from None
+            scheduler = DDIMScheduler.from_config(config)
+        except Exception as exc:  # noqa: BLE001 - a foreign config makes the constructor raise nearly anything
+            raise ValueError(f"{str(scheduler_file)!r} is not a scheduler config DDIM accepts: "
+                             f"{_first_line(exc)!r}") from None
+    alpha_bar = scheduler.alphas_cumprod.to(torch.float64)
+    if not (torch.isfinite(alpha_bar).all() and (alpha_bar > 0).all() and (alpha_bar <= 1).all()):
+        raise ValueError(f"{str(scheduler_file)!r} is not a scheduler config DDIM accepts: its betas give "
+                         "alphas_cumprod outside (0, 1]")
+    return scheduler
 
 
 def scheduler_options(scheduler: DDIMScheduler) -> tuple[str, dict]:
@@ -145,24 +168,32 @@ def load_unet(unet_dir: Path) -> torch.nn.Module:
     config = read_json(unet_dir / "config.json")
     name = config.get("_class_name")
     if name not in UNET_CLASSES:
-        raise ValueError(f"{unet_dir / 'config.json'} describes a {name!r}; only "
+        raise ValueError(f"{str(unet_dir / 'config.json')!r} describes a {name!r}; only "
                          f"{' and '.join(UNET_CLASSES)} are supported")
     if name == "UNet2DConditionModel" and config.get("addition_embed_type") is not None:
-        raise ValueError(f"{unet_dir} needs added conditioning ({config['addition_embed_type']!r}, e.g. SDXL), "
+        raise ValueError(f"{str(unet_dir)!r} needs added conditioning ({config['addition_embed_type']!r}, e.g. SDXL), "
                          "which --cond cannot give")
     if config.get("class_embed_type") is not None:
-        raise ValueError(f"{unet_dir} uses class_embed_type={config['class_embed_type']!r}; only num_class_embeds "
+        raise ValueError(f"{str(unet_dir)!r} uses class_embed_type={config['class_embed_type']!r}; only num_class_embeds "
                          "class conditioning is supported")
     if name == "UNet2DConditionModel" and config.get("num_class_embeds") is not None:
-        raise ValueError(f"{unet_dir} takes both class labels and encoder states; not supported")
+        raise ValueError(f"{str(unet_dir)!r} takes both class labels and encoder states; not supported")
     if not weight_files(unet_dir):
-        raise ValueError(f"{unet_dir} holds no weights (*.safetensors or *.bin)")
+        raise ValueError(f"{str(unet_dir)!r} holds no weights (*.safetensors or *.bin)")
     with quiet_diffusers():
         try:
-            return UNET_CLASSES[name].from_pretrained(unet_dir, local_files_only=True)
+            # Only the format the folder holds: asked for safetensors that are not there,
+            # diffusers logs an error even though it then loads the .bin file.
+            safetensors = any(p.name.endswith(".safetensors") for p in weight_files(unet_dir))
+            return UNET_CLASSES[name].from_pretrained(unet_dir, local_files_only=True, use_safetensors=safetensors)
         except Exception as exc:  # noqa: BLE001 - a damaged file makes the loaders raise nearly anything
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"cannot load the {name} in {unet_dir}: {first}") from None
+            raise ValueError(f"cannot load the {name} in {str(unet_dir)!r}: {_first_line(exc)!r}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of another library's error (theirs run over many), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def weight_files(unet_dir: Path) -> list[Path]:

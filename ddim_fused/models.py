@@ -225,8 +225,7 @@ def _load_folder(folder: Path, scheduler_config, device, dtype, sample_shape, ou
         hw = (size, size) if isinstance(size, int) else tuple(size)
         sample_shape = (config["in_channels"],) + tuple(hw)
     sample_shape = _shape(sample_shape)
-    if sample_shape[0] != model.channels:
-        raise ValueError(f"sample shape {sample_shape} does not have the model's {model.channels} input channels")
+    model.check_sample_shape(sample_shape)
     options = dict(info["sampler_options"])
     weights = diffusers_models.weight_files(info["unet_dir"])
     identity = {

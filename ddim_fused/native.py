@@ -69,12 +69,15 @@ def cache_dir() -> Path:
     return Path(base) / "ddim-fused"
 
 
-def load_library(directory: Path, command: list[str]) -> ctypes.CDLL:
+def load_library(directory: Path, command: list[str], *, shared: bool = True) -> ctypes.CDLL:
     """The C kernel from `directory`, compiled there with `command` first if not there yet.
 
     Args:
         directory: the cache folder (created if missing).
         command: the compiler command, e.g. ["cc"].
+        shared: other processes may load from `directory` too, so the library is built
+            under a private name and renamed into place; False (a folder of this process
+            only) builds it in place.
 
     Returns:
         the loaded library with its argument types set.
@@ -88,7 +91,10 @@ def load_library(directory: Path, command: list[str]) -> ctypes.CDLL:
     target = directory / f"cpu_kernels-{hashlib.sha256(recipe).hexdigest()[:16]}.so"
     if not target.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        _compile(command, target)
+        if shared:
+            _compile(command, target)
+        else:
+            _run_compiler(command, str(target))
     try:
         return _declare(ctypes.CDLL(str(target)))
     except (OSError, AttributeError) as err:  # AttributeError: a symbol is missing
@@ -100,18 +106,22 @@ def _compile(command: list[str], target: Path) -> None:
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".cpu_kernels-", suffix=".so")
     os.close(fd)
     try:
-        try:
-            done = subprocess.run([*command, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
-                                  timeout=300, check=False)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise NativeBuildError(f"cannot run the C compiler {command[0]!r}: {err}") from err
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise NativeBuildError(f"{command[0]} failed (exit {done.returncode}): {' / '.join(tail)}")
+        _run_compiler(command, partial)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+def _run_compiler(command: list[str], output: str) -> None:
+    try:
+        done = subprocess.run([*command, *FLAGS, "-o", output, str(SOURCE)], capture_output=True, text=True,
+                              timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise NativeBuildError(f"cannot run the C compiler {command[0]!r}: {err}") from err
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise NativeBuildError(f"{command[0]} failed (exit {done.returncode}): {' / '.join(tail)}")
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -152,9 +162,10 @@ def _build_or_warn() -> Optional[ctypes.CDLL]:
             try:
                 return load_library(cache_dir(), command)
             except OSError:
-                # No writable cache (read-only home): build for this process only.
+                # No usable cache (a read-only home, a folder that refuses renames): build for
+                # this process only. A loaded library outlives its file.
                 with tempfile.TemporaryDirectory(prefix="ddim-fused-") as private:
-                    return load_library(Path(private), command)  # a loaded library outlives its file
+                    return load_library(Path(private), command, shared=False)
         except (NativeBuildError, OSError) as err:
             reason = str(err)
     warnings.warn(f"ddim_fused: the CPU kernels are unavailable ({reason}); keyed noise and float32 steps run "

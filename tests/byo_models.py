@@ -23,7 +23,8 @@ SIZE, CHANNELS, COND_LEN, COND_DIM = 8, 3, 5, 6
 def tiny_unet(seed: int = 0, **config):
     """A random UNet2DModel for (3, 8, 8) samples: about 42k parameters."""
     torch.manual_seed(seed)
-    return diffusers.UNet2DModel(sample_size=SIZE, in_channels=CHANNELS, out_channels=CHANNELS, layers_per_block=1,
+    config.setdefault("out_channels", CHANNELS)  # 2 * CHANNELS: a learned-variance UNet
+    return diffusers.UNet2DModel(sample_size=SIZE, in_channels=CHANNELS, layers_per_block=1,
                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, **config)
 

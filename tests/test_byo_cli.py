@@ -1,6 +1,7 @@
 """sample, paint, interpolate and invert with --model; flags that do not fit the model are one-line errors."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -151,3 +152,97 @@ def test_model_source_errors(pipe, tmp_path, capsys):
     line = _error(["sample", "--scheduler-config", str(pipe / "scheduler" / "scheduler_config.json")], capsys,
                   tmp_path)
     assert "--scheduler-config applies only to diffusers folders" in line
+
+
+def _edited_pipeline(pipe, tmp_path, scheduler=None):
+    """A copy of the pipeline folder whose scheduler config has the given entries."""
+    folder = tmp_path / "edited"
+    shutil.copytree(pipe, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(scheduler if isinstance(scheduler, str)
+                           else json.dumps({**json.loads(config_file.read_text()), **(scheduler or {})}))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["sample", "generate"])
+@pytest.mark.parametrize("edit, extra, message", [
+    ({"num_train_timesteps": -5}, [], "is not a scheduler config DDIM accepts: num_train_timesteps must be >= 1"),
+    ({"beta_end": 2.0}, [], "its betas give alphas_cumprod outside (0, 1]"),
+    (None, ["--shape", "3", "7", "9"], "--shape (3, 7, 9) does not fit the UNet: its down-sampling needs a height "
+                                       "and width that are multiples of 2"),
+    (None, ["--shape", "3", "8"], "--shape (3, 8) must be (channels, height, width)"),
+], ids=["negative-timesteps", "betas-above-1", "shape-not-down-sampled", "shape-not-2d"])
+def test_bad_model_folders_exit_2_before_any_work(pipe, tmp_path, capsys, command, edit, extra, message):
+    folder = _edited_pipeline(pipe, tmp_path, edit) if edit else pipe
+    run_dir = tmp_path / "run"
+    argv = [command, "--model", str(folder), "--steps", "2", "--num", "2", *extra]
+    line = _error(argv + (["--out", str(run_dir)] if command == "generate" else []), capsys, tmp_path)
+    assert line.startswith("ddim-fused: error: ") and message in line, line
+    assert not run_dir.exists()  # no run.json, no lock file: nothing was started
+
+
+def test_messages_keep_file_names_and_other_libraries_text(pipe, tmp_path, capsys):
+    folder = _edited_pipeline(pipe, tmp_path, "not json")
+    line = _error(["sample", "--model", str(folder)], capsys, tmp_path)
+    assert f"cannot read '{folder}/scheduler/scheduler_config.json': 'Expecting value" in line, line
+    shutil.copy(folder / "scheduler" / "scheduler_config.json", tmp_path)  # keep a bad config out of the way
+    shutil.copytree(pipe / "scheduler", folder / "scheduler", dirs_exist_ok=True)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\0" * 64)
+    line = _error(["sample", "--model", str(folder)], capsys, tmp_path)
+    assert "cannot load the UNet2DModel in" in line and "--weights" not in line, line
+    assert "weights" in line.split(": ", 2)[2], line  # diffusers' own text, as it wrote it
+
+
+def test_a_folder_with_bin_weights_loads_with_nothing_on_stderr(pipe, tmp_path, capsys):
+    folder = tmp_path / "bin"
+    shutil.copytree(pipe, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    tiny_unet(0).save_pretrained(folder / "unet", safe_serialization=False)
+    assert [p.name for p in (folder / "unet").iterdir() if p.suffix != ".json"] == ["diffusion_pytorch_model.bin"]
+    assert main(["sample", "--model", str(folder), "--num", "1", "--steps", "2", "--out", str(tmp_path / "b.png"),
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and captured.err == "", captured.err
+
+
+LOGGING_MODEL = """
+import logging
+import torch
+from ddim_fused.schedules import make_betas
+
+LOG = logging.getLogger("diffusers.models.byo_logging_model")
+
+
+class Model:
+    betas = make_betas("linear", 100)
+    sample_shape = (1, 4, 4)
+
+    def __call__(self, x, t, cond):
+        LOG.info("a note from the library")
+        LOG.warning("a warning\\nover two lines")
+        return torch.tanh(x)
+
+
+def make():
+    return Model()
+"""
+
+
+def test_library_logs_are_one_line_warnings_and_debug_only_with_debug(tmp_path, capsys, monkeypatch):
+    (tmp_path / "byo_logging_model.py").write_text(LOGGING_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["generate", "--model", "byo_logging_model:make", "--num", "1", "--steps", "1"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert set(capsys.readouterr().err.splitlines()) == {"ddim-fused: warning: a warning over two lines"}
+    assert main(args + ["--out", str(tmp_path / "b"), "--no-progress", "--debug"]) == 0
+    assert set(capsys.readouterr().err.splitlines()) == {"ddim-fused: warning: a warning over two lines",
+                                                         "ddim-fused: debug: a note from the library"}
+
+
+def test_uncond_without_guidance_is_refused(cond_model, tmp_path, capsys):
+    line = _error(["sample", "--model", str(cond_model / "unet"), "--scheduler-config",
+                   str(cond_model / "scheduler.json"), "--cond", str(cond_model / "cond.pt"), "--uncond",
+                   str(cond_model / "uncond.pt"), "--num", "2"], capsys, tmp_path)
+    assert "--uncond is used only with --guidance other than 1" in line, line

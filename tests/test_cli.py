@@ -1,4 +1,5 @@
 """End-to-end tests of the ddim-fused command line on tiny settings."""
+import argparse
 import re
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from ddim_fused.cli import main
+from ddim_fused.cli.commands import build_parser
 from tests.helpers import PAD, SCALE, grid_size
 
 pytestmark = pytest.mark.usefixtures("restore_threads")  # --threads 1 sets torch's global count
@@ -211,6 +213,15 @@ def test_module_entry_point_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "ddim-fused: error: unknown class '12': the digits model knows classes 0 to 9"
     assert "Traceback" not in proc.stderr
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [(name, action.option_strings[0]) for name, command in commands.items() for action in command._actions
+              if action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+              and action.help is not None and "default" not in action.help]
+    assert silent == []
 
 
 def test_help_explains_options():

@@ -1,10 +1,14 @@
-"""The CLI's shared helpers: sampler messages in flag names, atomic PNG output."""
+"""The CLI's shared helpers: sampler messages in flag names, library logs, atomic PNG output."""
+import logging
 
 import pytest
 import torch
 
+from ddim_fused.cli.errors import library_logs
+from ddim_fused.cli.model import MODEL_FLAGS
 from ddim_fused.cli.options import SAMPLER_FLAGS, UserError, build_sampler, flag_names, sampler_errors
 from ddim_fused.schedules import make_alpha_bar
+from tests.byo_models import needs_diffusers
 
 
 def test_flag_names_renames_arguments_but_not_quoted_values():
@@ -17,6 +21,40 @@ def test_flag_names_leaves_longer_words_and_flags_alone():
     message = "ddim_eta and eta; theta, seeds, --seed, n_steps_total, model.n_steps"
     assert flag_names(message, SAMPLER_FLAGS) == (
         "--eta and --eta; theta, seeds, --seed, n_steps_total, model.n_steps")
+
+
+@pytest.mark.parametrize("message", [
+    # A path whose parts are argument names, and another library's (quoted) error text.
+    "cannot read 'm/scheduler/scheduler_config.json': 'Expecting value: line 1 column 1 (char 0)'",
+    "cannot read m/weights/sample_shape.json: no such file",
+    "cannot load the UNet2DModel in 'weights': 'Unable to load weights from checkpoint file'",
+], ids=["quoted-path", "bare-path", "foreign-text"])
+def test_flag_names_keeps_paths_and_other_libraries_text(message):
+    assert flag_names(message, {**SAMPLER_FLAGS, **MODEL_FLAGS}) == message
+
+
+def test_flag_names_renames_arguments_where_the_library_names_them():
+    flags = {**SAMPLER_FLAGS, **MODEL_FLAGS, "uncond": "--uncond", "guidance": "--guidance"}
+    assert flag_names("weights applies only to the 'digits' source", flags) == (
+        "--weights applies only to the 'digits' --model")
+    assert flag_names("guidance=2 needs uncond, the unconditional tensor (see seed).", flags) == (
+        "--guidance=2 needs --uncond, the unconditional tensor (see --seed).")
+
+
+@needs_diffusers  # only the logs of libraries that are imported are routed
+def test_library_logs_are_one_line_warnings_and_debug_only_with_debug(capsys):
+    logger = logging.getLogger("diffusers.test_cli_options")
+    root = logging.getLogger("diffusers")
+    before = (list(root.handlers), root.level, root.propagate)
+    for debug in (False, True):
+        with library_logs(debug):
+            logger.warning("two\nlines")
+            logger.error("an error")
+            logger.info("a note")
+        err = capsys.readouterr().err.splitlines()
+        expected = ["ddim-fused: warning: two lines", "ddim-fused: warning: an error"]
+        assert err == expected + (["ddim-fused: debug: a note"] if debug else []), debug
+    assert (list(root.handlers), root.level, root.propagate) == before
 
 
 def test_sampler_errors_override_names_the_flag_that_was_used():

@@ -171,6 +171,25 @@ def test_eta_positive_is_k_diffusion_sample_euler_ancestral(kd, wrapper, schedul
     _assert_same_run(ours, theirs, ours_steps, their_steps, FP32_RTOL if dtype == torch.float32 else BF16_ROUNDING)
 
 
+def test_eta_above_1_caps_the_noise_as_k_diffusion_does(kd):
+    """Above eta 1 an ancestral step's sigma_up can exceed sigma_next; k-diffusion caps it there
+    (sigma_down 0: the step lands on the denoised estimate plus sigma_next's noise). On this
+    Karras schedule eta 1.2 gives capped and uncapped steps."""
+    eta = 1.2
+    denoiser = WRAPPERS["DiscreteEpsDDPMDenoiser"](kd.external)
+    sigmas = _schedule(kd, denoiser, "karras")
+    pairs = zip(sigmas[:-2].tolist(), sigmas[1:-1].tolist())
+    capped = [eta * (b**2 * (a**2 - b**2) / a**2) ** 0.5 > b for a, b in pairs]
+    assert any(capped) and not all(capped)  # both kinds of step occur
+    x, extra = _start(sigmas, torch.float32)
+    ours_steps, their_steps = [], []
+    ours = sample_ddim(denoiser, x, sigmas, extra_args=extra, callback=_recorder(ours_steps), disable=True, eta=eta,
+                       noise_sampler=keyed_noise_sampler(7, x))
+    theirs = kd.sampling.sample_euler_ancestral(denoiser, x, sigmas, extra_args=extra, callback=_recorder(their_steps),
+                                                disable=True, eta=eta, noise_sampler=keyed_noise_sampler(7, x))
+    _assert_same_run(ours, theirs, ours_steps, their_steps, FP32_RTOL)
+
+
 def test_default_noise_is_k_diffusion_default_noise(kd):
     """Without a noise sampler both draw torch.randn_like(x) once per noisy step."""
     denoiser = WRAPPERS["CompVisDenoiser"](kd.external)

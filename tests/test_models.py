@@ -86,6 +86,21 @@ def test_pipeline_folder_loads_with_diffusers_schedule(pipeline):
 
 
 @needs_diffusers
+def test_a_learned_variance_unet_gives_its_eps_half(tmp_path):
+    # out_channels = 2 x in_channels: eps (the first half) and the variance (the second).
+    net = tiny_unet(2, out_channels=6)
+    folder = save_pipeline(tmp_path / "pipe", net, diffusers.DDIMScheduler())
+    loaded = load_model_source(str(folder))
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        both = net.eval()(x, t).sample
+    out = loaded.model(x, t, None)
+    assert out.shape == x.shape and both.shape == (2, 6, 8, 8)
+    torch.testing.assert_close(out, both[:, :3], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out, both[:, 3:])
+
+
+@needs_diffusers
 def test_bare_model_folder_needs_a_scheduler_config(tmp_path):
     tiny_unet(1).save_pretrained(tmp_path / "unet")
     with pytest.raises(ValueError, match="scheduler-config|scheduler_config"):
@@ -205,7 +220,9 @@ def test_per_sample_and_shared_cond_rows():
     (dict(cond=torch.zeros(4, COND_LEN, COND_DIM, dtype=torch.int64)), "floating-point"),
     (dict(cond=torch.full((COND_LEN, COND_DIM), float("nan"))), "NaN"),
     (dict(cond=torch.zeros(COND_LEN, COND_DIM), guidance=3.0), "needs uncond"),
-    (dict(cond=torch.zeros(COND_LEN, COND_DIM), uncond=torch.zeros(2, COND_DIM)), "uncond"),
+    (dict(cond=torch.zeros(COND_LEN, COND_DIM), uncond=torch.zeros(2, COND_DIM), guidance=2.0), "uncond rows"),
+    (dict(cond=torch.zeros(COND_LEN, COND_DIM), uncond=torch.zeros(COND_LEN, COND_DIM)),
+     "uncond is used only with guidance other than 1"),
     (dict(classes=[1]), "classes apply to class-conditional models"),
 ])
 def test_bad_tensor_conditioning(kwargs, match):

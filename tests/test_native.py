@@ -82,6 +82,23 @@ def test_without_a_working_compiler_the_stream_falls_back_with_one_warning(tmp_p
         assert native.library() is None
 
 
+def test_a_cache_that_refuses_renames_builds_privately_without_a_warning(cpu_lib, tmp_path, monkeypatch):
+    # A folder that lets files be created but not renamed into place (as an unwritable
+    # output folder does under tests/test_cli_errors.py): the private build needs no rename.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(native.os, "replace", refuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = native.library()
+    assert lib is not None and hasattr(lib, "ddim_update_f32")
+    assert not list((tmp_path / "ddim-fused").glob("*.so"))  # nothing half-published in the shared cache
+
+
 def test_cc_may_carry_flags(monkeypatch):
     monkeypatch.setenv("CC", "ccache gcc -m64")
     assert native.compiler() == ["ccache", "gcc", "-m64"]

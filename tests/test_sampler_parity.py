@@ -311,3 +311,15 @@ def test_q_sample_draws_the_orig_stream(backend, backend_device):
     for index, offset in ((2, 0), (5, 7)):
         want = ref.q_sample(x0, index, noise=keyed_noise(SHAPE, 31, "orig", backend_device, offset)(index))
         assert_close(fused.q_sample(x0, index, seed=31, sample_offset=offset), want, name=f"q_sample index {index}")
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.0, 3.5])
+def test_get_eps_is_the_guided_model_output(scale):
+    model = ToyModel()
+    sampler = DDIMSampler(model, 6, backend="torch")
+    x, t = randn(SHAPE, 1, "cpu"), torch.tensor([900, 10])
+    cond, uncond = conds()
+    eps_c, eps_u = model(x, t, cond), model(x, t, uncond)
+    got = sampler.get_eps(x, t, cond, uncond_scale=scale, uncond_cond=uncond)
+    assert_close(got, eps_u + scale * (eps_c - eps_u), name=f"get_eps at scale {scale}")
+    assert not torch.allclose(eps_c, eps_u)  # the halves differ, so swapping them would show

@@ -12,7 +12,6 @@ The benchmark suite is not a subcommand: it runs from a source checkout as `pyth
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib.util
 import os
 import sys
@@ -24,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import TEMP_SUFFIX, OutputPathError
-from .errors import UserError, one_line, one_line_warnings, report
+from .errors import UserError, library_logs, one_line, one_line_warnings, report, status_output
 from .model import classes_from, conditioning, load_cli_model
 from ..models import DIGITS
 from .options import (
@@ -32,6 +31,7 @@ from .options import (
     add_sampler_options,
     build_sampler,
     check_at_most,
+    check_out_folder,
     check_positive,
     check_runtime,
     check_t_start,
@@ -62,6 +62,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"ddim-fused: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a subcommand's unknown flags from the top parser, whose --help
+        # does not list the subcommand's flags: point to the subcommand's instead.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._subcommands().get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _subcommands(self) -> dict:
+        actions = self._subparsers._group_actions if self._subparsers is not None else []
+        return next((a.choices for a in actions if isinstance(a, argparse._SubParsersAction)), {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step counts to invert and reconstruct with (default 10 20 50 100)")
     p.set_defaults(steps=None, seed=None)  # None: not given (they set the generation, which --input replaces)
     p.add_argument("--out", default="invert.png",
-                   help="PNG file to write: originals, then one row of reconstructions per step count")
+                   help="PNG file to write: originals, then one row of reconstructions per step count "
+                        "(default invert.png)")
 
     p = sub.add_parser("train-digits", help="retrain the embedded digits model (needs scikit-learn)",
                        description="Train the digits eps-model and its classifier from scratch, deterministically.")
@@ -501,6 +515,7 @@ def cmd_train_digits(args) -> None:
     if importlib.util.find_spec("sklearn") is None:
         raise UserError("train-digits needs scikit-learn: pip install 'ddim-fused[train]'")
     if args.out is not None:
+        check_out_folder(args.out)
         try:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -519,7 +534,7 @@ COMMANDS = {"sample": cmd_sample, "paint": cmd_paint, "interpolate": cmd_interpo
 
 
 def main(argv=None) -> int:
-    """Entry point of `ddim-fused` and `python -m ddim_fused`.
+    """Run a ddim-fused command (the entry point, ddim_fused.cli.main, calls it).
 
     Args:
         argv: argument list without the program name (default: sys.argv[1:]).
@@ -530,7 +545,7 @@ def main(argv=None) -> int:
         paths, 1 for runtime failures (a full disk, NaN/Inf output), 130 for Ctrl-C.
     """
     args = build_parser().parse_args(argv)
-    with one_line_warnings():
+    with one_line_warnings(), library_logs(args.debug), status_output():
         try:
             # Sampling needs no autograd; training does.
             with torch.inference_mode(args.command != "train-digits"):
@@ -538,18 +553,5 @@ def main(argv=None) -> int:
         except SystemExit:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure ends as one line and a status
-            status = report(exc, debug=args.debug)
-            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
-                _silence_stdout()
-            raise SystemExit(status) from None
+            raise SystemExit(report(exc, debug=args.debug)) from None
     return 0
-
-
-def _silence_stdout() -> None:
-    """After a closed pipe (`ddim-fused ... | head`), send stdout to devnull so that Python's
-    final flush does not print a second error."""
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout is not a file (captured, or already closed)
-        pass

@@ -7,11 +7,19 @@ Exit statuses:
     130  interrupted (Ctrl-C); files are written whole or not at all, so none is partial
 
 `--debug` prints the traceback above the line; the exit status stays the same.
+
+stderr carries nothing else but `ddim-fused: warning: ...` lines: Python warnings and the
+warnings that diffusers, transformers and huggingface_hub log come out that way (their
+info and debug records only with `--debug`, as `ddim-fused: debug: ...`). stdout carries
+the status lines; when it is a pipe that closes early (`ddim-fused ... | head -1`), the
+rest of them is dropped and the command still writes its files.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
+import os
 import sys
 import traceback
 import warnings
@@ -21,12 +29,13 @@ import torch
 from ..atomic import OutputPathError
 from ..finite import NonFiniteError
 from ..generate import RankFailedError, RunLockedError, RunMismatchError
+from .status import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, PROG
 
-EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-PROG = "ddim-fused"
 # OSErrors that say the path the user gave cannot be used, not that the disk failed.
 _USAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR}
 _USAGE_ERRORS = (OutputPathError, RunMismatchError, RunLockedError)
+# Libraries whose logging ddim-fused routes through its own one-line format.
+LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub")
 # torch's CPU allocator reports a failed allocation as a plain RuntimeError with this text.
 _CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
@@ -95,3 +104,117 @@ def one_line_warnings():
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         yield
+
+
+class _OneLineLogHandler(logging.Handler):
+    """A library's log records as `ddim-fused: warning: ...` (WARNING and above) or `ddim-fused: debug: ...`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            kind = "warning" if record.levelno >= logging.WARNING else "debug"
+            print(f"{PROG}: {kind}: {one_line(record.getMessage())}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's rule: a failed emit never stops the program
+            self.handleError(record)
+
+
+class _LibraryLogs:
+    """The routing that library_logs() puts in place; see route_library_logs()."""
+
+    def __init__(self, debug: bool):
+        self.handler = _OneLineLogHandler(logging.DEBUG if debug else logging.WARNING)
+        self.level = logging.DEBUG if debug else None
+        self.saved: dict[str, tuple] = {}
+
+    def adopt(self) -> None:
+        # Only libraries already imported: their own setup (diffusers' and transformers'
+        # default stderr handler) has run, so nothing adds a handler after this.
+        for name in LIBRARY_LOGGERS:
+            if name not in sys.modules:
+                continue
+            logger = logging.getLogger(name)
+            if name not in self.saved:
+                self.saved[name] = (list(logger.handlers), logger.level, logger.propagate)
+            logger.handlers = [self.handler]
+            logger.propagate = False
+            if self.level is not None:
+                logger.setLevel(self.level)
+
+    def restore(self) -> None:
+        for name, (handlers, level, propagate) in self.saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)
+
+
+_active_logs: list[_LibraryLogs] = []
+
+
+@contextlib.contextmanager
+def library_logs(debug: bool = False):
+    """Within the block, the LIBRARY_LOGGERS print one line per record on stderr: WARNING
+    and above as `ddim-fused: warning: ...`, the rest only if debug (`ddim-fused: debug: ...`).
+
+    Libraries imported inside the block join when route_library_logs() is called.
+    """
+    logs = _LibraryLogs(debug)
+    _active_logs.append(logs)
+    logs.adopt()
+    try:
+        yield
+    finally:
+        _active_logs.remove(logs)
+        logs.restore()
+
+
+def route_library_logs() -> None:
+    """Route the logs of the LIBRARY_LOGGERS imported since library_logs() began (no-op outside it)."""
+    for logs in _active_logs:
+        logs.adopt()
+
+
+class _StatusStream:
+    """stdout for status lines: a closed pipe drops the rest of them instead of failing the command."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.pipe_closed = False
+
+    def write(self, text: str) -> int:
+        if not self.pipe_closed:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._close()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.pipe_closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def _close(self) -> None:
+        self.pipe_closed = True
+        # What is still buffered goes to devnull: Python's flush at exit must not fail either.
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), self._stream.fileno())
+        except (OSError, ValueError, AttributeError):  # not a file (captured), or already closed
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def status_output():
+    """Within the block, sys.stdout survives a reader that closes the pipe (see _StatusStream)."""
+    stream = _StatusStream(sys.stdout)
+    sys.stdout = stream
+    try:
+        yield stream
+    finally:
+        stream.flush()
+        if sys.stdout is stream:
+            sys.stdout = stream._stream

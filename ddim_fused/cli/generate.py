@@ -7,8 +7,8 @@ from .. import generate as gen
 from ..atomic import check_output_dir
 from .errors import EXIT_FAILURE, Interrupted, RuntimeFailure, classify
 from .model import classes_from, conditioning, guidance, load_cli_model, run_identity
-from .options import (UserError, add_prompt_options, add_sampler_options, build_sampler, check_at_most, check_positive,
-                      check_runtime)
+from .options import (UserError, add_prompt_options, add_sampler_options, build_sampler, check_at_most,
+                      check_out_folder, check_positive, check_runtime)
 
 # Sample i's noise is keyed by its index, which the Philox stream holds in 32 bits.
 MAX_SAMPLES = 2**32
@@ -48,8 +48,7 @@ def add_parser(sub) -> None:
 
 def cmd_generate(args) -> None:
     """Run `ddim-fused generate` from parsed arguments (see add_parser)."""
-    if not args.out.strip():
-        raise UserError("--out must name a folder, got an empty path (use --out . for the current folder)")
+    check_out_folder(args.out)
     check_positive(args, "num", "batch_size", "shard_size")
     check_at_most(args, "num", MAX_SAMPLES, "the noise stream's sample index space")
     env = check_runtime(args)

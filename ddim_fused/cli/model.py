@@ -5,15 +5,17 @@ back as one-line UserErrors whose argument names are the flags the user typed.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Optional
 
 import torch
 
+from .errors import route_library_logs
 from .options import UserError, flag_names, parse_classes, sampler_errors, schedule_overrides
 from ..conditioning import Conditioning, load_tensor_file
 from ..digits.pretrained import MODEL_FILE
-from ..models import DIGITS, LoadedModel, file_sha256, load_model_source, optimize
+from ..models import DIGITS, LoadedModel, file_sha256, load_model_source, optimize, source_kind
 from ..prompts import PromptConditioning, read_prompt_file
 from ..validation import MAX_NUMEL
 
@@ -36,6 +38,8 @@ def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedMode
     if args.compile_mode is not None and not args.compile:
         raise UserError("--compile-mode needs --compile")
     try:
+        if source_kind(args.model) == "folder":
+            _import_folder_loaders()
         loaded = load_model_source(args.model, device=device, dtype=dtype, weights=args.weights,
                                    scheduler_config=args.scheduler_config, sample_shape=shape,
                                    output_type=args.output_type)
@@ -54,6 +58,18 @@ def load_cli_model(args, device: torch.device, dtype: torch.dtype) -> LoadedMode
         if args.model != DIGITS:
             raise
         raise UserError(_digits_weights_error(args.weights, exc)) from None
+
+
+def _import_folder_loaders() -> None:
+    """Import the diffusers (and Stable Diffusion) integrations before a folder loads: diffusers
+    and transformers set up their logging on import, and from then on it prints through
+    ddim-fused's one-line format, while the folder loads too."""
+    for module in ("ddim_fused.diffusers_models", "ddim_fused.stable_diffusion"):
+        try:
+            importlib.import_module(module)
+        except ImportError:  # load_model_source names a missing extra the folder needs
+            break
+    route_library_logs()
 
 
 def _digits_weights_error(weights, exc: BaseException) -> str:

@@ -170,7 +170,7 @@ def add_sampler_options(p: argparse.ArgumentParser, *, num: int = 10, guidance: 
     p.add_argument("--num", type=int, default=num, help=f"number of samples (default {num})")
     p.add_argument("--batch-size", type=int, default=100,
                    help="samples per model batch; results do not depend on it (default 100)")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1 (default auto)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="precision of the latent and the model (default float32)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
@@ -224,6 +224,12 @@ def check_at_most(args, name: str, limit: int, why: str) -> None:
     value = getattr(args, name)
     if value > limit:
         raise UserError(f"--{name.replace('_', '-')} must be at most {limit} ({why}), got {value}")
+
+
+def check_out_folder(path: str) -> None:
+    """--out of a command that writes a folder is not empty (an empty path is no folder at all)."""
+    if not path.strip():
+        raise UserError("--out must name a folder, got an empty path (use --out . for the current folder)")
 
 
 def check_threads(threads: int, *, allow_zero: bool) -> None:
@@ -285,15 +291,23 @@ def parse_device(text: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------- sampler
-def flag_names(message: str, flags: dict[str, str]) -> str:
-    """message with each argument name in `flags` replaced by its flag.
+# Quoted text in a message is a value (a path, a choice, another library's error text): kept.
+_QUOTED = r"""(?<!\w)'(?:[^'\\]|\\.)*'(?!\w)|(?<!\w)"(?:[^"\\]|\\.)*"(?!\w)"""
 
-    Names inside quotes are values (e.g. a choice 'seed'), and attributes (model.n_steps)
-    are not the sampler's arguments: both are kept.
+
+def flag_names(message: str, flags: dict[str, str]) -> str:
+    """message with each argument name in `flags` replaced by its flag, where it stands as an argument.
+
+    The library's messages name an argument as a word of their own text ("n_steps must
+    be ...", "guidance=2 needs uncond"). Elsewhere the same letters are something else and
+    are kept: inside quotes (values, and the error text of other libraries, which the
+    library quotes), or joined to a path, file name or attribute (scheduler/scheduler_config.json,
+    model.n_steps, --weights-file).
     """
     names = "|".join(map(re.escape, sorted(flags, key=len, reverse=True)))
-    pattern = r"(?<![\w'\".-])(" + names + r")(?![\w'\"-])"
-    return re.sub(pattern, lambda m: flags[m.group(1)], message)
+    argument = r"(?<![^\s(\[])(" + names + r")(?=$|[\s=,;:)\]]|\.(?!\w))"
+    return re.sub(f"{_QUOTED}|{argument}",
+                  lambda m: flags[m.group(1)] if m.group(1) else m.group(0), message)
 
 
 @contextlib.contextmanager
