@@ -1,10 +1,19 @@
-"""Python-side cost per step of the kernel launchers, with the kernel launch itself stubbed out.
+"""Python-side cost per step of the kernel's launch paths, with the kernel launch itself stubbed out.
 
-Compares `launch_ddim_step` (everything decided per launch) with a step bound by
-`bind_ddim_step` (see ddim_fused/kernels/bound_step.py), both ordinary-launch and direct-runner
-dispatch. The Triton kernel object is replaced by a stand-in whose launch does nothing,
-so this measures only the launchers' own Python work: not Triton's binder, not the
-driver, not the GPU. Runs on a CPU (thread CPU time, best of 5 rounds).
+The CPU proxy of `python -m bench.host --device cuda`. The Triton kernel object is
+replaced by a stand-in whose launch does nothing (and the direct runner's device and
+stream lookups by constants), so this measures only the host path's own Python and torch
+work: not Triton's binder, not the driver, not the GPU. Runs on a CPU (thread CPU time,
+best of 5 rounds), each "before" row beside its "after" row in the same run:
+
+- launchers: `launch_ddim_step` (everything decided per launch) against `launch_step`
+  (the layout bound once per key) and a step bound by `bind_ddim_step` (see
+  ddim_fused/kernels/bound_step.py), ordinary-launch and direct-runner dispatch;
+- entry points, on CPU tensors routed to the stubbed kernel: `ddim_fused.ddim_step`
+  through the operator (full validation, torch.library dispatch) against its eager path;
+  `FusedDDIMScheduler.step` with `launch_ddim_step` against `launch_step` (needs
+  diffusers); `DDIMSampler.sample` per step at eta 0, and with guidance with a torch.cat
+  per step against the batch-doubled loop.
 
 One row times a part of Triton's own ordinary launch that needs no GPU: its check that
 every global a kernel reads still has its compile-time value (`JITFunction.run` compares
@@ -15,6 +24,7 @@ each one), on the step kernel compiled as for a GPU (no interpreter, in a subpro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -25,10 +35,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # import the kernels without a G
 
 import torch  # noqa: E402
 
+import ddim_fused  # noqa: E402
+from ddim_fused import ops  # noqa: E402
 from ddim_fused.backend import kernels  # noqa: E402
+from ddim_fused.sampler import DDIMSampler  # noqa: E402
+from ddim_fused.schedules import make_alpha_bar  # noqa: E402
 from ddim_fused.step_args import StepArgs  # noqa: E402
 
 SHAPE = (4, 4, 64, 64)
+ENTRY_SHAPE = (1, 4, 64, 64)  # bench.host's GPU shape
+SAMPLER_STEPS = 50
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,32 +113,136 @@ def global_check_us(launches: int) -> tuple[int, float]:
     return int(count), float(us)
 
 
-def launch_rows(launches: int) -> dict[str, float]:
-    """Microseconds of Python per step for each launcher, the kernel stubbed out for the duration."""
+@contextlib.contextmanager
+def stubbed_kernel():
+    """The step kernel stubbed (ordinary launches return a compiled stand-in whose launch
+    does nothing), direct launches on, the layout cache empty; everything undone after."""
     ks = kernels()
     step_mod, bound_mod = ks.ddim_step, ks.bound_step
-    saved = (step_mod._ddim_step_kernel, bound_mod._ddim_step_kernel, bound_mod.DIRECT_LAUNCH, bound_mod._cuda_current)
+    saved = (step_mod._ddim_step_kernel, bound_mod._ddim_step_kernel, bound_mod.DIRECT_LAUNCH,
+             bound_mod._cuda_current, bound_mod._LAYOUTS)
+    try:
+        step_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, None)
+        bound_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, _StubCompiled())
+        bound_mod.DIRECT_LAUNCH, bound_mod._cuda_current, bound_mod._LAYOUTS = True, _no_cuda, {}
+        yield step_mod, bound_mod
+    finally:
+        (step_mod._ddim_step_kernel, bound_mod._ddim_step_kernel, bound_mod.DIRECT_LAUNCH,
+         bound_mod._cuda_current, bound_mod._LAYOUTS) = saved
+
+
+def launch_rows(launches: int) -> dict[str, float]:
+    """Microseconds of Python per step for each launcher, the kernel stubbed out for the duration."""
     x, eps = torch.randn(SHAPE), torch.randn(SHAPE)
     out = torch.empty_like(x)
     step = StepArgs(1.1, -0.3, noise_coef=0.2, seed=5, step_key=7, x0_coefs=(1.0, 2.0))
     meta = torch.empty(SHAPE, device="meta")
     rows = {}
-    try:
-        step_mod._ddim_step_kernel = bound_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, None)
+    with stubbed_kernel() as (step_mod, bound_mod):
         rows["launch_ddim_step"] = _per_call_us(lambda: step_mod.launch_ddim_step(x, eps, out, step), launches)
+        rows["launch_step, bound per key"] = _per_call_us(lambda: bound_mod.launch_step(x, eps, out, step), launches)
         bound_mod.DIRECT_LAUNCH = False
         run = bound_mod.bind_ddim_step(meta).step(step)
         rows["bound step, ordinary launch"] = _per_call_us(lambda: run(x, eps, out), launches)
         bound_mod.DIRECT_LAUNCH = True
-        bound_mod._cuda_current = _no_cuda
-        bound_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, _StubCompiled())
         run = bound_mod.bind_ddim_step(meta).step(step)
         rows["bound step, direct runner"] = _per_call_us(lambda: run(x, eps, out), launches)
         rows["binding a call and one step"] = _per_call_us(lambda: bound_mod.bind_ddim_step(meta).step(step),
                                                            max(1, launches // 10))
+    return rows
+
+
+class _TrivialEps:
+    """bench.host's trivial model: returns its input (only the host path is left to time)."""
+
+    n_steps = 1000
+
+    def __init__(self):
+        self.alpha_bar = make_alpha_bar("linear", 1000)
+
+    def __call__(self, x, t, cond):
+        return x
+
+
+def entry_rows(launches: int) -> dict[str, float]:
+    """Microseconds per step of each entry point's host path on the stubbed kernel, before/after pairs."""
+    rows = {}
+    gen = torch.Generator().manual_seed(2)
+    x, eps = torch.randn(ENTRY_SHAPE, generator=gen), torch.randn(ENTRY_SHAPE, generator=gen)
+    out = torch.empty_like(x)
+    fields = dict(x_coef=1.01, eps_coef=-0.02, noise_coef=0.3, seed=7, step_key=3)
+    with stubbed_kernel() as (_, bound_mod), _op_on_the_kernel(bound_mod.launch_step):
+        call = lambda: ddim_fused.ddim_step(x, eps, out=out, **fields)  # noqa: E731
+        saved = ops._EAGER_FIELDS
+        ops._EAGER_FIELDS = frozenset()  # nothing is remembered: every call validates and dispatches
+        try:
+            rows["ddim_step, operator (validated, dispatched)"] = _per_call_us(call, max(1, launches // 4))
+        finally:
+            ops._EAGER_FIELDS = saved
+        call()  # remembers the combination
+        rows["ddim_step, eager path"] = _per_call_us(call, launches)
+        rows.update(_scheduler_rows(bound_mod, x, eps, max(1, launches // SAMPLER_STEPS)))
+        rows.update(_sampler_rows(max(1, launches // (4 * SAMPLER_STEPS))))
+    return rows
+
+
+@contextlib.contextmanager
+def _op_on_the_kernel(launch):
+    """ddim_fused.ddim_step's "auto" step function on CPU tensors is `launch` (the stubbed kernel's)."""
+    saved = ops.step_function
+    ops.step_function = lambda backend, device, dtype: launch
+    ops._EAGER.clear()
+    try:
+        yield
     finally:
-        (step_mod._ddim_step_kernel, bound_mod._ddim_step_kernel, bound_mod.DIRECT_LAUNCH,
-         bound_mod._cuda_current) = saved
+        ops.step_function = saved
+        ops._EAGER.clear()
+
+
+def _scheduler_rows(bound_mod, x, eps, loops: int) -> dict[str, float]:
+    try:
+        from ddim_fused.diffusers import FusedDDIMScheduler  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return {}
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    scheduler = FusedDDIMScheduler(**config)
+    scheduler.backend = "triton"  # the kernel (stubbed) on CPU tensors
+    scheduler.set_timesteps(SAMPLER_STEPS)
+    timesteps = list(scheduler.timesteps)
+
+    def loop():
+        for t in timesteps:
+            scheduler.step(eps, t, x, return_dict=False)
+
+    rows = {}
+    loop()
+    key = next(iter(scheduler._step_functions))
+    for name, launch in (("launch_ddim_step", kernels().ddim_step.launch_ddim_step),
+                         ("launch_step", bound_mod.launch_step)):
+        scheduler._step_functions[key] = launch
+        rows[f"FusedDDIMScheduler.step, {name}"] = _per_call_us(loop, loops) / len(timesteps)
+    return rows
+
+
+def _sampler_rows(calls: int) -> dict[str, float]:
+    model = _TrivialEps()
+    cond, uncond = torch.ones(1), torch.zeros(1)
+    x_T = torch.randn(ENTRY_SHAPE, generator=torch.Generator().manual_seed(2))
+    rows = {}
+    for name, scale, un in (("eta0", 1.0, None), ("guidance", 3.0, uncond)):
+        sampler = DDIMSampler(model, SAMPLER_STEPS, "uniform", 0.0, backend="triton")
+        run = lambda: sampler.sample(ENTRY_SHAPE, cond, x_last=x_T, uncond_scale=scale,  # noqa: E731
+                                     uncond_cond=un, seed=1)
+        run()
+        if un is not None:
+            saved = DDIMSampler._denoise_doubled
+            DDIMSampler._denoise_doubled = lambda self, x, plan: self._denoise_loop(x, plan, None)
+            try:
+                rows["sampler step, guidance, torch.cat per step"] = _per_call_us(run, calls) / SAMPLER_STEPS
+            finally:
+                DDIMSampler._denoise_doubled = saved
+        rows[f"sampler step, {name}" + (", batch-doubled buffers" if un is not None else "")] = \
+            _per_call_us(run, calls) / SAMPLER_STEPS
     return rows
 
 
@@ -130,10 +250,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.launch_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--launches", type=int, default=20000, help="launches per round (default 20000)")
     args = parser.parse_args(argv)
-    for name, us in launch_rows(args.launches).items():
-        print(f"{name:32s} {us:8.2f} us (Python only, kernel launch stubbed)")
+    for name, us in {**launch_rows(args.launches), **entry_rows(args.launches)}.items():
+        print(f"{name:48s} {us:8.2f} us (Python only, kernel launch stubbed)")
     count, us = global_check_us(args.launches)
-    print(f"{'Triton global check, step':32s} {us:8.2f} us (per ordinary launch; the kernel reads {count} globals)")
+    print(f"{'Triton global check, step':48s} {us:8.2f} us (per ordinary launch; the kernel reads {count} globals)")
     return 0
 
 

@@ -55,10 +55,14 @@ def plan(device_type: str, quick: bool) -> Matrix:
     providers = ("triton", "torch", "labml", "minimal", "compile", "diffusers")
     if device_type == "cuda":
         if quick:
-            shapes = _shapes((1, 8, 64), ("4x64x64", "3x256x256"))
-            groups = [(c, "fp32", shapes) for c in ALL_CASES] + [("eta0", "bf16", shapes)]
+            # Small shapes, where host cost decides: 4x64x64 at batch 1, 2, 4, 8 (fp32 and fp16).
+            small = _shapes((1, 2, 4, 8), ("4x64x64",))
+            shapes = small + _shapes((64,), ("4x64x64",)) + _shapes((1, 8, 64), ("3x256x256",))
+            groups = ([(c, "fp32", shapes) for c in ALL_CASES] + [(c, "fp16", shapes) for c in ("eta0", "cfg")]
+                      + [("eta0", "bf16", shapes)])
             return Matrix(groups, providers, ("eta0", "cfg"), 0.05,
-                          ["--quick: 4x64x64 and 3x256x256 at batch 1, 8, 64; fp32, plus bf16 for eta0",
+                          ["--quick: 4x64x64 at batch 1, 2, 4, 8, 64 and 3x256x256 at batch 1, 8, 64; fp32, "
+                           "plus fp16 for eta0 and cfg and bf16 for eta0",
                            "--quick: torch.compile only for eta0 and cfg, at B1-4x64x64 and B64-3x256x256"],
                           compile_shapes=((1, 4, 64, 64), (64, 3, 256, 256)))
         shapes = _shapes((1, 4, 8, 16, 64))

@@ -66,8 +66,12 @@ def uses_kernel(backend: str, device, dtype: torch.dtype) -> bool:
 
 
 def step_function(backend: str, device, dtype: torch.dtype) -> StepFn:
-    """The step function (see `ddim_fused.step_args`) for tensors of `device` and `dtype`."""
-    return kernels().launch_ddim_step if uses_kernel(backend, device, dtype) else torch_ddim_step
+    """The step function (see `ddim_fused.step_args`) for tensors of `device` and `dtype`.
+
+    The kernel's is `launch_step`: launch_ddim_step with its launch layout bound once per
+    shapes, dtypes and flags, and the compiled kernel called directly.
+    """
+    return kernels().launch_step if uses_kernel(backend, device, dtype) else torch_ddim_step
 
 
 def bind_launches(step_fn: StepFn, shape, dtype: torch.dtype):

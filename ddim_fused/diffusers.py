@@ -277,7 +277,10 @@ class _FusedStepMixin:
         elif model_output.dtype != sample.dtype:
             sample, model_output = sample.to(dtype), model_output.to(dtype)
         # The kernel reads contiguous memory: a strided input is copied once here.
-        sample, model_output = sample.contiguous(), model_output.contiguous()
+        if not sample.is_contiguous():
+            sample = sample.contiguous()
+        if not model_output.is_contiguous():
+            model_output = model_output.contiguous()
         run, noise = self._launcher(sample, dtype, noise, noise_is_scaled)
         std = 0.0 if noise is None else 1.0 if noise_is_scaled else coefs.std
         prev = noise if noise_is_scaled else torch.empty_like(sample)
@@ -359,10 +362,11 @@ class FusedDDIMScheduler(_FusedStepMixin, DDIMScheduler):
         self._check_ready()
         self._check_inputs(model_output, sample)
         # Stricter than diffusers, which takes any truthy value: a string such as "no" is not False.
-        # (DDIMPipeline passes None for "not set".)
-        if use_clipped_model_output is not None:
+        # (DDIMPipeline passes None for "not set".) Python's bools, the usual case, need no call.
+        if use_clipped_model_output is not None and type(use_clipped_model_output) is not bool:
             use_clipped_model_output = check_bool("use_clipped_model_output", use_clipped_model_output)
-        return_dict = check_bool("return_dict", return_dict)
+        if type(return_dict) is not bool:
+            return_dict = check_bool("return_dict", return_dict)
         if generator is not None and not isinstance(generator, (torch.Generator, list)):
             raise TypeError(f"generator must be a torch.Generator, a list of them, or None; got "
                             f"{type(generator).__name__}")

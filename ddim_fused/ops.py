@@ -14,6 +14,14 @@ kernel (the torch path for float64), CPU the torch path (`ddim_fused.torch_step`
 fake one (shape propagation: nothing to allocate) serves torch.compile and meta tensors.
 It is a `torch.library` custom operator, opaque to the compiler: the compiled graph
 calls it as one node.
+
+Eager calls skip the dispatcher. The wrapper validates an argument combination (the
+shapes, dtypes and devices of its tensors, the names of its fields) once and remembers
+it; a later call with the same combination checks only what that cannot guarantee
+(tensor types, contiguity, scalar values and ranges, overlapping outputs) and calls the
+operator's implementation directly. Whenever something traces (torch.compile, a fake or
+functional tensor or another dispatch mode, vmap/grad, torch.jit.trace) or autograd
+would see the call, it goes through the operator.
 """
 from __future__ import annotations
 
@@ -128,6 +136,15 @@ def ddim_step(
     Returns:
         out: (B, *s) x_prev, in out's dtype.
     """
+    # (torch.compile traces the operator: the eager path is not even looked at.)
+    key = None
+    if backend == "auto" and mask is None and not torch.compiler.is_compiling():
+        key = _eager_key(x, model_out, out, x0_out, eps_out, step)
+        plan = _EAGER.get(key) if key is not None else None
+        if plan is not None and not tracing():
+            done = plan(x, model_out, out, x0_out, eps_out, step)
+            if done is not None:
+                return done
     check_backend(backend)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -181,6 +198,8 @@ def ddim_step(
         _check_no_overlap(x, model_out, out, x0_out, eps_out, fields["noise"], fields["orig"], fields["orig_noise"],
                           mask)
     if backend == "auto":
+        if key is not None and x.device.type in ("cpu", "cuda") and not tracing():
+            _remember(key, _EagerPlan(step_function("auto", x.device, x.dtype), x, model_out, fields["noise"]))
         # Only the fields given: the dispatcher parses every keyword, and the rest are defaults.
         given = {name: fields[name] for name in step}
         if mask is not None:
@@ -189,6 +208,115 @@ def ddim_step(
         return out
     args = _step_args(x, dict(fields, mask=mask))
     return step_function(backend, x.device, x.dtype)(x, model_out, out, args, x0_out, eps_out)
+
+
+def tracing() -> bool:
+    """Whether a call now must go through the operator: torch.compile, a dispatch mode (fake,
+    functional, proxy tensors), a functorch transform (vmap, grad) or torch.jit.trace is active."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None)
+
+
+# Argument combinations the full validation accepted -> _EagerPlan; started over when full.
+_EAGER: dict = {}
+_MAX_EAGER = 256
+# The fields an eager call may give (the paint fields go through the full validation).
+_EAGER_FIELDS = frozenset(("x_coef", "eps_coef", "guidance", "noise_coef", "noise", "seed", "step_key",
+                           "sample_offset", "repeat_noise", "x0_coefs"))
+
+
+def _eager_key(x, model_out, out, x0_out, eps_out, step: dict) -> tuple | None:
+    """What the full validation decides about this call's arguments, or None (not eligible)."""
+    noise = step.get("noise")
+    T = torch.Tensor
+    if (type(x) is not T or type(model_out) is not T or out is not None and type(out) is not T
+            or x0_out is not None and type(x0_out) is not T or eps_out is not None and type(eps_out) is not T
+            or noise is not None and type(noise) is not T):
+        return None
+    return (tuple(step), x.shape, x.dtype, x.device, model_out.shape, model_out.dtype, model_out.device,
+            None if out is None else (out.shape, out.dtype, out.device),
+            None if x0_out is None else (x0_out.shape, x0_out.dtype, x0_out.device),
+            None if eps_out is None else (eps_out.shape, eps_out.dtype, eps_out.device),
+            None if noise is None else (noise.shape, noise.dtype, noise.device))
+
+
+def _remember(key: tuple, plan: "_EagerPlan") -> None:
+    if not _EAGER_FIELDS.issuperset(key[0]):
+        return
+    if len(_EAGER) >= _MAX_EAGER:
+        _EAGER.clear()
+    _EAGER[key] = plan
+
+
+def _real(value) -> bool:
+    """Whether value is a Python float or int the step can compute with in float32."""
+    return (type(value) is float or type(value) is int) and -FLOAT32_MAX <= value <= FLOAT32_MAX
+
+
+_NO_X0 = (0.0, 0.0)
+
+
+class _EagerPlan:
+    """An eager call with an argument combination the full validation accepted: the checks
+    that combination leaves open, then the operator's implementation, directly."""
+
+    __slots__ = ("run", "batch", "x_bytes", "model_bytes", "noise_bytes")
+
+    def __init__(self, run, x, model_out, noise):
+        self.run, self.batch = run, x.shape[0]
+        # The overlap check's spans: outputs have x's size.
+        self.x_bytes = x.numel() * x.element_size()
+        self.model_bytes = model_out.numel() * model_out.element_size()
+        self.noise_bytes = 0 if noise is None else noise.numel() * noise.element_size()
+
+    def __call__(self, x, model_out, out, x0_out, eps_out, step: dict) -> torch.Tensor | None:
+        """out (allocated when None) with the step written, or None where the full path must decide."""
+        get = step.get
+        x_coef, eps_coef, noise_coef, guidance = step["x_coef"], step["eps_coef"], get("noise_coef", 0.0), \
+            get("guidance")
+        noise, seed, step_key, offset = get("noise"), get("seed"), get("step_key", 0), get("sample_offset", 0)
+        repeat, x0_coefs = get("repeat_noise", False), get("x0_coefs", _NO_X0)
+        if not (_real(x_coef) and _real(eps_coef) and _real(noise_coef) and (guidance is None or _real(guidance))
+                and type(x0_coefs) is tuple and len(x0_coefs) == 2 and _real(x0_coefs[0]) and _real(x0_coefs[1])
+                and type(step_key) is int and 0 <= step_key < 2**32 and type(offset) is int
+                and 0 <= offset <= 2**32 - self.batch and type(repeat) is bool
+                and (seed is None and (noise_coef == 0.0 or noise is not None)
+                     or type(seed) is int and 0 <= seed < 2**63)):
+            return None
+        grad = torch.is_grad_enabled()
+        if not (x.is_contiguous() and model_out.is_contiguous()) or grad and (x.requires_grad or model_out.requires_grad):
+            return None
+        for t in (out, x0_out, eps_out, noise):
+            if t is not None and (not t.is_contiguous() or grad and t.requires_grad):
+                return None
+        if (out is not None or x0_out is not None or eps_out is not None) and not self._disjoint(
+                x, model_out, noise, out, x0_out, eps_out):
+            return None
+        if out is None:
+            out = torch.empty_like(x)
+        args = StepArgs(float(x_coef), float(eps_coef), None if guidance is None else float(guidance),
+                        float(noise_coef), noise, seed, step_key, offset, repeat,
+                        (float(x0_coefs[0]), float(x0_coefs[1])))
+        self.run(x, model_out, out, args, x0_out, eps_out)
+        return out
+
+    def _disjoint(self, x, model_out, noise, out, x0_out, eps_out) -> bool:
+        """_check_no_overlap's rule on addresses: False where it would have to say more."""
+        size = self.x_bytes
+        spans = [(x.data_ptr(), size, True), (model_out.data_ptr(), self.model_bytes, False)]
+        if noise is not None:
+            spans.append((noise.data_ptr(), self.noise_bytes, True))
+        for t in (out, x0_out, eps_out):
+            if t is None:
+                continue
+            start = t.data_ptr()
+            for other, n, may_be_out in spans:
+                if start < other + n and other < start + size:
+                    # out may be x itself or the noise tensor itself (same start, same size).
+                    if not (t is out and may_be_out and other == start and n == size):
+                        return False
+            spans.append((start, size, False))
+        return True
 
 
 def _check_no_overlap(x, model_out, out, x0_out, eps_out, noise, orig, orig_noise, mask) -> None:

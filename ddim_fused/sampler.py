@@ -472,12 +472,21 @@ class DDIMSampler:
 
         Without a callback the steps alternate between two output buffers (nothing outside
         sees them but the model, which gets each as its input x); with one, every step
-        writes fresh tensors, so the callback may keep what it is given.
+        writes fresh tensors, so the callback may keep what it is given. Under guidance
+        without a callback the buffers are batch-doubled: a step writes x_prev into the
+        first half and copies it into the second, and the model's next input is the whole
+        buffer, so no step pays a torch.cat of [x; x] (only the first).
 
         Without a callback the loop runs under torch.inference_mode, which makes every
         small torch op on the host cheaper (about a third on a CPU); the buffers are made
         outside it, so the result is an ordinary tensor the caller may update in place.
         """
+        if callback is None and plan.guide.scale is not None and len(plan.steps) > 1:
+            return self._denoise_doubled(x, plan)
+        return self._denoise_loop(x, plan, callback)
+
+    def _denoise_loop(self, x: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
+        """_denoise with (B, *s) buffers, or fresh outputs per step with a callback (see there)."""
         want_x0 = callback is not None and plan.has_x0
         buffers = (torch.empty_like(x), torch.empty_like(x)) if callback is None else None
         call_model = plan.guide.call
@@ -502,6 +511,36 @@ class DDIMSampler:
             self._give_back(plan)
         if x.is_inference() and not torch.is_inference_mode_enabled():
             x = x.clone()  # made inside the loop (the model-returned-its-input case): an ordinary copy
+        return x
+
+    def _denoise_doubled(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """_denoise under guidance without a callback: batch-doubled ping-pong buffers (see there)."""
+        batch = x.shape[0]
+        pairs = tuple(x.new_empty((2 * batch,) + tuple(x.shape[1:])) for _ in range(2))
+        halves = tuple((pair[:batch], pair[batch:]) for pair in pairs)
+        spans = tuple((pair.data_ptr(), pair.data_ptr() + pair.numel() * pair.element_size()) for pair in pairs)
+        result = torch.empty_like(x)  # the last step's output: not a view of a doubled buffer
+        call_model, last = plan.guide.call_doubled, len(plan.steps) - 1
+        try:
+            with torch.inference_mode():
+                x_in = torch.cat([x, x])
+                for n, step in enumerate(plan.steps):
+                    model_out = call_model(x_in, x, step.t_batch)
+                    (low, high), (start, end) = halves[n & 1], spans[n & 1]
+                    out = result if n == last else low
+                    if start <= model_out.data_ptr() < end:  # the model returned the buffer this step writes
+                        out = torch.empty_like(x)
+                    x = step.run(x, model_out, out, None)
+                    if n != last:
+                        if out is low:
+                            high.copy_(low)
+                            x_in = pairs[n & 1]
+                        else:
+                            x_in = torch.cat([x, x])
+        finally:
+            self._give_back(plan)
+        if x.is_inference() and not torch.is_inference_mode_enabled():
+            x = x.clone()
         return x
 
     @staticmethod

@@ -30,7 +30,7 @@ def test_unknown_backend_is_named():
 def test_triton_on_cpu_runs_the_kernel_under_the_interpreter():
     if not backend.interpreter_on():
         pytest.skip("TRITON_INTERPRET is not set in this run (a GPU run): the CPU kernel path does not exist")
-    assert backend.step_function("triton", "cpu", torch.float32) is backend.kernels().launch_ddim_step
+    assert backend.step_function("triton", "cpu", torch.float32) is backend.kernels().launch_step
 
 
 def test_sample_and_masked_paint_work_without_triton():

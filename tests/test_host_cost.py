@@ -195,7 +195,7 @@ def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
     for _ in range(3):
         run(x, model_out, out)
     assert len(ordinary) == 1 and len(direct) == 2
-    assert all(args == ordinary[0][1] and grid == ordinary[0][0] + (1, 1) for grid, args in direct)
+    assert all(args == addresses(ordinary[0][1]) and grid == ordinary[0][0] + (1, 1) for grid, args in direct)
     assert ordinary[0][1][bound_step._X] is x and ordinary[0][1][bound_step._OUT] is out
     # A misaligned view is a different specialisation: one more ordinary launch.
     storage = torch.empty(x.numel() + 1)
@@ -204,8 +204,13 @@ def test_direct_runner_reused_per_dtype_and_alignment(monkeypatch):
     assert len(ordinary) == 2 and len(direct) == 2
 
 
-def test_a_launch_hook_sends_direct_launches_through_tritons_runner(monkeypatch):
-    """A profiler's hooks want Triton's launch metadata: while one is set, Triton's runner launches."""
+def addresses(args) -> tuple:
+    """A launch's arguments as the direct runner passes them: tensors as their addresses."""
+    return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_a_launch_hook_sends_direct_launches_through_tritons_launch(monkeypatch):
+    """A profiler's hooks want Triton's launch metadata: while one is set, the ordinary launch runs."""
     knobs = pytest.importorskip("triton").knobs
     through_runner = []
     bound_step, ordinary, direct = stand_in_kernel(monkeypatch, through_runner)
@@ -221,11 +226,11 @@ def test_a_launch_hook_sends_direct_launches_through_tritons_runner(monkeypatch)
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     run(x, model_out, out)
-    assert len(ordinary) == 1 and len(direct) == 2 and len(through_runner) == 1
-    assert through_runner[0][1] == direct[0][1] == ordinary[0][1]
+    assert len(ordinary) == 2 and len(direct) == 2 and not through_runner
+    assert ordinary[1][1] == ordinary[0][1] and direct[0][1] == addresses(ordinary[0][1])
     monkeypatch.setattr(knobs.runtime, "launch_exit_hook", hook)  # a hook assigned, not added
     run(x, model_out, out)
-    assert len(direct) == 2 and len(through_runner) == 2
+    assert len(direct) == 2 and len(ordinary) == 3
 
 
 def _source(fn) -> str:
@@ -579,3 +584,187 @@ def test_a_sampler_pickled_before_steps_were_kept_still_loads():
     old = DDIMSampler.__new__(DDIMSampler)
     old.__setstate__(pickle.loads(pickle.dumps(state)))
     assert torch.equal(old.sample(SHAPE, cond, seed=2), sampler.sample(SHAPE, cond, seed=2))
+
+
+# ---------------------------------------------------------------- launch_step: one layout per key
+def fresh_layouts(monkeypatch):
+    """bound_step with an empty layout cache for the test (restored after it)."""
+    bound_step = kernels().bound_step
+    monkeypatch.setattr(bound_step, "_LAYOUTS", {})
+    return bound_step
+
+
+@pytest.mark.parametrize("outputs", ["out", "x0", "x0-eps"])
+def test_launch_step_is_bit_identical_to_launch_ddim_step(outputs, device, monkeypatch):
+    bound_step = fresh_layouts(monkeypatch)
+    for name, step in step_variants(torch.float32, device):
+        x, model_out = inputs(torch.float32, step.guidance is not None, device)
+        for _ in range(2):  # the second launch reuses the layout (a direct launch on a GPU)
+            want = [torch.full_like(x, float("nan")) for _ in range(3)]
+            got = [torch.full_like(x, float("nan")) for _ in range(3)]
+            extra = {"out": (), "x0": (1,), "x0-eps": (1, 2)}[outputs]
+            kernels().launch_ddim_step(x, model_out, want[0], step, *(want[i] for i in extra))
+            assert bound_step.launch_step(x, model_out, got[0], step, *(got[i] for i in extra)) is got[0]
+            for i in (0,) + extra:
+                assert torch.equal(got[i], want[i]), (name, i)
+    # Paint steps take the ordinary path: only the others were bound, none keeps a tensor.
+    assert len(bound_step._LAYOUTS) == 8
+    for layout in bound_step._LAYOUTS.values():
+        assert all(layout.values[slot] is None for slot in bound_step._POINTERS)
+
+
+def test_launch_step_binds_per_shape_dtype_and_flags_and_never_reuses_a_stale_layout(device, monkeypatch):
+    """Interleaved launches that differ in one thing each: every one equals its ordinary launch."""
+    bound_step = fresh_layouts(monkeypatch)
+    cases = []
+    for shape in ((2, 3, 5, 7), (3, 3, 5, 7), (2, 3, 5, 8)):
+        for dtype in (torch.float32, torch.float16):
+            for fields in (dict(COEFS), dict(COEFS, guidance=2.5), dict(COEFS, noise_coef=0.3, seed=9, step_key=4),
+                           dict(COEFS, noise_coef=0.3, seed=2**40, step_key=4)):
+                cases.append((shape, dtype, StepArgs(**fields)))
+    for _ in range(2):
+        for k, (shape, dtype, step) in enumerate(cases):
+            gen = torch.Generator().manual_seed(k)
+            x = torch.randn(shape, generator=gen).to(device, dtype)
+            model_out = torch.randn(((2 if step.guidance else 1) * shape[0],) + shape[1:], generator=gen).to(device,
+                                                                                                             dtype)
+            want = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
+            got = bound_step.launch_step(x, model_out, torch.empty_like(x), step)
+            assert torch.equal(got, want), (shape, dtype, step)
+    # A seed past 2**31 is an i64 argument: its own layout, as each shape, dtype and flag.
+    assert len(bound_step._LAYOUTS) == len(cases)
+
+
+def test_launch_step_checks_noise_keys_as_launch_ddim_step(device):
+    x, model_out = inputs(torch.float32, False, device)
+    for bad, error in ((dict(seed=2**63), ValueError), (dict(seed=1, step_key=-1), ValueError),
+                       (dict(seed=1.5), TypeError), (dict(seed=1, sample_offset=2**32 - 1), ValueError)):
+        step = StepArgs(**COEFS, noise_coef=0.3, **bad)
+        with pytest.raises(error):
+            kernels().bound_step.launch_step(x, model_out, torch.empty_like(x), step)
+
+
+def test_launch_step_launches_directly_with_addresses_once_bound(monkeypatch):
+    bound_step, ordinary, direct = stand_in_kernel(monkeypatch)
+    monkeypatch.setattr(bound_step, "_LAYOUTS", {})
+    shape = (2, 3, 4, 4)  # the conditional half of model_out starts 16-byte aligned
+    x, model_out = randn(shape, seed=1), randn((4,) + shape[1:], seed=2)
+    step = StepArgs(**COEFS, guidance=1.5)
+    out, x0 = torch.empty_like(x), torch.empty_like(x)
+    for _ in range(3):
+        bound_step.launch_step(x, model_out, out, step, x0)
+    assert len(ordinary) == 1 and len(direct) == 2
+    first = ordinary[0][1]
+    assert first[bound_step._EPS_C].data_ptr() == model_out[2:].data_ptr()
+    assert all(args == addresses(first) and grid == ordinary[0][0] + (1, 1) for grid, args in direct)
+    # Other coefficients: the same layout, the new values in their slots.
+    bound_step.launch_step(x, model_out, out, step._replace(x_coef=0.5, guidance=2.0), x0)
+    args = direct[-1][1]
+    assert len(ordinary) == 1 and args[bound_step._SLOT["x_coef"]] == 0.5 and args[bound_step._GUIDANCE] == 2.0
+    # A misaligned output is another specialisation: the ordinary launch, every time.
+    shifted = torch.empty(x.numel() + 1)[1:].view(shape)
+    bound_step.launch_step(x, model_out, shifted, step, x0)
+    bound_step.launch_step(x, model_out, shifted, step, x0)
+    assert len(ordinary) == 3 and len(direct) == 3
+
+
+# ---------------------------------------------------------------- guidance without a per-step cat
+class _GuidedRecorder(_Recorder):
+    """Records each model input; its output depends on both halves differently (so a wrong half shows)."""
+
+    def __call__(self, x, t, cond):
+        self.inputs.append(x.clone())
+        return 0.1 * x + 0.01 * cond.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) + 0.001 * t.view(
+            -1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("eta", [0.0, 1.0], ids=["eta0", "eta1"])
+def test_guided_loop_without_cat_equals_the_loop_with_it(backend, eta, backend_device):
+    """The doubled-buffer loop (no callback) against the loop that cats [x; x] every step (a callback)."""
+    cond, uncond = torch.tensor([0.5, -0.25], device=backend_device), torch.zeros(2, device=backend_device)
+    x_last = randn(SHAPE, seed=3, device=backend_device)
+    results, models = [], []
+    for callback in (None, lambda info: None):
+        model = _GuidedRecorder()
+        sampler = DDIMSampler(model, 5, ddim_eta=eta, backend=backend)
+        results.append(sampler.sample(SHAPE, cond, x_last=x_last, seed=4, uncond_scale=2.5, uncond_cond=uncond,
+                                      callback=callback))
+        models.append(model)
+    assert torch.equal(results[0], results[1])
+    assert not results[0].is_inference() and results[0]._base is None
+    for doubled, catted in zip(*(m.inputs for m in models)):
+        assert torch.equal(doubled, catted)
+        assert torch.equal(doubled[:2], doubled[2:])
+
+
+def test_guided_loop_with_a_model_returning_its_input_or_an_earlier_one():
+    cond, uncond = torch.tensor([0.5, -0.25]), torch.zeros(2)
+
+    class ReturnsInput(_Recorder):
+        def __call__(self, x, t, cond):
+            self.inputs.append(x)
+            return x
+
+    class EchoesEarlierInput(_Recorder):
+        def __call__(self, x, t, cond):
+            self.inputs.append(x)
+            return self.inputs[-2] if len(self.inputs) > 1 else x.clone()  # the buffer this step writes
+
+    for model_type in (ReturnsInput, EchoesEarlierInput):
+        results = []
+        for callback in (None, lambda info: None):
+            sampler = DDIMSampler(model_type(), 6, backend="torch")
+            results.append(sampler.sample(SHAPE, cond, x_last=randn(SHAPE, seed=3), uncond_scale=1.5,
+                                          uncond_cond=uncond, callback=callback))
+        assert torch.equal(results[0], results[1]), model_type.__name__
+
+
+# ---------------------------------------------------------------- the C launch under Triton 3.6
+def test_direct_runner_calls_the_c_launch_of_a_launcher_without_scratch(monkeypatch):
+    bound_step = kernels().bound_step
+    calls = []
+
+    class CudaLauncher:  # Triton's class name: the runner checks it
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = False, True
+
+        def launch(self, *args):
+            calls.append(args)
+
+        def __call__(self, *args):
+            raise AssertionError("the C launch is called directly")
+
+    class Compiled:
+        function, packed_metadata, run = object(), object(), CudaLauncher()
+
+        def __getitem__(self, grid):
+            return lambda *args: None
+
+    monkeypatch.setattr(bound_step, "C_LAUNCH", True)
+    monkeypatch.setattr(bound_step, "_cuda_current", lambda: (lambda: 2, lambda device: 77 if device == 2 else None))
+    compiled = Compiled()
+    assert bound_step.direct_runner(compiled, (5,))(1, "a", None) is True
+    assert calls == [(5, 1, 1, 77, compiled.function, False, True, None, None, compiled.packed_metadata, None, None,
+                      None, 1, "a", None)]
+    compiled.run.global_scratch_size = 64  # a kernel with scratch: through the launcher, which allocates it
+    monkeypatch.setattr(CudaLauncher, "__call__", lambda self, *args: calls.append(("launcher",) + args))
+    assert bound_step.direct_runner(compiled, (5,))(1) is True
+    assert calls[-1][:2] == ("launcher", 5)
+
+
+def test_the_c_launch_is_used_only_where_tritons_launcher_makes_that_call():
+    """On Triton 3.6 (a GPU run reads its source) CudaLauncher.__call__ allocates scratch and
+    calls its C launch with the layout the direct runner uses; elsewhere C_LAUNCH is off."""
+    pytest.importorskip("triton")
+    bound_step = kernels().bound_step
+    if not bound_step.C_LAUNCH:
+        low, high = bound_step.C_LAUNCH_VERSIONS
+        assert not bound_step.DIRECT_LAUNCH or not low <= bound_step._version(kernels().bound_step.triton.__version__) <= high
+        return
+    from triton.backends.nvidia.driver import CudaLauncher  # noqa: PLC0415
+
+    source = _source(CudaLauncher.__call__)
+    assert ("self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl, "
+            "global_scratch, profile_scratch, *args)") in source, source
+    assert "def __call__(self, gridX, gridY, gridZ, stream, function, *args):" in source

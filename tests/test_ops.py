@@ -130,3 +130,114 @@ def test_operator_on_cuda_runs_the_kernel_and_compiles():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     cpu = _user_loop(weight.cpu())(x.cpu())
     torch.testing.assert_close(eager.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the eager path
+def _operator_calls(fn) -> int:
+    """How many times fn() calls the operator (its dispatcher event, from the profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "ddim_fused::ddim_step")
+
+
+@pytest.mark.parametrize("case", ["plain", "guided-keyed", "noise-tensor", "x0-eps-in-place"])
+def test_eager_path_gives_the_operators_values_without_dispatch(case):
+    x, model_out = _inputs(guided=case == "guided-keyed", seed=3)
+    fields = dict(x_coef=0.93, eps_coef=-0.21)
+    if case == "guided-keyed":
+        fields.update(guidance=3.5, noise_coef=0.3, seed=2**63 - 5, step_key=7, sample_offset=11)
+    elif case == "noise-tensor":
+        fields.update(noise_coef=0.3, noise=torch.randn(1, 3, 4, 5))
+    extra = {}
+    if case == "x0-eps-in-place":
+        fields["x0_coefs"] = (1.1, -0.4)
+        extra = dict(out=x.clone(), x0_out=torch.full_like(x, float("nan")), eps_out=torch.full_like(x, float("nan")))
+    want_out, want_x0, want_eps = (torch.full_like(x, float("nan")) for _ in range(3))
+    OP(x, model_out, want_out, want_x0 if extra else None, want_eps if extra else None, **fields)
+    # The first call of an argument combination: the full validation, then the operator.
+    first = ddim_fused.ddim_step(extra.get("out", x), model_out, **fields, **extra)
+    assert torch.equal(first, want_out)
+    for _ in range(2):
+        got = {}
+        if case == "x0-eps-in-place":
+            target = x.clone()
+            got["x0_out"], got["eps_out"] = torch.empty_like(x), torch.empty_like(x)
+            calls = _operator_calls(lambda: got.setdefault("out", ddim_fused.ddim_step(target, model_out, out=target,
+                                                                                       **fields, **got)))
+            assert got["out"] is target
+            assert torch.equal(got["x0_out"], want_x0) and torch.equal(got["eps_out"], want_eps)
+        else:
+            calls = _operator_calls(lambda: got.setdefault("out", ddim_fused.ddim_step(x, model_out, **fields)))
+        assert calls == 0, "an eager call went through the dispatcher"
+        assert torch.equal(got["out"], want_out)
+
+
+def test_eager_path_hands_tracing_and_autograd_to_the_operator():
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, model_out = _inputs(seed=4)
+    fields = dict(x_coef=0.5, eps_coef=0.25)
+    want = ddim_fused.ddim_step(x, model_out, **fields)
+    assert _operator_calls(lambda: ddim_fused.ddim_step(x, model_out, **fields)) == 0
+    with Seen() as mode:
+        got = ddim_fused.ddim_step(x, model_out, **fields)
+    assert "ddim_fused.ddim_step.default" in mode.ops and torch.equal(got, want)
+    x_grad = x.clone().requires_grad_()
+    assert _operator_calls(lambda: ddim_fused.ddim_step(x_grad.detach(), model_out, **fields)) == 0
+    with torch.no_grad():
+        assert _operator_calls(lambda: ddim_fused.ddim_step(x_grad, model_out, **fields)) == 0
+    # Autograd would see this call: the operator (which has no autograd formula) runs it.
+    assert _operator_calls(lambda: ddim_fused.ddim_step(x_grad, model_out, **fields)) == 1
+
+
+def test_eager_path_still_names_bad_values():
+    """A remembered argument combination leaves every value check in place (same errors)."""
+    x, model_out = _inputs(seed=5)
+    fields = dict(x_coef=0.5, eps_coef=0.25, noise_coef=0.1, seed=3, step_key=1)
+    out = torch.empty_like(x)
+    ddim_fused.ddim_step(x, model_out, out=out, **fields)
+    ddim_fused.ddim_step(x, model_out, out=out, **fields)
+    bad = [(dict(x_coef=float("nan")), ValueError, "x_coef"), (dict(eps_coef=1e39), ValueError, "eps_coef"),
+           (dict(seed=2**63), ValueError, "seed"), (dict(step_key=2**32), ValueError, "step_key"),
+           (dict(seed=None), ValueError, "noise_coef != 0 needs"), (dict(repeat_noise=1), TypeError, "repeat_noise"),
+           (dict(sample_offset=2**32 - 1), ValueError, "sample_offset"), (dict(x0_coefs=(1.0,)), TypeError, "x0_coefs")]
+    for change, error, match in bad:
+        with pytest.raises(error, match=match):
+            ddim_fused.ddim_step(x, model_out, out=out, **dict(fields, **change))
+    with pytest.raises(ValueError, match="out shares memory with model_out"):
+        ddim_fused.ddim_step(x, model_out, out=model_out, **fields)
+    strided = torch.empty(x.shape[::-1]).permute(3, 2, 1, 0)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        ddim_fused.ddim_step(x, model_out, out=strided, **fields)
+
+
+def test_eager_path_does_not_reach_the_dispatcher_statically():
+    """The eager branch of the wrapper returns before the operator call, and what it runs
+    names neither torch.ops nor torch.library."""
+    import ast  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
+    import textwrap  # noqa: PLC0415
+
+    from ddim_fused import ops  # noqa: PLC0415
+
+    source = inspect.getsource(ops.ddim_step)
+    eager = source.index("done = plan(")
+    assert eager < source.index("torch.ops.ddim_fused.ddim_step(")
+    assert "return done" in source[eager:source.index("check_backend(backend)")]
+    for fn in (ops._EagerPlan.__call__, ops._EagerPlan._disjoint, ops._eager_key, ops.tracing):
+        names = {ast.unparse(node) for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn))))
+                 if isinstance(node, ast.Attribute)}
+        assert not any(n.startswith(("torch.ops", "torch.library")) for n in names), fn.__name__
+    x, model_out = _inputs(seed=6)
+    ddim_fused.ddim_step(x, model_out, x_coef=1.0, eps_coef=0.5)
+    plan = ops._EAGER[ops._eager_key(x, model_out, None, None, None, dict(x_coef=1.0, eps_coef=0.5))]
+    assert plan.run is ops.step_function("auto", x.device, x.dtype)

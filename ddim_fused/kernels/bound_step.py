@@ -1,29 +1,38 @@
-"""Lean launches of the fused step for a loop whose steps are known before it starts.
+"""Lean launches of the fused step: its launch layout bound once, the compiled kernel called directly.
 
 `launch_ddim_step` decides everything per launch: geometry, modes, the mask layout, and
 Triton's own per-call work (binding the arguments, computing their specialisation key,
-looking up the compiled kernel). In a sampler call only the tensors x, model_out, out
-and x0_out change between launches, so `bind_ddim_step` does the rest once per call:
+looking up the compiled kernel), about 100 us of host time. Two lean paths leave the
+per-launch work to filling the slots that change:
 
-- per call (`CallLaunch`): the launch layout of each noise mode the steps use (one
-  `step_launch`, so one source of truth for the argument list), with its geometry; a
-  later call with the same steps may `rekey` them to its own seed and sample_offset;
-- per step (`CallLaunch.step`): that layout with the step's coefficients and keys;
-- per launch (`BoundStep.__call__`): four tensor slots filled, then the compiled kernel
-  launched directly (`direct_runner`: the call Triton's `compiled[grid](*args)` runner
-  makes), which skips the binder.
+- `launch_step` (what `ddim_fused.backend.step_function` hands out for the kernel): a
+  drop-in for `launch_ddim_step` that keeps the launch layout per key (shapes, dtypes and
+  device of the tensors, guidance, the noise mode, which outputs are written, the integer
+  types of the noise keys), so a launch fills the tensors, coefficients and keys into a
+  copy of it. Steps with a paint mask take the ordinary path.
+- `bind_ddim_step`, for a sampler call whose steps are known before it starts:
+  - per call (`CallLaunch`): the launch layout of each noise mode the steps use (one
+    `step_launch`, so one source of truth for the argument list), with its geometry; a
+    later call with the same steps may `rekey` them to its own seed and sample_offset;
+  - per step (`CallLaunch.step`): that layout with the step's coefficients and keys;
+  - per launch (`BoundStep.__call__`): four tensor slots filled.
+
+Both then launch the compiled kernel directly (`direct_runner`: the call Triton's
+`compiled[grid](*args)` runner makes), which skips the binder, and pass the tensors as
+their addresses (Triton's C launcher would otherwise ask each tensor for its address and
+the driver for its attributes).
 
 The compiled kernel is the one the first ordinary launch returned. Triton specialises
 a kernel on its tensors' dtypes and on whether their addresses are multiples of 16, so
-a runner is kept per (dtypes, alignments) of the four per-launch tensors; a launch with
-a combination not seen yet goes through the ordinary launch, which compiles or finds
-the right variant. Everything else in the argument list is fixed for the call.
+a direct runner serves only the dtypes and alignments of the launch that made it; a
+launch with a combination not seen yet goes through the ordinary launch, which compiles
+or finds the right variant. Everything else in the argument list is fixed by the key.
 
 The direct runner is used only with the Triton versions whose launch path it mirrors
 (3.6 to 3.9: `JITFunction.run` returns the `CompiledKernel` and launches it with all
 bound arguments in parameter order, constexprs included). Elsewhere, and under the
 interpreter (whose launches return nothing), every launch is an ordinary one: the same
-results, with only the per-call and per-step work saved.
+results, with only the binding work saved.
 """
 from __future__ import annotations
 
@@ -31,14 +40,17 @@ import torch
 import triton
 from triton import knobs
 
-from .ddim_step import _ddim_step_kernel, step_launch
+from .ddim_step import _ddim_step_kernel, launch_ddim_step, step_launch
 from .geometry import INTERPRETED, Launch
-from .noise import check_keys
+from .noise import KEY_LIMIT, SEED_LIMIT, check_keys
 
 _ARG_NAMES = tuple(_ddim_step_kernel.arg_names)
 _SLOT = {name: i for i, name in enumerate(_ARG_NAMES)}
 _X, _EPS, _EPS_C, _OUT, _X0 = (_SLOT[n] for n in ("x_ptr", "eps_ptr", "eps_c_ptr", "out_ptr", "x0_ptr"))
+_NOISE, _EPS_OUT = _SLOT["noise_ptr"], _SLOT["eps_out_ptr"]
+_POINTERS = tuple(i for i, name in enumerate(_ARG_NAMES) if name.endswith("_ptr"))
 _STORE_X0 = _SLOT["STORE_X0"]
+_I32_MAX = 2**31 - 1
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -49,6 +61,12 @@ def _version(text: str) -> tuple[int, int]:
 # Triton versions whose JITFunction.run launches `kernel.run(..., *bound_args.values())`.
 DIRECT_VERSIONS = ((3, 6), (3, 9))
 DIRECT_LAUNCH = (not INTERPRETED.value and DIRECT_VERSIONS[0] <= _version(triton.__version__) <= DIRECT_VERSIONS[1])
+# Triton versions whose CudaLauncher.__call__ (`compiled.run`) only allocates the scratch
+# buffers a kernel asks for, then calls its C `launch` with (grid, stream, function,
+# cooperative, pdl, global scratch, profile scratch, *args): for a kernel without scratch
+# the direct runner calls that C function itself.
+C_LAUNCH_VERSIONS = ((3, 6), (3, 6))
+C_LAUNCH = DIRECT_LAUNCH and C_LAUNCH_VERSIONS[0] <= _version(triton.__version__) <= C_LAUNCH_VERSIONS[1]
 
 
 def _mode_key(step) -> tuple:
@@ -146,7 +164,8 @@ class CallLaunch:
             value = getattr(step, field)
             values[slot] = value if kind is None else kind(value)
         values[_X0_X], values[_X0_EPS] = float(step.x0_coefs[0]), float(step.x0_coefs[1])
-        bound = BoundStep(self, mode, grid, values, options, step.guidance is not None, self._x.shape[0])
+        bound = BoundStep(self, mode, grid, values, options, step.guidance is not None, self._x.shape[0],
+                          self._x.numel())
         self._steps.append(bound)
         return bound
 
@@ -157,32 +176,140 @@ class BoundStep:
     x, out, x0_out: (B, *s) of the call's dtype; model_out: (B, *s), or (2B, *s) guided.
     """
 
-    __slots__ = ("_call", "_mode", "_grid", "_values", "_options", "_guided", "_batch")
+    __slots__ = ("_call", "_mode", "_grid", "_values", "_options", "_guided", "_batch", "_half")
 
-    def __init__(self, call: CallLaunch, mode, grid, values: list, options: dict, guided: bool, batch: int):
+    def __init__(self, call: CallLaunch, mode, grid, values: list, options: dict, guided: bool, batch: int,
+                 numel: int):
         self._call, self._mode, self._grid, self._values = call, mode, grid, values
         self._options, self._guided, self._batch = options, guided, batch
+        self._half = numel  # elements of x: where the conditional half of a guided model_out starts
 
     def __call__(self, x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
                  x0_out: torch.Tensor | None = None) -> torch.Tensor:
         values = self._values.copy()
+        values[_STORE_X0] = x0_out is not None
+        if DIRECT_LAUNCH:
+            px, pm, po = x.data_ptr(), model_out.data_ptr(), out.data_ptr()
+            p0 = 0 if x0_out is None else x0_out.data_ptr()
+            pc = pm + self._half * model_out.element_size() if self._guided else 0
+            key = (self._mode, model_out.dtype, x.dtype, out.dtype, None if x0_out is None else x0_out.dtype,
+                   px & 15, pm & 15, pc & 15, po & 15, p0 & 15, self._call.key_types)
+            runner = self._call.runners.get(key)
+            if runner is not None:
+                values[_X], values[_EPS], values[_OUT] = px, pm, po
+                values[_X0], values[_EPS_C] = p0 or None, pc or None
+                if runner(*values):
+                    return out
         values[_X], values[_EPS], values[_OUT], values[_X0] = x, model_out, out, x0_out
         values[_EPS_C] = model_out[self._batch:] if self._guided else None
-        values[_STORE_X0] = x0_out is not None
-        if not DIRECT_LAUNCH:
-            _ddim_step_kernel[self._grid](*values, **self._options)
-            return out
-        key = (self._mode, model_out.dtype, x.dtype, out.dtype, None if x0_out is None else x0_out.dtype,
-               x.data_ptr() & 15, model_out.data_ptr() & 15, out.data_ptr() & 15,
-               0 if x0_out is None else x0_out.data_ptr() & 15, self._call.key_types)
-        runner = self._call.runners.get(key)
-        if runner is None:
-            compiled = _ddim_step_kernel[self._grid](*values, **self._options)
-            if hasattr(compiled, "__getitem__") and hasattr(compiled, "function"):
-                self._call.runners[key] = direct_runner(compiled, self._grid)
-            return out
-        runner(*values)
+        compiled = _ddim_step_kernel[self._grid](*values, **self._options)
+        if DIRECT_LAUNCH and _is_compiled(compiled):
+            self._call.runners[key] = direct_runner(compiled, self._grid)
         return out
+
+
+def _is_compiled(compiled) -> bool:
+    """Whether an ordinary launch returned a CompiledKernel (the interpreter returns nothing)."""
+    return hasattr(compiled, "__getitem__") and hasattr(compiled, "function")
+
+
+# Launch layouts of `launch_step` by key; started over when full (a program uses a few).
+_LAYOUTS: dict = {}
+_MAX_LAYOUTS = 256
+_EMPTY = "empty"  # the layout of a key whose tensors have no elements: nothing to launch
+# The scalar slots a launch fills from its StepArgs, as step_launch passes them.
+_COEF_SLOTS = tuple((_SLOT[name], name) for name in ("x_coef", "eps_coef", "noise_coef", "orig_coef",
+                                                     "orig_noise_coef"))
+_GUIDANCE, _STEP_KEY = _SLOT["guidance"], _SLOT["step_key"]
+
+
+class _Layout:
+    """A `launch_step` key's launch: grid, argument template (no tensors), compile options,
+    the direct runner once an aligned ordinary launch made one, x's element count."""
+
+    __slots__ = ("grid", "values", "options", "runner", "numel")
+
+    def __init__(self, launch: Launch, numel: int):
+        self.grid = launch.grid
+        self.values, self.options = _ordered(launch)
+        for slot in _POINTERS:  # the cache keeps no tensor alive
+            self.values[slot] = None
+        self.runner, self.numel = None, numel
+
+
+def launch_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, step,
+                x0_out: torch.Tensor | None = None, eps_out: torch.Tensor | None = None) -> torch.Tensor:
+    """`launch_ddim_step`, with the launch layout bound once per key (see the module docstring).
+
+    Same arguments (validated inputs: contiguous tensors on one device), same results, same
+    errors for noise keys outside their words. A step with a paint mask, or with noise_coef
+    0 and a noise tensor (which the kernel does not read), passes through to
+    launch_ddim_step or leaves the unread tensor out.
+
+    Returns:
+        out.
+    """
+    if step.mask is not None:
+        return launch_ddim_step(x, model_out, out, step, x0_out, eps_out)
+    seed, step_key, offset, noise, coef = step.seed, step.step_key, step.sample_offset, step.noise, step.noise_coef
+    batch = x.shape[0]
+    if coef != 0.0 and noise is None and not (
+            type(seed) is int and type(step_key) is int and type(offset) is int
+            and 0 <= seed < SEED_LIMIT and 0 <= step_key < KEY_LIMIT and 0 <= offset <= KEY_LIMIT - batch):
+        check_keys(seed, step_key, offset, batch)
+    seed, step_key, offset = 0 if seed is None else int(seed), int(step_key), int(offset)
+    # Triton types an int argument by its range: the three keys' types select the compiled variant.
+    key_types = (None if 0 <= seed <= _I32_MAX and 0 <= step_key <= _I32_MAX and 0 <= offset <= _I32_MAX
+                 else (_int_type(seed), _int_type(step_key), _int_type(offset)))
+    guided = step.guidance is not None
+    if coef == 0.0:
+        noise = None
+    key = (x.shape, x.dtype, x.device, model_out.dtype, out.dtype, None if x0_out is None else x0_out.dtype,
+           None if eps_out is None else eps_out.dtype, guided, coef == 0.0,
+           None if noise is None else (noise.shape[0], noise.dtype), bool(step.repeat_noise), key_types)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _new_layout(key, x, model_out, out, step._replace(noise=noise), x0_out, eps_out)
+    if layout is _EMPTY:
+        return out
+    values = layout.values.copy()
+    for slot, name in _COEF_SLOTS:
+        values[slot] = float(getattr(step, name))
+    values[_X0_X], values[_X0_EPS] = float(step.x0_coefs[0]), float(step.x0_coefs[1])
+    values[_GUIDANCE] = float(step.guidance) if guided else 1.0
+    values[_SEED], values[_STEP_KEY], values[_OFFSET] = seed, step_key, offset
+    runner = layout.runner
+    if runner is not None:
+        px, pm, po = x.data_ptr(), model_out.data_ptr(), out.data_ptr()
+        pc = pm + layout.numel * model_out.element_size() if guided else 0
+        p0 = 0 if x0_out is None else x0_out.data_ptr()
+        pe = 0 if eps_out is None else eps_out.data_ptr()
+        pn = 0 if noise is None else noise.data_ptr()
+        if not (px | pm | pc | po | p0 | pe | pn) & 15:  # the variant the runner launches: all aligned
+            values[_X], values[_EPS], values[_EPS_C], values[_OUT] = px, pm, pc or None, po
+            values[_NOISE], values[_X0], values[_EPS_OUT] = pn or None, p0 or None, pe or None
+            if runner(*values):
+                return out
+    values[_X], values[_EPS], values[_OUT], values[_NOISE] = x, model_out, out, noise
+    values[_EPS_C] = model_out[batch:] if guided else None
+    values[_X0], values[_EPS_OUT] = x0_out, eps_out
+    compiled = _ddim_step_kernel[layout.grid](*values, **layout.options)
+    if DIRECT_LAUNCH and runner is None and _is_compiled(compiled) and _aligned(values):
+        layout.runner = direct_runner(compiled, layout.grid)
+    return out
+
+
+def _new_layout(key: tuple, x, model_out, out, step, x0_out, eps_out):
+    launch = step_launch(x, model_out, out, step, x0_out, eps_out)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    layout = _LAYOUTS[key] = _EMPTY if launch is None else _Layout(launch, x.numel())
+    return layout
+
+
+def _aligned(values: list) -> bool:
+    """Whether every tensor among a launch's arguments starts on a 16-byte boundary."""
+    return all(values[slot] is None or values[slot].data_ptr() % 16 == 0 for slot in _POINTERS)
 
 
 def _cuda_current() -> tuple:
@@ -192,30 +319,55 @@ def _cuda_current() -> tuple:
 
 
 def direct_runner(compiled, grid):
-    """run(*args): the launch `compiled[grid](*args)` makes, less its per-launch Python.
+    """run(*args) -> bool: the launch `compiled[grid](*args)` makes, less its per-launch Python.
 
     Triton's runner (3.6 to 3.9) looks up the current device and stream, builds launch
     metadata for the profiler hooks, then calls `compiled.run` with the metadata and both
     hook chains, which the C launcher calls around the launch. While both chains are empty
     (no profiler attached) this makes the same `compiled.run` call with None for the three,
-    which the C launcher skips; otherwise it launches through Triton's runner.
+    which the C launcher skips, and returns True. Pointer arguments may be addresses (ints).
+    With a hook attached it launches nothing and returns False: the caller then makes the
+    ordinary launch, with tensors, whose launch metadata the hooks get.
     """
     # The runner reads grid[0], grid[1] and grid[2]; JITFunction.run pads them with 1s.
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    runner = compiled[grid]  # Triton's own; making it also loads the compiled module
+    compiled[grid]  # Triton's own runner: making it loads the compiled module
     launch, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
     device, stream = _cuda_current()
     runtime, chain = knobs.runtime, knobs.HookChain
     g0, g1, g2 = grid
+    c_launch = _c_launch(launch)
 
-    def run(*args):
+    if c_launch is not None:
+        c_call, cooperative, pdl = c_launch
+
+        def run(*args) -> bool:
+            enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+            if type(enter) is chain and type(leave) is chain and not (enter.calls or leave.calls):
+                c_call(g0, g1, g2, stream(device()), function, cooperative, pdl, None, None, metadata, None, None, None,
+                       *args)
+                return True
+            return False
+
+        return run
+
+    def run(*args) -> bool:
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         if type(enter) is chain and type(leave) is chain and not (enter.calls or leave.calls):
             launch(g0, g1, g2, stream(device()), function, metadata, None, None, None, *args)
-        else:
-            runner(*args)
+            return True
+        return False
 
     return run
+
+
+def _c_launch(launcher) -> tuple | None:
+    """(C launch function, cooperative flag, pdl flag) of a Triton CudaLauncher whose kernel
+    needs no scratch buffers, where C_LAUNCH holds; None otherwise (launch through it)."""
+    if (not C_LAUNCH or type(launcher).__name__ != "CudaLauncher" or getattr(launcher, "global_scratch_size", 1)
+            or getattr(launcher, "profile_scratch_size", 1) or not callable(getattr(launcher, "launch", None))):
+        return None
+    return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
 
 
 def bind_ddim_step(x: torch.Tensor) -> CallLaunch:
