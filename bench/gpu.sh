@@ -9,11 +9,15 @@
 #   --stage loops   the loop timings alone: the captured loop (bench.gpu_graph), host cost
 #   --stage bench   the benchmark (python -m bench; --quick for the small matrix)
 #   --stage all     (default) tests, then the quick benchmark, then the full one
-#   --stage session smoke, the loop timings, tests, then the rest of the quick benchmark:
-#                   one 10-minute device call
-#                   with limits that add up to under 600 s, e.g. GPU_SMOKE_S=100
-#                   GPU_TESTS_S=180 GPU_GRAPH_S=60 GPU_HOST_S=30 GPU_THROUGHPUT_S=60
-#                   GPU_BENCH_S=120
+#   --stage session one device call of about 450 s, stages ordered by value, each under its own
+#                   limit so a slow stage cannot eat the rest, its elapsed seconds printed:
+#                   host cost per step (bench.host --device cuda, GPU_HOST_S=55), the test suite
+#                   (GPU_TEST_WORKERS=16 workers, GPU_TESTS_S=215), the captured loop
+#                   (bench.gpu_graph, GPU_GRAPH_S=55), the quick step matrix without loops
+#                   (python -m bench --quick --skip-loops, GPU_BENCH_S=105)
+#
+# Carried wheels: every .whl/*.whl (e.g. diffusers, on a machine without a package index) is
+# installed into /tmp/site first (no index, no dependencies) and put on PYTHONPATH.
 #
 # Each bench stage first times the captured CUDA-graph loop (bench.gpu_graph), the host
 # cost per fused step (bench.host --device cuda) and `ddim-fused generate` throughput
@@ -54,6 +58,11 @@ case "$STAGE" in
 esac
 
 PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+        || echo "gpu.sh: installing the carried wheels in .whl/ failed; going on without them" >&2
+fi
 STAMP=$(date -u +%Y-%m-%d-%H%M)  # one folder per call: never mixed with an earlier run's
 DEST=bench/results/gpu-$STAMP
 mkdir -p "$DEST"
@@ -137,13 +146,45 @@ run_smoke() {
     status smoke-sample "${PIPESTATUS[0]}"
 }
 
+timed() {  # timed NAME LIMIT_S [timeout options] -- COMMAND...: COMMAND under its limit, into NAME.log and STATUS
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    local opts=()
+    while [ "$1" != -- ]; do opts+=("$1"); shift; done
+    shift
+    echo "== $name (limit ${limit} s)"
+    timeout ${opts[@]+"${opts[@]}"} "$limit" "$@" 2>&1 | tee "$DEST/$name.log"
+    local code=${PIPESTATUS[0]}
+    echo "== $name: $((SECONDS - start)) s (limit ${limit} s)" | tee -a "$DEST/$name.log"
+    echo "$name elapsed: $((SECONDS - start)) s of ${limit} s" >>"$DEST/STATUS"
+    status "$name" "$code"
+    return "$code"
+}
+
+run_session() {
+    local start=$SECONDS
+    timed host "${GPU_HOST_S:-55}" -k 10 -- $PY -m bench.host --device cuda --out-dir "$DEST/host"
+    # SIGINT at the limit: pytest then still prints the failures and skips it has so far.
+    local workers=()
+    $PY -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-16}")
+    timed tests "${GPU_TESTS_S:-215}" -s INT -k 20 -- $PY -m pytest tests/ -q --tb=short -rfEs -p no:cacheprovider \
+        --durations=15 ${workers[@]+"${workers[@]}"}
+    local tests_code=$?
+    export BENCH_TESTS_STATUS="tests $( [ "$tests_code" -eq 0 ] && echo passed || echo "FAILED (exit $tests_code)") in this call"
+    timed graph "${GPU_GRAPH_S:-55}" -k 10 -- $PY -m bench.gpu_graph --out-dir "$DEST/graph"
+    timed bench-quick "${GPU_BENCH_S:-105}" -s INT -k 10 -- \
+        $PY -m bench --quick --skip-loops --out-dir "$DEST/bench-quick" ${EXTRA[@]+"${EXTRA[@]}"}
+    echo "session: $((SECONDS - start)) s" | tee -a "$DEST/STATUS"
+    pack
+}
+
 case "$STAGE" in
     smoke) run_smoke ;;
     tests) run_tests ;;
     loops) run_loops bench-quick ;;
     bench) run_bench $QUICK ;;
     all) run_tests; run_bench --quick; [ -n "$QUICK" ] || run_bench ;;
-    session) run_smoke; run_loops bench-quick; run_tests; run_bench --quick --loops-done ;;
+    session) run_session ;;
 esac
 echo "results in $DEST"
 exit "$FAILED"

@@ -93,7 +93,7 @@ MUTATIONS = (
              "the sampler's direct kernel runner gets the 1-D grid (Triton's runner reads three dims)"),
     Mutation("direct-runner-ignores-hooks", "ddim_fused/kernels/bound_step.py",
              "if type(enter) is chain and type(leave) is chain and not (enter.calls or leave.calls):", "if True:",
-             ("tests/test_host_cost.py::test_a_launch_hook_sends_direct_launches_through_tritons_runner",),
+             ("tests/test_host_cost.py::test_a_launch_hook_sends_direct_launches_through_tritons_launch",),
              "the direct runner launches past a profiler's hooks"),
     Mutation("graph-repeat-noise-offset", "ddim_fused/graph.py",
              "zero_t if repeat_noise else offset_t", "offset_t",

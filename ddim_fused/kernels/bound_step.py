@@ -337,24 +337,16 @@ def direct_runner(compiled, grid):
     runtime, chain = knobs.runtime, knobs.HookChain
     g0, g1, g2 = grid
     c_launch = _c_launch(launch)
-
-    if c_launch is not None:
-        c_call, cooperative, pdl = c_launch
-
-        def run(*args) -> bool:
-            enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-            if type(enter) is chain and type(leave) is chain and not (enter.calls or leave.calls):
-                c_call(g0, g1, g2, stream(device()), function, cooperative, pdl, None, None, metadata, None, None, None,
-                       *args)
-                return True
-            return False
-
-        return run
+    if c_launch is not None:  # the C launch itself: (cooperative, pdl, no scratch, no scratch) before the rest
+        launch, cooperative, pdl = c_launch
+        middle = (cooperative, pdl, None, None, metadata, None, None, None)
+    else:
+        middle = (metadata, None, None, None)
 
     def run(*args) -> bool:
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         if type(enter) is chain and type(leave) is chain and not (enter.calls or leave.calls):
-            launch(g0, g1, g2, stream(device()), function, metadata, None, None, None, *args)
+            launch(g0, g1, g2, stream(device()), function, *middle, *args)
             return True
         return False
 
