@@ -31,7 +31,7 @@ setup(
         # torchsde also lets diffusers build DPMSolverSDEScheduler, one of DDIM's compatibles.
         "test": ["pytest", "pytest-benchmark>=5.3", "diffusers>=0.42", "transformers>=4.40", "scikit-learn", "scipy",
                  "torchsde",
-                 "torchdiffeq", "hypothesis>=6", "matplotlib",
+                 "torchdiffeq", "hypothesis>=6", "matplotlib", "webdataset",
                  "setuptools"],
         "diffusers": ["diffusers>=0.42"],
         # Stable Diffusion pipeline folders: the CLIP tokenizer and text encoder come from transformers.

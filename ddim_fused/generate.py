@@ -290,32 +290,31 @@ def prepare_dir(out_dir: Path, config: GenerateConfig, model_info: dict, *, over
     """
     identity, chash = run_identity(config, model_info)
     run_file = out_dir / RUN_FILE
-    if run_file.exists() or run_file.is_symlink():
+    recorded = os.path.lexists(run_file)
+    foreign = None
+    if not recorded:
+        foreign = _foreign_files(out_dir, chash)
+    else:
         try:
             previous = _read_run_file(out_dir)
-        except RunMismatchError:
+        except RunMismatchError as exc:
             if not overwrite:
                 raise
-            previous = {"config_hash": None, "identity": {}}
-        foreign = None
-        if previous["config_hash"] != chash:
-            diff = _differences(previous["identity"], identity) or "values of another type"
-            foreign = f"a run with a different configuration ({diff})"
-    else:
-        foreign = _foreign_files(out_dir, chash)
-        previous = None
-    if foreign is None:
-        manifest_hash = _manifest_hash(out_dir)
-        if manifest_hash not in (None, chash):
-            foreign = f"a {MANIFEST} of another configuration"
+            foreign = f"a damaged {RUN_FILE} ({exc})"
+        else:
+            if previous["config_hash"] != chash:
+                diff = _differences(previous["identity"], identity) or "values of another type"
+                foreign = f"a run with a different configuration ({diff})"
+    if foreign is None and _manifest_hash(out_dir) not in (None, chash):
+        foreign = f"a {MANIFEST} of another configuration"
     if foreign is not None:
         if not overwrite:
             raise RunMismatchError(f"{out_dir} holds {foreign}; {_WAYS_OUT}")
         warnings.warn(f"{out_dir} holds {foreign}: replacing it (overwrite_mismatched)", stacklevel=3)
         for name in (MANIFEST, PREVIEW):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 (out_dir / name).unlink()
-    if previous is None or previous["config_hash"] != chash:
+    if not recorded or foreign is not None:
         body = json.dumps({"config_hash": chash, "identity": identity}, indent=2).encode()
         atomic_write(run_file, lambda f: f.write(body))
     return chash
@@ -335,8 +334,7 @@ def _foreign_files(out_dir: Path, chash: str) -> Optional[str]:
     """What shows, in a folder without run.json, another run than chash's: its manifest, or an
     intact shard of any format that carries another config hash (damaged ones prove nothing).
     None when nothing does."""
-    manifest_hash = _manifest_hash(out_dir)
-    if manifest_hash not in (None, chash):
+    if _manifest_hash(out_dir) not in (None, chash):
         return f"no {RUN_FILE}, and a {MANIFEST} of another configuration"
     for path in sorted(out_dir.iterdir()):
         fmt = _format_of(path.name)
@@ -425,7 +423,7 @@ def pending_shards(out_dir: Path, config: GenerateConfig, chash: str, shards, *,
     Raises:
         RunMismatchError: an intact shard of another configuration (unless overwrite).
     """
-    fmt, todo = config.shard_format, []
+    fmt, todo, foreign = config.shard_format, [], []
     for k in shards:
         if not os.path.lexists(out_dir / fmt.shard_name(k)):
             todo.append(k)
@@ -435,11 +433,14 @@ def pending_shards(out_dir: Path, config: GenerateConfig, chash: str, shards, *,
         except ForeignShardError as exc:
             if not overwrite:
                 raise RunMismatchError(f"{out_dir}: {exc}; {_WAYS_OUT}") from None
-            warnings.warn(f"replacing {exc} (overwrite_mismatched)", stacklevel=2)
+            foreign.append(fmt.shard_name(k))
             todo.append(k)
         except ShardError as exc:
             warnings.warn(f"regenerating {exc}", stacklevel=2)
             todo.append(k)
+    if foreign:
+        warnings.warn(f"replacing {len(foreign)} shard(s) of another configuration ({', '.join(foreign[:3])}"
+                      f"{', ...' if len(foreign) > 3 else ''}; overwrite_mismatched)", stacklevel=2)
     return todo
 
 

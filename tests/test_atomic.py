@@ -119,3 +119,67 @@ def test_a_full_disk_while_creating_the_folder_is_a_runtime_error(tmp_path, monk
     with pytest.raises(OSError) as info:
         atomic.check_output_dir(tmp_path / "new")
     assert not isinstance(info.value, atomic.OutputPathError) and info.value.errno == errno.ENOSPC
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """(is a folder, inode) of every fsync, in order."""
+    synced, real = [], os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def test_write_fsyncs_the_file_itself_then_its_folder(tmp_path, fsyncs):
+    target = tmp_path / "out.bin"
+    atomic.atomic_write(target, lambda f: f.write(b"new"))
+    # The temporary file keeps its inode through the rename: that inode is the file's.
+    assert fsyncs == [(False, target.stat().st_ino), (True, tmp_path.stat().st_ino)]
+
+
+def test_write_dir_fsyncs_each_file_its_folder_then_the_parent(tmp_path, fsyncs):
+    target = tmp_path / "shard"
+    target.mkdir()
+    (target / "old.png").write_bytes(b"old")  # an earlier folder: replaced whole
+
+    def fill(folder):
+        for name in ("a.png", "b.png", "metadata.jsonl"):
+            (folder / name).write_bytes(name.encode())
+
+    atomic.atomic_write_dir(target, fill)
+    assert sorted(p.name for p in target.iterdir()) == ["a.png", "b.png", "metadata.jsonl"]
+    files = {(target / name).stat().st_ino for name in ("a.png", "b.png", "metadata.jsonl")}
+    assert {ino for is_dir, ino in fsyncs[:3] if not is_dir} == files
+    assert fsyncs[3:] == [(True, target.stat().st_ino), (True, tmp_path.stat().st_ino)]
+    assert temps(tmp_path) == []
+
+
+def test_write_dir_replaces_a_symlink_without_following_it(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.png").write_bytes(b"keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard").symlink_to(elsewhere)
+    atomic.atomic_write_dir(out / "shard", lambda folder: (folder / "new.png").write_bytes(b"new"))
+    assert not (out / "shard").is_symlink() and [p.name for p in (out / "shard").iterdir()] == ["new.png"]
+    assert (elsewhere / "keep.png").read_bytes() == b"keep" and temps(out) == []
+
+
+def test_a_failing_fill_keeps_the_old_folder_and_removes_its_temporary(tmp_path):
+    target = tmp_path / "shard"
+    target.mkdir()
+    (target / "old.png").write_bytes(b"old")
+
+    def half_then_full_disk(folder):
+        (folder / "a.png").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic.atomic_write_dir(target, half_then_full_disk)
+    assert [p.name for p in target.iterdir()] == ["old.png"] and temps(tmp_path) == []
