@@ -58,11 +58,14 @@ def plan(device_type: str, quick: bool) -> Matrix:
             # Small shapes, where host cost decides: 4x64x64 at batch 1, 2, 4, 8 (fp32 and fp16).
             small = _shapes((1, 2, 4, 8), ("4x64x64",))
             shapes = small + _shapes((64,), ("4x64x64",)) + _shapes((1, 8, 64), ("3x256x256",))
-            groups = ([(c, "fp32", shapes) for c in ALL_CASES] + [(c, "fp16", shapes) for c in ("eta0", "cfg")]
-                      + [("eta0", "bf16", shapes)])
+            # Half precision at eta 0 also at batch 128: the 151 MB of traffic of fp32 at batch 64.
+            half = shapes + [(128, 3, 256, 256)]
+            groups = ([(c, "fp32", shapes) for c in ALL_CASES]
+                      + [("eta0", "fp16", half), ("cfg", "fp16", shapes), ("eta0", "bf16", half)])
             return Matrix(groups, providers, ("eta0", "cfg"), 0.05,
                           ["--quick: 4x64x64 at batch 1, 2, 4, 8, 64 and 3x256x256 at batch 1, 8, 64; fp32, "
-                           "plus fp16 for eta0 and cfg and bf16 for eta0",
+                           "plus fp16 for eta0 and cfg and bf16 for eta0 (eta0 in fp16 and bf16 also at "
+                           "B128-3x256x256)",
                            "--quick: torch.compile only for eta0 and cfg, at B1-4x64x64 and B64-3x256x256"],
                           compile_shapes=((1, 4, 64, 64), (64, 3, 256, 256)))
         shapes = _shapes((1, 4, 8, 16, 64))

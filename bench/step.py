@@ -8,9 +8,10 @@ import torch
 from .cases import CASES, DTYPES, make_inputs, min_bytes, n_elements, shape_id
 from .parity import check_group
 from .providers import BASELINES, FUSED, Providers, first_call_seconds
-from .timing import time_interleaved, time_kernel
+from .timing import same_size_copy, time_interleaved, time_kernel
 
 CACHE_FACTOR = 2  # GB/s counts as memory bandwidth only for traffic >= CACHE_FACTOR x the last-level cache
+SAME_COPY_BYTES = 64 * 2**20  # GPU rows from this traffic up are also judged against a copy of their size
 
 
 def run_steps(providers: Providers, matrix, timed, device, copy_gbs, cache, rows_path, parity_ok, log=print):
@@ -57,6 +58,10 @@ def run_steps(providers: Providers, matrix, timed, device, copy_gbs, cache, rows
                 gbs = row["bytes"] / t["p50"] / 1e9
                 row.update(p20_s=t["p20"], p50_s=t["p50"], p80_s=t["p80"], timer=t.get("timer"),
                            gbs=gbs, pct_copy=100 * gbs / copy_gbs)
+            if device.type == "cuda" and group and group[0]["bytes"] >= SAME_COPY_BYTES:
+                same = same_size_copy(group[0]["bytes"], device, matrix.budget_s)
+                for row in group:
+                    row.update(same_copy_s=same["p50"], pct_same_copy=100 * row["gbs"] / same["gbs"])
             del fns
             _speedups(group, parity_ok)
             for row in group:

@@ -151,6 +151,22 @@ def copy_bandwidth(device: torch.device, n_bytes: int | None = None) -> dict:
     return out
 
 
+def same_size_copy(n_bytes: int, device: torch.device, budget_s: float = 0.25) -> dict:
+    """Time a copy that moves n_bytes (read plus write), as `time_kernel` times a step.
+
+    A step of n_bytes of traffic against this copy is judged without the fixed cost of a
+    call (launch, ramp-up, the write-back of the L2 lines do_bench's flush left dirty),
+    which a copy of 1 GiB (`copy_bandwidth`) hides and a step of 64 MB does not.
+
+    Returns:
+        dict with gbs and the timing quantiles (seconds), as `copy_bandwidth`.
+    """
+    src = torch.empty(max(1, n_bytes // 2), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_kernel(lambda: dst.copy_(src), device, budget_s=budget_s)
+    return {"gbs": 2 * src.numel() / t["p50"] / 1e9, **t}
+
+
 def cache_bytes(device: torch.device) -> int:
     """Size of the last cache between the cores and memory (L2 on CUDA, the largest CPU cache).
 
