@@ -60,6 +60,13 @@ def test_every_relative_link_resolves(page):
     assert broken_links(page) == []
 
 
+def test_the_readme_links_to_every_docs_page():
+    linked = {t.partition("#")[0] for t in LINK.findall(_prose((ROOT / "README.md").read_text(encoding="utf-8")))}
+    # quality_table.md is an output of `python -m ddim_fused.quality`, not a page.
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")} - {"docs/quality_table.md"}
+    assert pages <= linked, f"docs pages the README does not link: {sorted(pages - linked)}"
+
+
 def test_slugs_follow_the_code_host_rules():
     text = "# The captured loop: `cuda_graph=True`\n## Set up and run\n## Notes\n## Notes\n```\n# not a heading\n```\n"
     assert slugs(text) == {"the-captured-loop-cuda_graphtrue", "set-up-and-run", "notes", "notes-1"}
