@@ -106,7 +106,7 @@ MUTATIONS = (
              "            table.refill(policy, step_fn)\n", "            pass\n",
              ("tests/test_host_cost.py",), "a call reusing a sampler's steps runs with the previous call's noise"),
     Mutation("c-step-guidance-halves-swapped", "ddim_fused/cpu_kernels.c",
-             "if (eps_c) e = e + guidance * (eps_c[i] - e);", "if (eps_c) e = eps_c[i] + guidance * (e - eps_c[i]);",
+             "if (eps_c) e = e + c->guidance * (eps_c[j] - e);", "if (eps_c) e = eps_c[j] + c->guidance * (e - eps_c[j]);",
              ("tests/test_native.py", "tests/test_sampler_parity.py"),
              "the C step's guidance reads [cond; uncond] instead of [uncond; cond]"),
     Mutation("c-paint-mask-inverted", "ddim_fused/cpu_kernels.c",

@@ -299,7 +299,7 @@ def test_generate_with_a_callable_model_equals_the_sampler(tmp_path, monkeypatch
 def _spy_compile(monkeypatch) -> list:
     compiled = []
 
-    def fake_compile(net):
+    def fake_compile(net, **options):  # optimize passes --compile-mode as mode=
         compiled.append(net)
         return net
 
