@@ -70,7 +70,8 @@ class StableDiffusion:
         """
         ids = self.tokenizer(texts, padding="max_length", max_length=self.max_tokens, truncation=True,
                              return_tensors="pt").input_ids
-        lengths = [len(row) for row in self.tokenizer(texts, truncation=False).input_ids]
+        with _quiet_transformers():  # its note on over-long sequences: the caller warns, naming the prompt
+            lengths = [len(row) for row in self.tokenizer(texts, truncation=False).input_ids]
         return ids, [n > self.max_tokens for n in lengths]
 
     @torch.no_grad()
