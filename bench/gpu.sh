@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (torch + triton installed, no network, maybe no diffusers):
 #
-#   bash bench/gpu.sh [--stage smoke|tests|bench|all|session] [--quick] [extra python -m bench options]
+#   bash bench/gpu.sh [--stage smoke|tests|bench|sd|all|session] [--quick] [extra python -m bench options]
 #
 #   --stage smoke   the GPU-only paths in about two minutes (tests of the direct launches, the
 #                   captured loop, the operator, the noise; the main job on the GPU)
 #   --stage tests   the test suite on CUDA tensors with the real compiler (no interpreter)
 #   --stage loops   the loop timings alone: the captured loop (bench.gpu_graph), host cost
 #   --stage bench   the benchmark (python -m bench; --quick for the small matrix)
+#   --stage sd      Stable Diffusion end to end (python -m bench.sd: SD 1.5's architecture,
+#                   rows a-f; needs diffusers and transformers); extra options go to bench.sd,
+#                   e.g. --rows abde --batches 1 4 16; limit GPU_SD_S (default 540)
 #   --stage all     (default) tests, then the quick benchmark, then the full one
 #   --stage session one device call of about 450 s, stages ordered by value, each under its own
 #                   limit so a slow stage cannot eat the rest, its elapsed seconds printed:
@@ -53,8 +56,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$STAGE" in
-    smoke|tests|loops|bench|all|session) ;;
-    *) echo "gpu.sh: error: --stage must be smoke, tests, loops, bench, all or session, got '$STAGE'" >&2; exit 2 ;;
+    smoke|tests|loops|bench|sd|all|session) ;;
+    *) echo "gpu.sh: error: --stage must be smoke, tests, loops, bench, sd, all or session, got '$STAGE'" >&2; exit 2 ;;
 esac
 
 PY=${PYTHON:-python3}
@@ -178,8 +181,15 @@ run_session() {
     pack
 }
 
+run_sd() {
+    # bench.sd prints (and appends to sd/sd.jsonl) a line per row as it finishes, so the rows
+    # done before the limit are kept; SIGINT lets it end cleanly.
+    timed sd "${GPU_SD_S:-540}" -s INT -k 30 -- $PY -m bench.sd --out "$DEST/sd" ${EXTRA[@]+"${EXTRA[@]}"}
+}
+
 case "$STAGE" in
     smoke) run_smoke ;;
+    sd) run_sd ;;
     tests) run_tests ;;
     loops) run_loops bench-quick ;;
     bench) run_bench $QUICK ;;

@@ -19,7 +19,7 @@ text every call as a bulk run of distinct prompts does (diffusers' pipeline enco
 call anyway).
 
     python -m bench.sd [--tiny] [--rows abcdef] [--batches 1 4 16] [--steps 50] [--repeats 3]
-                       [--out DIR]
+                       [--threads N] [--out DIR]
 
 A line per row is printed (and appended to DIR/sd.jsonl) as soon as it finishes, so a run
 cut short by a time limit keeps what it measured; DIR/sd.json and sd.txt are written at the
@@ -253,12 +253,17 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                         help="default float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<dev>-sd-<date>)")
     args = parser.parse_args(argv)
     if not args.rows or set(args.rows) - set(ROWS):
         parser.error(f"--rows must be letters of {''.join(ROWS)}, got {args.rows!r}")
     if args.steps < 1 or args.repeats < 1 or (args.batches and min(args.batches) < 1):
         parser.error("--steps, --repeats and --batches must be >= 1")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     config = "tiny" if args.tiny else "sd15"
@@ -274,7 +279,11 @@ def main(argv=None) -> int:
         with open(jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps({**row, "settings": settings}) + "\n")
 
-    _quiet()
+    try:
+        _quiet()
+    except ImportError as exc:
+        print(f"bench.sd: error: needs diffusers and transformers ({exc})", file=sys.stderr)
+        return 2
     print(f"building a random {config} pipeline ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = _build(Path(tmp), config, device, dtype)
