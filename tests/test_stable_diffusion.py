@@ -232,3 +232,14 @@ def test_an_edited_prompt_file_is_another_run(folders, tmp_path, capsys):
     assert run(argv, capsys).out.count("1 complete shard(s) kept") == 1  # the same file resumes
     prompts.write_text("a cat\n\n", encoding="utf-8")  # the same prompts, another file
     assert "prompt_file_sha256" in fails(argv, capsys)
+
+
+def test_every_format_holds_the_same_images_and_their_prompts(folders, tmp_path, capsys):
+    runs = {fmt: generate(folders[2], tmp_path / fmt, capsys, "--num", "3", "--batch-size", "2", "--shard-size", "2",
+                          "--format", fmt, "--negative-prompt", "blurry")
+            for fmt in ("npz", "png", "webdataset")}
+    for fmt, samples in runs.items():
+        assert samples["samples"].dtype == np.uint8 and samples["samples"].shape == (3, IMAGE, IMAGE, 3), fmt
+        np.testing.assert_array_equal(samples["samples"], runs["npz"]["samples"], err_msg=fmt)
+        assert [(m["prompt"], m["negative_prompt"]) for m in samples["metadata"]] == \
+            [(PROMPTS[i % 2], "blurry") for i in range(3)], fmt
