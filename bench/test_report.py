@@ -37,3 +37,15 @@ def test_gpu_rows_from_64_mib_show_their_share_of_copy_and_of_a_same_size_copy()
             r.update(same_copy_s=20e-6, pct_same_copy=100 * r["gbs"] / (r["bytes"] / 20e-6 / 1e9))
     listed = [ln for ln in report.table(timed).splitlines() if "of a same-size copy" in ln]
     assert len(listed) == 1 and "bf16" in listed[0] and f"{100 * 20e-6 / row['p50_s']:5.1f}%" in listed[0]
+
+
+def test_the_same_size_copy_target_judges_only_rows_that_timed_one():
+    result = json.loads(H200.read_text())
+    name = "GPU: fused step >= 85% of a copy of its own traffic"
+    verdict = next(t for t in report.targets(result) if t["target"].startswith(name))
+    assert verdict["verdict"] == "not measured"  # this run timed no same-size copies
+    for r in result["steps"]:
+        if r["bytes"] >= report.MIB_64:
+            r["pct_same_copy"] = 90.0 if r["dtype"] == "fp32" else 80.0
+    verdict = next(t for t in report.targets(result) if t["target"].startswith(name))
+    assert verdict["verdict"] == "missed" and "80.00% (eta0 bf16 B64-3x256x256)" in verdict["detail"]
