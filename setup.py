@@ -24,7 +24,8 @@ setup(
         # Everything the tests exercise, so none of them is skipped: the diffusers backend and
         # Stable Diffusion pipelines (transformers),
         # the digits classifier's check on real digits (scikit-learn, which brings scipy),
-        # the CLI's property-based fuzz test (hypothesis) and the quality plot (matplotlib).
+        # the property-based fuzz tests (hypothesis), the reader of generate's webdataset shards
+        # (webdataset) and the quality plot (matplotlib).
         # k-diffusion itself cannot be listed: its release pins torchvision, wandb, kornia,
         # clip, ... and (through dctorch) numpy < 2, so the README's test command installs it
         # with --no-deps; torchsde and torchdiffeq are what its sampling module imports.

@@ -287,8 +287,10 @@ def prepare_dir(out_dir: Path, config: GenerateConfig, model_info: dict, *, over
     Raises:
         RunMismatchError: run.json, the manifest or a shard shows another configuration,
             or run.json is damaged (unless overwrite).
+        OutputPathError: a folder stands where the run writes a file (manifest.json, a shard).
     """
     identity, chash = run_identity(config, model_info)
+    _check_file_names(out_dir, config)
     run_file = out_dir / RUN_FILE
     recorded = os.path.lexists(run_file)
     foreign = None
@@ -318,6 +320,23 @@ def prepare_dir(out_dir: Path, config: GenerateConfig, model_info: dict, *, over
         body = json.dumps({"config_hash": chash, "identity": identity}, indent=2).encode()
         atomic_write(run_file, lambda f: f.write(body))
     return chash
+
+
+def _check_file_names(out_dir: Path, config: GenerateConfig) -> None:
+    """Refuse a folder (not a symlink) where the run writes a file: the manifest or a file shard.
+
+    A rename cannot replace a folder with a file, and a folder is not the run's to delete.
+
+    Raises:
+        OutputPathError: naming it.
+    """
+    fmt = config.shard_format
+    for entry in os.scandir(out_dir):
+        if entry.is_dir(follow_symlinks=False) and (
+                entry.name == MANIFEST or (fmt.suffix and entry.name.endswith(fmt.suffix)
+                                           and _SHARD_NAME.fullmatch(entry.name))):
+            raise OutputPathError(f"{Path(out_dir) / entry.name} is a folder where the run writes a file; move it "
+                                  "away, then rerun")
 
 
 def _manifest_hash(out_dir: Path) -> Optional[str]:
@@ -355,11 +374,12 @@ def _format_of(name: str):
     return None if match is None else FORMAT[{".npz": "npz", ".tar": "webdataset", None: "png"}[match[1]]]
 
 
-def _read_run_file(out_dir: Path) -> dict:
-    """run.json as a dict with a config_hash that matches its identity, else RunMismatchError."""
-    def damaged(why: str) -> RunMismatchError:
-        return RunMismatchError(f"{out_dir} holds a damaged or foreign run: {RUN_FILE} {why}; use another --out, "
-                                f"or delete {out_dir} to start over")
+def _read_run_file(out_dir: Path, error=RunMismatchError) -> dict:
+    """run.json as a dict with a config_hash that matches its identity: the rule of resume and
+    load_samples alike. Else `error` (RunMismatchError, or CorruptRunError for load_samples)."""
+    def damaged(why: str) -> Exception:
+        ways_out = f"; use another --out, or delete {out_dir} to start over" if error is RunMismatchError else ""
+        return error(f"{out_dir} holds a damaged or foreign run: {RUN_FILE} {why}{ways_out}")
 
     try:
         run = json.loads((out_dir / RUN_FILE).read_bytes())
@@ -614,21 +634,27 @@ def write_preview(out_dir: Path, max_samples: int = 100, ncols: int = 10, output
     """Write out_dir/preview.png: the first samples of shard 0 as a PNG grid.
 
     Returns:
-        False (and writes nothing) when the samples are not grey or RGB images.
+        False (and writes nothing) when the samples are not grey or RGB images, or preview.png
+        is a folder (with a warning: it is not the run's to replace).
     """
+    target = Path(out_dir) / PREVIEW
+    if target.is_dir() and not target.is_symlink():
+        warnings.warn(f"{target} is a folder: no preview written", stacklevel=2)
+        return False
     first = FORMAT[output_format].read(out_dir, 0).samples[:max_samples]
     try:
         pixels = torch.from_numpy(to_pixels(first) if first.dtype != np.uint8 else first)
     except ValueError:  # latents
         return False
-    save_grid(pixels, out_dir / PREVIEW, ncols=min(len(first), ncols), scale=default_scale(*pixels.shape[1:3]))
+    save_grid(pixels, target, ncols=min(len(first), ncols), scale=default_scale(*pixels.shape[1:3]))
     return True
 
 
 def load_samples(out_dir) -> dict:
     """All samples of a complete run in any output format, ordered by global index, after verifying the whole run.
 
-    Checks that manifest.json and run.json agree on the config hash, that the shards listed
+    Checks that run.json is whole (its config hash matches its identity, as a resume
+    checks), that manifest.json and run.json agree on the config hash, that the shards listed
     are the format's shard-000000..., shard-000001... inside out_dir (no path or symlink
     leaving it: the rule generate applies on resume, ddim_fused.shards.located_inside),
     that each matches its sha256 in the manifest, carries the config hash, holds exactly the
@@ -649,7 +675,8 @@ def load_samples(out_dir) -> dict:
     """
     out_dir = Path(out_dir)
     manifest = _read_json_object(out_dir / MANIFEST)
-    run = _read_json_object(out_dir / RUN_FILE)
+    _read_json_object(out_dir / RUN_FILE)  # missing or not JSON: said as for the manifest
+    run = _read_run_file(out_dir, CorruptRunError)
     chash = manifest.get("config_hash")
     if not isinstance(chash, str) or chash != run.get("config_hash"):
         raise CorruptRunError(f"{out_dir}: {MANIFEST} and {RUN_FILE} disagree on the config hash "

@@ -149,3 +149,31 @@ def test_a_lock_that_is_not_a_file_is_refused(tmp_path):
     (tmp_path / gen.LOCK_FILE).mkdir()
     with pytest.raises(gen.OutputPathError, match="is not a regular file"):
         run(tmp_path)
+
+
+# ---------------------------------------------------------------------------- found by tests/test_generate_faults.py
+@pytest.mark.parametrize("name", ["manifest.json", "shard-000001.npz"])
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_any_work(finished, name):
+    (finished / "shard-000002.npz").unlink()  # work the run would do
+    remove = shutil.rmtree if (finished / name).is_dir() else lambda p: p.unlink()
+    remove(finished / name)
+    (finished / name).mkdir()
+    before = snapshot(finished)
+    with pytest.raises(gen.OutputPathError, match=f"{name} is a folder where the run writes a file"):
+        run(finished)
+    assert snapshot(finished) == before and (finished / name).is_dir()
+
+
+def test_a_preview_that_is_a_folder_is_left_alone(finished):
+    (finished / "preview.png").mkdir()  # the finished run has no preview yet
+    with pytest.warns(UserWarning, match="preview.png is a folder: no preview written"):
+        gen.run_generation(finished, CONFIG, TinyModel, INFO, progress=False, preview=True)
+    assert (finished / "preview.png").is_dir()
+
+
+def test_load_samples_checks_run_json_as_a_resume_does(finished):
+    shutil.copy(finished / "manifest.json", finished / "run.json")  # the same config hash, not a run.json
+    with pytest.raises(gen.CorruptRunError, match="run.json does not hold a config_hash and an identity"):
+        gen.load_samples(finished)
+    with pytest.raises(gen.RunMismatchError, match="run.json does not hold a config_hash and an identity"):
+        run(finished)
