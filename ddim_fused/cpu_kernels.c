@@ -304,6 +304,7 @@ void ddim_paint_f32(float *out, float *x0_out, float *eps_out, const float *x, c
                     int64_t orig_rows, const float *orig_noise, int64_t orig_noise_rows, const float *mask,
                     int64_t mask_stride, int64_t mid, int64_t inner, float orig_coef, float orig_noise_coef) {
     const step_coefs_t c = {x_coef, eps_coef, guidance, noise_coef, x0_x, x0_eps, orig_coef, orig_noise_coef};
+    if (numel == 0) return; /* then mid * inner may be 0 too */
     for (int64_t b = 0; b < batch; b++)
         update_sample(out, x0_out, eps_out, x, eps, eps_c, noise, noise_rows, orig, orig_rows, orig_noise,
                       orig_noise_rows, mask + b * mask_stride, mid, inner, b, numel, &c);

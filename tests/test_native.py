@@ -271,3 +271,12 @@ def test_paint_step_with_and_without_the_c_kernel(cpu_lib, monkeypatch, mask_dty
         results.append(torch_ddim_step(f32(shape, 1), f32(shape, 2), torch.empty(shape), step))
     assert calls == [1]
     torch.testing.assert_close(results[0], results[1], rtol=3e-6, atol=3e-6)
+
+
+def test_paint_step_of_empty_samples_writes_nothing(cpu_lib):
+    from ddim_fused.masks import mask_layout  # noqa: PLC0415
+
+    shape = (2, 0, 4)
+    step = StepArgs(x_coef=1.0, eps_coef=0.5, mask=mask_layout(torch.ones(2, 1, 4), shape), orig=torch.empty(shape),
+                    orig_coef=0.7)
+    assert torch_ddim_step(torch.empty(shape), torch.empty(shape), torch.empty(shape), step).shape == shape
