@@ -20,10 +20,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """
     if x.dtype == torch.uint8:
         return x.detach().cpu().numpy()
-    x = (x.detach() * 0.5 + 0.5).clamp(0, 1).float().cpu()
+    # On x's device: a GPU batch crosses to the host as bytes, a quarter of its floats.
+    x = (x.detach() * 0.5 + 0.5).clamp(0, 1).float()
     if x.dim() == 4:
         x = x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
-    return (x * 255).round().to(torch.uint8).numpy()
+    return (x * 255).round().to(torch.uint8).contiguous().cpu().numpy()
 
 
 def is_image_batch(shape, dtype=None) -> bool:
