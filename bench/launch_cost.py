@@ -120,15 +120,15 @@ def stubbed_kernel():
     ks = kernels()
     step_mod, bound_mod = ks.ddim_step, ks.bound_step
     saved = (step_mod._ddim_step_kernel, bound_mod._ddim_step_kernel, bound_mod.DIRECT_LAUNCH,
-             bound_mod._cuda_current, bound_mod._LAYOUTS)
+             bound_mod._cuda_current, bound_mod._LAUNCHERS)
     try:
         step_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, None)
         bound_mod._ddim_step_kernel = _StubKernel(bound_mod._ARG_NAMES, _StubCompiled())
-        bound_mod.DIRECT_LAUNCH, bound_mod._cuda_current, bound_mod._LAYOUTS = True, _no_cuda, {}
+        bound_mod.DIRECT_LAUNCH, bound_mod._cuda_current, bound_mod._LAUNCHERS = True, _no_cuda, {}
         yield step_mod, bound_mod
     finally:
         (step_mod._ddim_step_kernel, bound_mod._ddim_step_kernel, bound_mod.DIRECT_LAUNCH,
-         bound_mod._cuda_current, bound_mod._LAYOUTS) = saved
+         bound_mod._cuda_current, bound_mod._LAUNCHERS) = saved
 
 
 def launch_rows(launches: int) -> dict[str, float]:

@@ -168,9 +168,13 @@ def host_table(rows: list) -> str:
             lines.append(f"| {r['label']} on {r['device']} | {shape} | {r['fused_us']:.1f} µs | | | "
                          f"{_verdict(r['fused_us'], r['target_us'], ' µs')} |")
         elif r["kind"] == "scheduler-step":
+            verdict = _verdict(r["ratio"], r["target"])
+            if r.get("target_us") is not None and r["target"] is not None:  # the GPU's: a time and a ratio
+                met = r["fused_us"] <= r["target_us"] and r["ratio"] <= r["target"]
+                verdict = f"{'met' if met else 'missed'}: <= {r['target_us']:g} µs and <= {r['target']:g}x"
             lines.append(f"| `FusedDDIMScheduler.step`, eta {r['eta']:g}, on {r['device']} | {shape} | "
                          f"{r['fused_us']:.1f} µs | diffusers' step: {r['stock_us']:.1f} µs | {r['ratio']:.2f} | "
-                         f"{_verdict(r['ratio'], r['target'])} |")
+                         f"{verdict} |")
         elif r["kind"] == "sampler-step":
             lines.append(f"| sampler/step {r['case']} | {shape} | {r['fused_us']:.1f} µs | "
                          f"reference sampler: {r['reference_us']:.1f} µs | {r['ratio']:.2f} | "

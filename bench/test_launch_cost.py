@@ -8,7 +8,7 @@ from ddim_fused.sampler import DDIMSampler
 def _stubbed_state():
     ks = kernels()
     return (ks.ddim_step._ddim_step_kernel, ks.bound_step._ddim_step_kernel, ks.bound_step.DIRECT_LAUNCH,
-            ks.bound_step._cuda_current, ks.bound_step._LAYOUTS, ops.step_function, ops._EAGER_FIELDS,
+            ks.bound_step._cuda_current, ks.bound_step._LAUNCHERS, ops.step_function, ops._EAGER_FIELDS,
             DDIMSampler._denoise_doubled)
 
 

@@ -74,6 +74,15 @@ def step_function(backend: str, device, dtype: torch.dtype) -> StepFn:
     return kernels().launch_step if uses_kernel(backend, device, dtype) else torch_ddim_step
 
 
+def step_launcher(step_fn: StepFn, x: torch.Tensor, model_out: torch.Tensor, out=None, x0_out=None,
+                  eps_out=None) -> StepFn:
+    """step_fn for tensors of the signature of these (shapes, dtypes, device): the kernel's
+    launcher bound to that signature (`kernels.launcher_for`), else step_fn itself."""
+    if step_fn is torch_ddim_step:
+        return step_fn
+    return kernels().launcher_for(x, model_out, out, x0_out, eps_out)
+
+
 def bind_launches(step_fn: StepFn, shape, dtype: torch.dtype):
     """A per-call lean launcher of the kernel (`kernels.bind_ddim_step`) for (B, *s) tensors of dtype.
 

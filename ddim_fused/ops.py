@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .backend import KERNEL_DTYPES, check_backend, step_function, uses_kernel
+from .backend import KERNEL_DTYPES, check_backend, step_function, step_launcher, uses_kernel
 from .masks import MaskLayout, mask_layout
 from .step_args import StepArgs
 from .validation import FLOAT32_MAX, FLOAT_DTYPES, check_bool, check_float, check_int, check_sample_offset
@@ -199,7 +199,8 @@ def ddim_step(
                           mask)
     if backend == "auto":
         if key is not None and x.device.type in ("cpu", "cuda") and not tracing():
-            _remember(key, _EagerPlan(step_function("auto", x.device, x.dtype), x, model_out, fields["noise"]))
+            run = step_launcher(step_function("auto", x.device, x.dtype), x, model_out, out, x0_out, eps_out)
+            _remember(key, _EagerPlan(run, x, model_out, fields["noise"]))
         # Only the fields given: the dispatcher parses every keyword, and the rest are defaults.
         given = {name: fields[name] for name in step}
         if mask is not None:

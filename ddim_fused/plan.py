@@ -65,7 +65,7 @@ class Guide(NamedTuple):
 
     def call_doubled(self, x_in: torch.Tensor, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
         """The guided model_out (2B, *s) for x_in, the batch-doubled [x; x] (2B, *s) a loop keeps."""
-        return check_model_out(self.model(x_in, t_model, self.cond), x, 2)
+        return check_model_out(self.model(x_in, t_model, self.cond), x_in, 1)  # x_in has the (2B, *s) to check
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided eps (B, *s), combined with torch ops."""

@@ -97,5 +97,8 @@ def test_host_table_judges_each_row_by_its_own_target():
     assert "| ddim_fused.ddim_step eta0 on CPU | 1x4x64x64 | 50.0 µs | | | no target |" in text
     assert "| 40.0 µs | diffusers' step: 200.0 µs | 0.20 | met: <= 0.25 |" in text
     assert "| 30.0 µs | reference sampler: 100.0 µs | 0.30 | missed: <= 0.25 |" in text
+    gpu_scheduler = dict(rows[2], target=0.2, target_us=30.0, fused_us=25.0)
+    assert "| 0.20 | met: <= 30 µs and <= 0.2x |" in host_table([gpu_scheduler])
+    assert "missed: <= 30 µs and <= 0.2x" in host_table([dict(gpu_scheduler, fused_us=31.0)])
     with pytest.raises(ValueError, match="unknown host row kind"):
         host_table([{"kind": "other", "shape": [1]}])

@@ -590,8 +590,12 @@ def test_a_sampler_pickled_before_steps_were_kept_still_loads():
 def fresh_layouts(monkeypatch):
     """bound_step with an empty layout cache for the test (restored after it)."""
     bound_step = kernels().bound_step
-    monkeypatch.setattr(bound_step, "_LAYOUTS", {})
+    monkeypatch.setattr(bound_step, "_LAUNCHERS", {})
     return bound_step
+
+
+def all_layouts(bound_step) -> list:
+    return [layout for launcher in bound_step._LAUNCHERS.values() for layout in launcher.layouts.values()]
 
 
 @pytest.mark.parametrize("outputs", ["out", "x0", "x0-eps"])
@@ -608,8 +612,8 @@ def test_launch_step_is_bit_identical_to_launch_ddim_step(outputs, device, monke
             for i in (0,) + extra:
                 assert torch.equal(got[i], want[i]), (name, i)
     # Paint steps take the ordinary path: only the others were bound, none keeps a tensor.
-    assert len(bound_step._LAYOUTS) == 8
-    for layout in bound_step._LAYOUTS.values():
+    assert len(all_layouts(bound_step)) == 8
+    for layout in all_layouts(bound_step):
         assert all(layout.values[slot] is None for slot in bound_step._POINTERS)
 
 
@@ -632,7 +636,7 @@ def test_launch_step_binds_per_shape_dtype_and_flags_and_never_reuses_a_stale_la
             got = bound_step.launch_step(x, model_out, torch.empty_like(x), step)
             assert torch.equal(got, want), (shape, dtype, step)
     # A seed past 2**31 is an i64 argument: its own layout, as each shape, dtype and flag.
-    assert len(bound_step._LAYOUTS) == len(cases)
+    assert len(all_layouts(bound_step)) == len(cases)
 
 
 def test_launch_step_checks_noise_keys_as_launch_ddim_step(device):
@@ -646,7 +650,7 @@ def test_launch_step_checks_noise_keys_as_launch_ddim_step(device):
 
 def test_launch_step_launches_directly_with_addresses_once_bound(monkeypatch):
     bound_step, ordinary, direct = stand_in_kernel(monkeypatch)
-    monkeypatch.setattr(bound_step, "_LAYOUTS", {})
+    monkeypatch.setattr(bound_step, "_LAUNCHERS", {})
     shape = (2, 3, 4, 4)  # the conditional half of model_out starts 16-byte aligned
     x, model_out = randn(shape, seed=1), randn((4,) + shape[1:], seed=2)
     step = StepArgs(**COEFS, guidance=1.5)
@@ -768,3 +772,23 @@ def test_the_c_launch_is_used_only_where_tritons_launcher_makes_that_call():
     assert ("self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl, "
             "global_scratch, profile_scratch, *args)") in source, source
     assert "def __call__(self, gridX, gridY, gridZ, stream, function, *args):" in source
+
+
+def test_eager_op_on_the_kernel_path_launches_what_launch_ddim_step_launches(device, monkeypatch):
+    """ddim_fused.ddim_step's eager path with the kernel: a StepLauncher bound to the call's signature."""
+    import ddim_fused  # noqa: PLC0415
+    from ddim_fused import ops  # noqa: PLC0415
+
+    if device.type == "cpu":  # "auto" picks the kernel for CUDA tensors; through the interpreter here
+        monkeypatch.setattr(ops, "step_function", lambda backend, dev, dtype: kernels().launch_step)
+    monkeypatch.setattr(ops, "_EAGER", {})
+    x, model_out = inputs(torch.float32, True, device)
+    fields = dict(x_coef=1.37, eps_coef=-0.41, guidance=2.5, noise_coef=0.2, seed=9, x0_coefs=(2.1, -1.3))
+    for step_key in range(3):  # the first call validates and goes through the operator; the rest are eager
+        out, x0 = torch.empty_like(x), torch.empty_like(x)
+        ddim_fused.ddim_step(x, model_out, out=out, x0_out=x0, step_key=step_key, **fields)
+        want, want_x0 = torch.empty_like(x), torch.empty_like(x)
+        kernels().launch_ddim_step(x, model_out, want, StepArgs(**fields, step_key=step_key), want_x0)
+        assert torch.equal(out, want) and torch.equal(x0, want_x0), step_key
+    (plan,) = ops._EAGER.values()
+    assert isinstance(plan.run, kernels().bound_step.StepLauncher)

@@ -213,28 +213,111 @@ def _is_compiled(compiled) -> bool:
     return hasattr(compiled, "__getitem__") and hasattr(compiled, "function")
 
 
-# Launch layouts of `launch_step` by key; started over when full (a program uses a few).
-_LAYOUTS: dict = {}
-_MAX_LAYOUTS = 256
-_EMPTY = "empty"  # the layout of a key whose tensors have no elements: nothing to launch
+# Launchers of `launch_step` by tensor signature; started over when full (a program uses a few).
+_LAUNCHERS: dict = {}
+_MAX_LAUNCHERS = 128
+_EMPTY = "empty"  # the layout of tensors without elements: nothing to launch
 # The scalar slots a launch fills from its StepArgs, as step_launch passes them.
-_COEF_SLOTS = tuple((_SLOT[name], name) for name in ("x_coef", "eps_coef", "noise_coef", "orig_coef",
-                                                     "orig_noise_coef"))
+_X_COEF, _EPS_COEF, _NOISE_COEF, _ORIG_COEF, _ORIG_NOISE_COEF = (
+    _SLOT[name] for name in ("x_coef", "eps_coef", "noise_coef", "orig_coef", "orig_noise_coef"))
 _GUIDANCE, _STEP_KEY = _SLOT["guidance"], _SLOT["step_key"]
 
 
 class _Layout:
-    """A `launch_step` key's launch: grid, argument template (no tensors), compile options,
-    the direct runner once an aligned ordinary launch made one, x's element count."""
+    """One launch layout: grid, argument template (no tensors), compile options, and the
+    direct runner once an aligned ordinary launch made one."""
 
-    __slots__ = ("grid", "values", "options", "runner", "numel")
+    __slots__ = ("grid", "values", "options", "runner")
 
-    def __init__(self, launch: Launch, numel: int):
+    def __init__(self, launch: Launch):
         self.grid = launch.grid
         self.values, self.options = _ordered(launch)
         for slot in _POINTERS:  # the cache keeps no tensor alive
             self.values[slot] = None
-        self.runner, self.numel = None, numel
+        self.runner = None
+
+
+class StepLauncher:
+    """`launch_ddim_step` for tensors of one signature (shapes, dtypes and device of x,
+    model_out, out, x0_out, eps_out), with a launch layout per step flags: guidance, the
+    noise mode and its tensor's batch and dtype, repeat_noise, the integer types of the
+    noise keys. `launch_step` keeps one per signature; `launcher_for` hands it out.
+    """
+
+    __slots__ = ("layouts", "numel", "batch")
+
+    def __init__(self, x: torch.Tensor):
+        self.layouts: dict = {}
+        self.numel, self.batch = x.numel(), x.shape[0]
+
+    def __call__(self, x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, step,
+                 x0_out: torch.Tensor | None = None, eps_out: torch.Tensor | None = None) -> torch.Tensor:
+        """run(x, model_out, out, step, x0_out=None, eps_out=None) -> out, as launch_ddim_step."""
+        if step.mask is not None:
+            return launch_ddim_step(x, model_out, out, step, x0_out, eps_out)
+        seed, step_key, offset, noise, coef = step.seed, step.step_key, step.sample_offset, step.noise, step.noise_coef
+        batch = self.batch
+        if coef != 0.0 and noise is None and not (
+                type(seed) is int and type(step_key) is int and type(offset) is int
+                and 0 <= seed < SEED_LIMIT and 0 <= step_key < KEY_LIMIT and 0 <= offset <= KEY_LIMIT - batch):
+            check_keys(seed, step_key, offset, batch)
+        seed, step_key, offset = 0 if seed is None else int(seed), int(step_key), int(offset)
+        # Triton types an int argument by its range: the three keys' types select the compiled variant.
+        key_types = (None if 0 <= seed <= _I32_MAX and 0 <= step_key <= _I32_MAX and 0 <= offset <= _I32_MAX
+                     else (_int_type(seed), _int_type(step_key), _int_type(offset)))
+        guidance = step.guidance
+        if coef == 0.0:
+            noise = None  # the kernel does not read it
+        key = (guidance is None, coef == 0.0, None if noise is None else (noise.shape[0], noise.dtype),
+               bool(step.repeat_noise), key_types)
+        layout = self.layouts.get(key)
+        if layout is None:
+            launch = step_launch(x, model_out, out, step._replace(noise=noise), x0_out, eps_out)
+            layout = self.layouts[key] = _EMPTY if launch is None else _Layout(launch)
+        if layout is _EMPTY:
+            return out
+        values = layout.values.copy()
+        values[_X_COEF], values[_EPS_COEF], values[_NOISE_COEF] = float(step.x_coef), float(step.eps_coef), float(coef)
+        values[_ORIG_COEF], values[_ORIG_NOISE_COEF] = float(step.orig_coef), float(step.orig_noise_coef)
+        x0_coefs = step.x0_coefs
+        values[_X0_X], values[_X0_EPS] = float(x0_coefs[0]), float(x0_coefs[1])
+        values[_GUIDANCE] = 1.0 if guidance is None else float(guidance)
+        values[_SEED], values[_STEP_KEY], values[_OFFSET] = seed, step_key, offset
+        runner = layout.runner
+        if runner is not None:
+            px, pm, po = x.data_ptr(), model_out.data_ptr(), out.data_ptr()
+            pc = 0 if guidance is None else pm + self.numel * model_out.element_size()
+            p0 = 0 if x0_out is None else x0_out.data_ptr()
+            pe = 0 if eps_out is None else eps_out.data_ptr()
+            pn = 0 if noise is None else noise.data_ptr()
+            if not (px | pm | pc | po | p0 | pe | pn) & 15:  # the variant the runner launches: all aligned
+                values[_X], values[_EPS], values[_EPS_C], values[_OUT] = px, pm, pc or None, po
+                values[_NOISE], values[_X0], values[_EPS_OUT] = pn or None, p0 or None, pe or None
+                if runner(*values):
+                    return out
+        values[_X], values[_EPS], values[_OUT], values[_NOISE] = x, model_out, out, noise
+        values[_EPS_C] = None if guidance is None else model_out[batch:]
+        values[_X0], values[_EPS_OUT] = x0_out, eps_out
+        compiled = _ddim_step_kernel[layout.grid](*values, **layout.options)
+        if DIRECT_LAUNCH and runner is None and _is_compiled(compiled) and _aligned(values):
+            layout.runner = direct_runner(compiled, layout.grid)
+        return out
+
+
+def launcher_for(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor | None = None,
+                 x0_out: torch.Tensor | None = None, eps_out: torch.Tensor | None = None) -> StepLauncher:
+    """The StepLauncher of these tensors' signature (out None: a tensor like x), made on first use.
+
+    Args: as launch_ddim_step (validated inputs); only shapes, dtypes and the device are read.
+    """
+    key = (x.shape, x.dtype, x.device, model_out.dtype, x.dtype if out is None else out.dtype,
+           None if x0_out is None else x0_out.dtype, None if eps_out is None else eps_out.dtype)
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None:
+        if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
+            _LAUNCHERS.clear()
+        launcher = _LAUNCHERS[key] = StepLauncher(x)
+    return launcher
 
 
 def launch_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, step,
@@ -242,69 +325,14 @@ def launch_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, ste
     """`launch_ddim_step`, with the launch layout bound once per key (see the module docstring).
 
     Same arguments (validated inputs: contiguous tensors on one device), same results, same
-    errors for noise keys outside their words. A step with a paint mask, or with noise_coef
-    0 and a noise tensor (which the kernel does not read), passes through to
-    launch_ddim_step or leaves the unread tensor out.
+    errors for noise keys outside their words. A step with a paint mask passes through to
+    launch_ddim_step; a noise tensor with noise_coef 0 (which the kernel does not read) is
+    left out of the launch.
 
     Returns:
         out.
     """
-    if step.mask is not None:
-        return launch_ddim_step(x, model_out, out, step, x0_out, eps_out)
-    seed, step_key, offset, noise, coef = step.seed, step.step_key, step.sample_offset, step.noise, step.noise_coef
-    batch = x.shape[0]
-    if coef != 0.0 and noise is None and not (
-            type(seed) is int and type(step_key) is int and type(offset) is int
-            and 0 <= seed < SEED_LIMIT and 0 <= step_key < KEY_LIMIT and 0 <= offset <= KEY_LIMIT - batch):
-        check_keys(seed, step_key, offset, batch)
-    seed, step_key, offset = 0 if seed is None else int(seed), int(step_key), int(offset)
-    # Triton types an int argument by its range: the three keys' types select the compiled variant.
-    key_types = (None if 0 <= seed <= _I32_MAX and 0 <= step_key <= _I32_MAX and 0 <= offset <= _I32_MAX
-                 else (_int_type(seed), _int_type(step_key), _int_type(offset)))
-    guided = step.guidance is not None
-    if coef == 0.0:
-        noise = None
-    key = (x.shape, x.dtype, x.device, model_out.dtype, out.dtype, None if x0_out is None else x0_out.dtype,
-           None if eps_out is None else eps_out.dtype, guided, coef == 0.0,
-           None if noise is None else (noise.shape[0], noise.dtype), bool(step.repeat_noise), key_types)
-    layout = _LAYOUTS.get(key)
-    if layout is None:
-        layout = _new_layout(key, x, model_out, out, step._replace(noise=noise), x0_out, eps_out)
-    if layout is _EMPTY:
-        return out
-    values = layout.values.copy()
-    for slot, name in _COEF_SLOTS:
-        values[slot] = float(getattr(step, name))
-    values[_X0_X], values[_X0_EPS] = float(step.x0_coefs[0]), float(step.x0_coefs[1])
-    values[_GUIDANCE] = float(step.guidance) if guided else 1.0
-    values[_SEED], values[_STEP_KEY], values[_OFFSET] = seed, step_key, offset
-    runner = layout.runner
-    if runner is not None:
-        px, pm, po = x.data_ptr(), model_out.data_ptr(), out.data_ptr()
-        pc = pm + layout.numel * model_out.element_size() if guided else 0
-        p0 = 0 if x0_out is None else x0_out.data_ptr()
-        pe = 0 if eps_out is None else eps_out.data_ptr()
-        pn = 0 if noise is None else noise.data_ptr()
-        if not (px | pm | pc | po | p0 | pe | pn) & 15:  # the variant the runner launches: all aligned
-            values[_X], values[_EPS], values[_EPS_C], values[_OUT] = px, pm, pc or None, po
-            values[_NOISE], values[_X0], values[_EPS_OUT] = pn or None, p0 or None, pe or None
-            if runner(*values):
-                return out
-    values[_X], values[_EPS], values[_OUT], values[_NOISE] = x, model_out, out, noise
-    values[_EPS_C] = model_out[batch:] if guided else None
-    values[_X0], values[_EPS_OUT] = x0_out, eps_out
-    compiled = _ddim_step_kernel[layout.grid](*values, **layout.options)
-    if DIRECT_LAUNCH and runner is None and _is_compiled(compiled) and _aligned(values):
-        layout.runner = direct_runner(compiled, layout.grid)
-    return out
-
-
-def _new_layout(key: tuple, x, model_out, out, step, x0_out, eps_out):
-    launch = step_launch(x, model_out, out, step, x0_out, eps_out)
-    if len(_LAYOUTS) >= _MAX_LAYOUTS:
-        _LAYOUTS.clear()
-    layout = _LAYOUTS[key] = _EMPTY if launch is None else _Layout(launch, x.numel())
-    return layout
+    return launcher_for(x, model_out, out, x0_out, eps_out)(x, model_out, out, step, x0_out, eps_out)
 
 
 def _aligned(values: list) -> bool:
