@@ -12,13 +12,16 @@ finished shard while the next one is sampled.
 Layout of an output directory:
     run.json                 the run's identity (config + model), written before any shard
     shard-000000.npz ...     samples, indices, labels, seeds, metadata, config_hash, checksum (samples
-                             are float32 (n, *shape), or uint8 (n, H, W, 3) pixels of decoded images)
+                             are float32 (n, *shape), or uint8 (n, H, W, 3) pixels of decoded images);
+                             or png folders / webdataset tars (config.format, see ddim_fused.shards)
     manifest.json            config, model, versions, shard list with sha256; written last
     preview.png              optional grid of the first samples, written after the manifest
     .generate.lock           held (flock) by the process that runs the folder
 Every file is written through ddim_fused.atomic (exclusive temporary file, fsync, rename),
 so a killed run leaves either a whole file or none; a resume re-validates each shard
 (embedded checksum, indices, config hash, finite values) and regenerates what fails.
+Nothing generated is replaced unless it is damaged or overwrite_mismatched says so: a folder
+whose run.json, manifest or intact shards show another configuration is refused.
 """
 from __future__ import annotations
 
@@ -786,6 +789,7 @@ def run_generation(
         RunLockedError: another process is generating into out_dir.
         RunMismatchError: out_dir holds another run (its run.json, manifest or shards say so),
             or a damaged run.json; unless overwrite_mismatched.
+        ValueError: config.format stores images and the model's samples are not (check_format).
         NonFiniteError: a sample came out NaN or Inf (nothing non-finite is written).
         OSError: a write failed (a full disk); finished shards are kept.
         RankFailedError: (torchrun) another rank failed; it reports why.

@@ -95,7 +95,9 @@ OPTIONS = {
               "--blend": one(st.sampled_from(["alpha", "alpha_prev", "seed"])), "--t-start": one(INTS)},
     "interpolate": {**SAMPLER_OPTIONS, "--frames": one(INTS), "--out": one(PNG_OUT)},
     "invert": {**SAMPLER_OPTIONS, "--input": one(INPUT), "--invert-steps": some(INTS), "--out": one(PNG_OUT)},
-    "generate": {**SAMPLER_OPTIONS, "--eta": one(ETAS), "--shard-size": one(INTS), "--out": one(DIR_OUT)},
+    "generate": {**SAMPLER_OPTIONS, "--eta": one(ETAS), "--shard-size": one(INTS), "--out": one(DIR_OUT),
+                 "--format": one(st.sampled_from(["npz", "png", "webdataset", "tar", ""])),
+                 "--overwrite-mismatched": st.just([])},
     "train-digits": {"--out": one(DIR_OUT), "--replace-shipped": st.just([]), "--epochs": one(INTS),
                      "--seed": one(SEEDS), "--threads": one(THREADS)},
 }

@@ -243,3 +243,10 @@ def test_every_format_holds_the_same_images_and_their_prompts(folders, tmp_path,
         np.testing.assert_array_equal(samples["samples"], runs["npz"]["samples"], err_msg=fmt)
         assert [(m["prompt"], m["negative_prompt"]) for m in samples["metadata"]] == \
             [(PROMPTS[i % 2], "blurry") for i in range(3)], fmt
+
+
+def test_image_formats_refuse_latents(folders, tmp_path, capsys):
+    out = tmp_path / "lat"
+    err = fails(["generate", "--model", str(folders[1]), "--prompt", "a cat", "--output-type", "latent", "--num", "1",
+                 "--steps", "2", "--format", "webdataset", "--out", str(out)], capsys)
+    assert "--format 'webdataset' stores images" in err and "use --format 'npz'" in err and not out.exists()
