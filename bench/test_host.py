@@ -37,7 +37,8 @@ def test_gpu_rows_render_with_and_without_a_target():
 
 def test_scheduler_rows_on_cuda_render_both_targets():
     row = {"kind": "scheduler-step", "shape": [1, 4, 32, 32], "eta": 1.0, "stock_us": 200.0, "fused_us": 50.0,
-           "ratio": 0.25, "device": "cuda", "target": host.GPU_SCHEDULER_TARGET, "target_us": host.GPU_SCHEDULER_TARGET_US}
+           "ratio": 0.25, "device": "cuda", "target": host.GPU_SCHEDULER_TARGET,
+           "target_us": host.GPU_SCHEDULER_TARGET_US}
     line = host.format_rows([row])
     assert "scheduler.step 1x4x32x32 eta 1 on cuda" in line and "MISSES <= 30 us and <= 0.2x" in line
     assert "meets <= 30 us and <= 0.2x" in host.format_rows([dict(row, fused_us=25.0, ratio=0.125)])

@@ -264,7 +264,7 @@ class _EagerPlan:
     __slots__ = ("run", "batch", "x_bytes", "model_bytes", "noise_bytes")
 
     def __init__(self, run, x, model_out, noise):
-        self.run, self.batch = run, x.shape[0]
+        self.run, self.batch = run, max(x.shape[0], 1)  # as check_sample_offset counts an empty batch
         # The overlap check's spans: outputs have x's size.
         self.x_bytes = x.numel() * x.element_size()
         self.model_bytes = model_out.numel() * model_out.element_size()
@@ -285,7 +285,8 @@ class _EagerPlan:
                      or type(seed) is int and 0 <= seed < 2**63)):
             return None
         grad = torch.is_grad_enabled()
-        if not (x.is_contiguous() and model_out.is_contiguous()) or grad and (x.requires_grad or model_out.requires_grad):
+        if (not (x.is_contiguous() and model_out.is_contiguous())
+                or grad and (x.requires_grad or model_out.requires_grad)):
             return None
         for t in (out, x0_out, eps_out, noise):
             if t is not None and (not t.is_contiguous() or grad and t.requires_grad):

@@ -61,11 +61,11 @@ class Guide(NamedTuple):
         """model_out with the model's time steps given: t_model (B,), or (2B,) under guidance."""
         if self.scale is None:
             return check_model_out(self.model(x, t_model, self.cond), x, 1)
-        return self.call_doubled(torch.cat([x, x]), x, t_model)
+        return self.call_doubled(torch.cat([x, x]), t_model)
 
-    def call_doubled(self, x_in: torch.Tensor, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
+    def call_doubled(self, x_in: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
         """The guided model_out (2B, *s) for x_in, the batch-doubled [x; x] (2B, *s) a loop keeps."""
-        return check_model_out(self.model(x_in, t_model, self.cond), x_in, 1)  # x_in has the (2B, *s) to check
+        return check_model_out(self.model(x_in, t_model, self.cond), x_in, 1)  # the (2B, *s) of x_in
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided eps (B, *s), combined with torch ops."""

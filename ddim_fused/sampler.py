@@ -525,7 +525,7 @@ class DDIMSampler:
             with torch.inference_mode():
                 x_in = torch.cat([x, x])
                 for n, step in enumerate(plan.steps):
-                    model_out = call_model(x_in, x, step.t_batch)
+                    model_out = call_model(x_in, step.t_batch)
                     (low, high), (start, end) = halves[n & 1], spans[n & 1]
                     out = result if n == last else low
                     if start <= model_out.data_ptr() < end:  # the model returned the buffer this step writes

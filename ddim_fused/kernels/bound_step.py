@@ -203,7 +203,7 @@ class BoundStep:
         values[_X], values[_EPS], values[_OUT], values[_X0] = x, model_out, out, x0_out
         values[_EPS_C] = model_out[self._batch:] if self._guided else None
         compiled = _ddim_step_kernel[self._grid](*values, **self._options)
-        if DIRECT_LAUNCH and _is_compiled(compiled):
+        if DIRECT_LAUNCH and runner is None and _is_compiled(compiled):
             self._call.runners[key] = direct_runner(compiled, self._grid)
         return out
 
