@@ -66,7 +66,8 @@ class StableDiffusion:
 
         Returns:
             ids (n, L) int64, padded to L = max_tokens; truncated: n bools, True where
-            the prompt had more than L tokens (it keeps its first L - 2 and the end token).
+            the prompt had more than L tokens (its ids keep the start token, its first L - 2
+            tokens and the end token).
         """
         ids = self.tokenizer(texts, padding="max_length", max_length=self.max_tokens, truncation=True,
                              return_tensors="pt").input_ids

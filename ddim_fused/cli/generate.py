@@ -1,6 +1,8 @@
 """`ddim-fused generate`: bulk generation with the digits model or any --model (see generate.py)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import generate as gen
@@ -76,7 +78,9 @@ def cmd_generate(args) -> None:
     def make_model(device: torch.device):
         if device.type == "cpu":
             return cpu_inputs
-        return conditioning(load_cli_model(args, device, env["dtype"]), args, classes, args.num)
+        with warnings.catch_warnings():  # the CPU copy above has warned about the same model and inputs
+            warnings.simplefilter("ignore")
+            return conditioning(load_cli_model(args, device, env["dtype"]), args, classes, args.num)
 
     out = check_output_dir(args.out, "--out")  # the engine checks it too; this names the flag
     kept = f"finished shards in {out} are kept: rerun the same command to resume"
