@@ -11,7 +11,7 @@ pytestmark = [needs_sd, pytest.mark.usefixtures("restore_threads")]
 
 
 def test_tiny_rows_check_against_diffusers_and_report(tmp_path, capsys):
-    assert sd.main(["--tiny", "--rows", "ade", "--batches", "2", "--steps", "2", "--repeats", "1",
+    assert sd.main(["--tiny", "--rows", "ade", "--batches", "2", "--steps", "2", "--repeats", "1", "--device", "cpu",
                     "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "sd.json").read_text())
@@ -20,11 +20,20 @@ def test_tiny_rows_check_against_diffusers_and_report(tmp_path, capsys):
     for letter in "ad":
         assert rows[letter]["check"]["passed"] and rows[letter]["check"]["max"] <= 1, rows[letter]
         assert rows[letter]["images_per_s"] > 0 and rows[letter]["ms_per_step"] > 0
-    if not torch.cuda.is_available():
-        assert "needs CUDA" in rows["e"]["skipped"]
+    assert "needs CUDA" in rows["e"]["skipped"]
     # A line per row as it finished, then the summary; the same rows in sd.jsonl.
     assert printed.count("(d) B=2") == 2 and "(d) vs (a) at B=2:" in printed
     assert len((tmp_path / "sd.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: row e captures a CUDA graph")
+def test_tiny_cuda_graph_rows_give_diffusers_images(tmp_path, capsys):
+    assert sd.main(["--tiny", "--rows", "ade", "--batches", "1", "3", "--steps", "3", "--repeats", "1",
+                    "--device", "cuda", "--dtype", "float32", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "sd.json").read_text())["rows"]
+    assert len(rows) == 6
+    for row in rows:
+        assert "error" not in row and row["check"]["passed"], row
 
 
 def test_bad_rows_are_refused(tmp_path, capsys):
