@@ -162,3 +162,14 @@ def test_the_format_is_part_of_the_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same format resumes without a word
         assert run(tmp_path, "png")["samples_written"] == 0
+
+
+def test_a_png_replaced_by_another_valid_png_fails_its_sha256(tmp_path, reference):
+    run(tmp_path, "png")
+    folder = tmp_path / "shard-000001"
+    (folder / "0000000005.png").write_bytes((folder / "0000000004.png").read_bytes())  # decodes fine
+    with pytest.raises(gen.CorruptRunError, match="0000000005.png fails its sha256"):
+        gen.load_samples(tmp_path)
+    with pytest.warns(UserWarning, match="regenerating shard-000001: 0000000005.png fails its sha256"):
+        assert run(tmp_path, "png")["samples_written"] == 4
+    assert np.array_equal(gen.load_samples(tmp_path)["samples"], expected_samples(reference, "png"))
