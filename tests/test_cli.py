@@ -6,10 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ddim_fused.cli import main
-from ddim_fused.cli.commands import build_parser
+from ddim_fused.cli.commands import _region_mask, build_parser
 from tests.helpers import PAD, SCALE, grid_size
 
 pytestmark = pytest.mark.usefixtures("restore_threads")  # --threads 1 sets torch's global count
@@ -89,6 +90,16 @@ def test_paint_writes_before_mask_after(tmp_path, capsys, blend):
     # <= 0.02, about 2.5 grey levels, so 16 levels is a > 6-sigma bound on any pixel.
     assert np.abs(after[..., 4:, :] - before[..., 4:, :]).max() <= 16
     assert (masked[..., :4, :] == 128).all() and (masked[..., 4:, :] == before[..., 4:, :]).all()
+
+
+@pytest.mark.parametrize("region, zeros", [("top", (slice(0, 3), slice(None))), ("bottom", (slice(3, 7), slice(None))),
+                                           ("left", (slice(None), slice(0, 2))), ("right", (slice(None), slice(2, 5)))])
+def test_paint_regions_mark_their_half_for_repainting(region, zeros):
+    # 7 x 5 samples: an odd height and width, so each half's size shows which side is which.
+    mask = _region_mask(region, (2, 1, 7, 5), "cpu", torch.float32)
+    want = torch.ones(2, 1, 7, 5)
+    want[(slice(None), slice(None)) + zeros] = 0
+    assert torch.equal(mask, want)
 
 
 def test_paint_from_npy(tmp_path, capsys):

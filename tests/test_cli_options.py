@@ -27,8 +27,9 @@ def test_flag_names_leaves_longer_words_and_flags_alone():
     # A path whose parts are argument names, and another library's (quoted) error text.
     "cannot read 'm/scheduler/scheduler_config.json': 'Expecting value: line 1 column 1 (char 0)'",
     "cannot read m/weights/sample_shape.json: no such file",
+    "cannot open runs/seed: permission denied",
     "cannot load the UNet2DModel in 'weights': 'Unable to load weights from checkpoint file'",
-], ids=["quoted-path", "bare-path", "foreign-text"])
+], ids=["quoted-path", "bare-path", "path-ending-in-a-name", "foreign-text"])
 def test_flag_names_keeps_paths_and_other_libraries_text(message):
     assert flag_names(message, {**SAMPLER_FLAGS, **MODEL_FLAGS}) == message
 
@@ -46,6 +47,8 @@ def test_library_logs_are_one_line_warnings_and_debug_only_with_debug(capsys):
     logger = logging.getLogger("diffusers.test_cli_options")
     root = logging.getLogger("diffusers")
     before = (list(root.handlers), root.level, root.propagate)
+    # As under DIFFUSERS_VERBOSITY=info: the library passes info records on; --debug decides.
+    root.setLevel(logging.INFO)
     for debug in (False, True):
         with library_logs(debug):
             logger.warning("two\nlines")
@@ -54,7 +57,8 @@ def test_library_logs_are_one_line_warnings_and_debug_only_with_debug(capsys):
         err = capsys.readouterr().err.splitlines()
         expected = ["ddim-fused: warning: two lines", "ddim-fused: warning: an error"]
         assert err == expected + (["ddim-fused: debug: a note"] if debug else []), debug
-    assert (list(root.handlers), root.level, root.propagate) == before
+    assert (list(root.handlers), root.level, root.propagate) == (before[0], logging.INFO, before[2])
+    root.setLevel(before[1])
 
 
 def test_sampler_errors_override_names_the_flag_that_was_used():

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from ddim_fused.coefficients import ddim_coefficients
+from ddim_fused.coefficients import ddim_coefficients, prediction_maps
 from ddim_fused.schedules import ddim_timesteps, make_alpha_bar
 
 ALPHA_BAR = make_alpha_bar("linear", 1000)
@@ -30,6 +30,23 @@ def test_linear_form_equals_the_seed_update(eta):
         got_x0 = c.x0_x_coef[i] * x + c.x0_eps_coef[i] * eps
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(got_x0, want_x0, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_prediction_maps_recover_x0_and_eps_from_each_kind_of_output(prediction_type):
+    """x = sqrt(a) x0 + sqrt(1 - a) eps; the model outputs eps, x0 or v = sqrt(a) eps - sqrt(1 - a) x0."""
+    a = ALPHA_BAR[STEPS]
+    rng = np.random.default_rng(2)
+    x0, eps = rng.standard_normal((2, len(a), 16))
+    sa, sb = np.sqrt(a)[:, None], np.sqrt(1 - a)[:, None]
+    x = sa * x0 + sb * eps
+    m = {"epsilon": eps, "sample": x0, "v_prediction": sa * eps - sb * x0}[prediction_type]
+    maps = prediction_maps(a, prediction_type)
+    coef = lambda pair: (np.asarray(pair[0])[:, None], np.asarray(pair[1])[:, None])  # noqa: E731
+    (x0_x, x0_m), (eps_x, eps_m), (back_x, back_x0) = coef(maps.x0), coef(maps.eps), coef(maps.eps_from_x0)
+    np.testing.assert_allclose(x0_x * x + x0_m * m, x0, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(eps_x * x + eps_m * m, eps, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(back_x * x + back_x0 * x0, eps, rtol=1e-9, atol=1e-9)
 
 
 def test_alpha_prev_and_final_alpha():

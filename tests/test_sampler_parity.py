@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_fused import DDIMSampler, ReferenceDDIMSampler
+from ddim_fused import DDIMSampler, ReferenceDDIMSampler, native
 from ddim_fused.philox import keyed_normal_torch
 from tests.helpers import ToyModel, assert_close, error_vs
 
@@ -120,10 +120,20 @@ PAINT_CASES = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", PAINT_CASES.values(), ids=PAINT_CASES.keys())
 def test_paint_loop_matches_reference(case, backend, backend_device):
-    ref, fused = make_pair(backend, 6, "uniform", case.get("eta", 0.0), device=backend_device,
-                           paint_blend=case["blend"])
-    cond, uncond = conds(device=backend_device)
-    x, orig, mask, orig_noise = paint_inputs(case, backend_device)
+    _check_paint_loop(case, backend, backend_device)
+
+
+@pytest.mark.parametrize("case", PAINT_CASES.values(), ids=PAINT_CASES.keys())
+def test_paint_loop_in_torch_ops_matches_reference(case, monkeypatch):
+    # Where the C step does not run (fp16/bf16/fp64, no C compiler) torch ops paint.
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    _check_paint_loop(case, "torch", "cpu")
+
+
+def _check_paint_loop(case, backend, device):
+    ref, fused = make_pair(backend, 6, "uniform", case.get("eta", 0.0), device=device, paint_blend=case["blend"])
+    cond, uncond = conds(device=device)
+    x, orig, mask, orig_noise = paint_inputs(case, device)
     kw = dict(orig=orig, mask=mask, orig_noise=orig_noise)
     if case.get("cfg"):
         kw.update(uncond_scale=case["cfg"], uncond_cond=uncond)
