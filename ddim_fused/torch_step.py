@@ -5,9 +5,8 @@ ddim_fused/kernels/ddim_step.py (guided eps = eps_u + g * (eps_c - eps_u)). A fl
 contiguous CPU tensors runs as one pass of the C kernel `ddim_update_f32`, or with paint's
 mask blend `ddim_paint_f32` (`ddim_fused/cpu_kernels.c`: float32, every product and sum
 rounded, no fused multiply-adds), when that library is available (`ddim_fused.native`).
-Every other step,
-and every step without the library, is torch ops on one accumulator (fp32 for fp16/bf16
-inputs, as in the kernel's registers), as few as the inputs allow:
+Every other step, and every step without the library, is torch ops on one accumulator
+(fp32 for fp16/bf16 inputs, as in the kernel's registers), as few as the inputs allow:
 
     eps  = lerp(eps_u, eps_c, g)               (under guidance)
     acc  = noise_coef * noise + x_coef * x     (torch.add; torch.mul without noise)
