@@ -7,7 +7,22 @@ import torch
 from bench import sd
 from tests.sd_models import needs_sd
 
-pytestmark = [needs_sd, pytest.mark.usefixtures("restore_threads")]
+pytestmark = [needs_sd, pytest.mark.usefixtures("restore_threads", "restore_library_logging")]
+
+
+@pytest.fixture
+def restore_library_logging():
+    """bench.sd turns diffusers' and transformers' logs and progress bars off for its process;
+    the tests after these (the CLI's own log handling) need them as they were."""
+    from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415 - needs_sd: both are installed
+    from transformers.utils import logging as transformers_logging  # noqa: PLC0415
+
+    libraries = (diffusers_logging, transformers_logging)
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    yield
+    for lib, (verbosity, bars) in zip(libraries, before):
+        lib.set_verbosity(verbosity)
+        (lib.enable_progress_bar if bars else lib.disable_progress_bar)()
 
 
 def test_tiny_rows_check_against_diffusers_and_report(tmp_path, capsys):
