@@ -1,14 +1,15 @@
 """Crash-safe file output: exclusive temporary files renamed over their targets.
 
 Every file the project writes (shards, manifests, PNGs, weights) goes through
-`atomic_write` (and a folder of files, a png shard, through `atomic_write_dir`): the bytes go to a new temporary file in the target's folder, created with
+`atomic_write`: the bytes go to a new temporary file in the target's folder, created with
 O_EXCL (so a file or symlink planted at a guessable name is never followed or reused),
 fsynced, renamed over the target and the folder fsynced. A crash, a full disk or Ctrl-C
 leaves the old file or the new one, never a mix, and the temporary file is removed
-whenever Python gets to run its cleanup.
+whenever Python gets to run its cleanup. A folder of files (a png shard) goes through
+`atomic_write_dir` the same way: built in a new temporary folder, then renamed.
 
-Temporary names are `.<target name>.<8 hex digits>.tmp`; `temp_target` recognises exactly
-that pattern, so cleanup code can remove its own leftovers and nothing else.
+Temporary names (files and folders) are `.<target name>.<8 hex digits>.tmp`; `temp_target`
+recognises exactly that pattern, so cleanup code can remove its own leftovers and nothing else.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ from .atomic import TEMP_SUFFIX, OutputPathError, atomic_write, check_output_dir
 from .conditioning import Conditioning
 from .digits.images import default_scale, is_image_batch, save_grid, to_uint8
 # ShardError and ForeignShardError are part of this module's API: read_shard raises them.
-from .shards import FORMAT, FORMATS, ForeignShardError, Shard, ShardError, located_inside, to_pixels  # noqa: F401
+from .shards import (FORMAT, FORMATS, ForeignShardError, Shard, ShardError,  # noqa: F401
+                     format_of, located_inside, to_pixels)
 from .finite import NonFiniteError, check_finite, nonfinite_hint  # noqa: F401
 # file_sha256 is part of this module's API (manifests list each shard's).
 from .models import LoadedModel, file_sha256  # noqa: F401
@@ -62,13 +63,10 @@ try:
 except ImportError:  # Windows: no flock, runs into one folder are not locked
     fcntl = None
 
-MANIFEST, RUN_FILE, SHARD_PREFIX, PREVIEW, LOCK_FILE = (
-    "manifest.json", "run.json", "shard-", "preview.png", ".generate.lock")
+MANIFEST, RUN_FILE, PREVIEW, LOCK_FILE = "manifest.json", "run.json", "preview.png", ".generate.lock"
 TMP_MARK = TEMP_SUFFIX  # every temporary name ends with it
 # The files a run writes; only temporary files of these are ever removed from a folder.
-_RUN_FILES = re.compile(r"shard-\d{6,}(\.npz|\.tar)?|manifest\.json|run\.json|preview\.png")  # 6 digits or more
-_SHARD_FOLDER = re.compile(r"shard-\d{6,}")  # a png shard, built as a temporary folder
-_SHARD_NAME = re.compile(r"shard-\d{6,}(\.npz|\.tar)?")
+_RUN_FILES = re.compile(r"manifest\.json|run\.json|preview\.png")  # and the shards of every format
 # Temporary names of earlier versions (".shard-000003.npz.tmp.<pid>", ".preview.png.tmp.<pid>.png").
 _LEGACY_TEMP = re.compile(r"\.(?P<target>.+)\.tmp\.\d+(\.png)?")
 # Settings that change no sample (philox keys by global index), so a resume may change them.
@@ -160,7 +158,7 @@ def run_identity(config: GenerateConfig, model_info: dict) -> tuple[dict, str]:
 
 def shard_name(k: int) -> str:
     """File name of shard k: shard-000000.npz, shard-000001.npz, ..."""
-    return f"{SHARD_PREFIX}{k:06d}.npz"
+    return FORMAT["npz"].shard_name(k)
 
 
 def sample_metadata(config: GenerateConfig, model_info: dict, inputs: Conditioning, indices) -> list[dict]:
@@ -335,9 +333,9 @@ def _check_file_names(out_dir: Path, config: GenerateConfig) -> None:
     """
     fmt = config.shard_format
     for entry in os.scandir(out_dir):
+        # A png shard is a folder; the other formats' shards are files (a non-empty suffix).
         if entry.is_dir(follow_symlinks=False) and (
-                entry.name == MANIFEST or (fmt.suffix and entry.name.endswith(fmt.suffix)
-                                           and _SHARD_NAME.fullmatch(entry.name))):
+                entry.name == MANIFEST or (fmt.suffix and format_of(entry.name) is fmt)):
             raise OutputPathError(f"{Path(out_dir) / entry.name} is a folder where the run writes a file; move it "
                                   "away, then rerun")
 
@@ -359,7 +357,7 @@ def _foreign_files(out_dir: Path, chash: str) -> Optional[str]:
     if _manifest_hash(out_dir) not in (None, chash):
         return f"no {RUN_FILE}, and a {MANIFEST} of another configuration"
     for path in sorted(out_dir.iterdir()):
-        fmt = _format_of(path.name)
+        fmt = format_of(path.name)
         if fmt is None:
             continue
         try:
@@ -369,12 +367,6 @@ def _foreign_files(out_dir: Path, chash: str) -> Optional[str]:
         if shard.config_hash != chash:
             return f"no {RUN_FILE}, and {path.name} belongs to another configuration"
     return None
-
-
-def _format_of(name: str):
-    """The ShardFormat whose shard names include `name`, or None."""
-    match = _SHARD_NAME.fullmatch(name)
-    return None if match is None else FORMAT[{".npz": "npz", ".tar": "webdataset", None: "png"}[match[1]]]
 
 
 def _read_run_file(out_dir: Path, error=RunMismatchError) -> dict:
@@ -424,14 +416,14 @@ def remove_stale_temps(out_dir: Path) -> int:
     for p in out_dir.iterdir():
         match = _LEGACY_TEMP.fullmatch(p.name)
         target = temp_target(p.name) or (match["target"] if match else None)
-        if target is None or not _RUN_FILES.fullmatch(target):
+        if target is None or not (_RUN_FILES.fullmatch(target) or format_of(target)):
             continue
         with contextlib.suppress(FileNotFoundError):
             mode = p.lstat().st_mode
             if stat.S_ISREG(mode):
                 p.unlink()
                 removed += 1
-            elif stat.S_ISDIR(mode) and temp_target(p.name) and _SHARD_FOLDER.fullmatch(target):
+            elif stat.S_ISDIR(mode) and temp_target(p.name) and format_of(target) is FORMAT["png"]:
                 remove_temp_tree(p)
                 removed += 1
     return removed
@@ -511,15 +503,15 @@ def generate_shards(
     return writer.written
 
 
-def check_format(format: str, loaded: LoadedModel) -> None:
+def check_format(output_format: str, loaded: LoadedModel) -> None:
     """Refuse an output format that stores images (png, webdataset) for a model whose samples are not.
 
     Raises:
         ValueError: naming the format and the samples' shape.
     """
     shape = (1,) + tuple(loaded.sample_shape)
-    if FORMAT[format].images_only and not (loaded.decodes or is_image_batch(shape)):
-        raise ValueError(f"format {format!r} stores images as PNG files, and this model's samples have shape "
+    if FORMAT[output_format].images_only and not (loaded.decodes or is_image_batch(shape)):
+        raise ValueError(f"format {output_format!r} stores images as PNG files, and this model's samples have shape "
                          f"{shape[1:]} (latents, not grey or RGB images): use format 'npz'")
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -307,7 +308,8 @@ def write_tar(path: Path, shard: Shard) -> None:
     def write(f) -> None:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, png, record in samples:
-                for member, data in ((f"{key}.png", png), (f"{key}.json", json.dumps(record).encode())):
+                body = json.dumps(record, ensure_ascii=False).encode()
+                for member, data in ((f"{key}.png", png), (f"{key}.json", body)):
                     info = tarfile.TarInfo(member)
                     info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
                     tar.addfile(info, io.BytesIO(data))
@@ -334,3 +336,9 @@ FORMAT = {
     "png": ShardFormat("png", "", True, write_png_folder, _read_png_folder),
     "webdataset": ShardFormat("webdataset", ".tar", True, write_tar, _read_tar),
 }
+_SHARD_NAMES = {fmt: re.compile(re.escape(SHARD_PREFIX) + r"\d{6,}" + re.escape(fmt.suffix)) for fmt in FORMAT.values()}
+
+
+def format_of(name: str) -> Optional[ShardFormat]:
+    """The format whose shard names include `name` (shard-000000.npz: npz), or None."""
+    return next((fmt for fmt, pattern in _SHARD_NAMES.items() if pattern.fullmatch(name)), None)

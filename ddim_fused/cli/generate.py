@@ -10,7 +10,7 @@ from ..atomic import check_output_dir
 from .errors import EXIT_FAILURE, Interrupted, RuntimeFailure, classify
 from .model import classes_from, conditioning, guidance, load_cli_model, run_identity
 from .options import (UserError, add_prompt_options, add_sampler_options, build_sampler, check_at_most,
-                      check_out_folder, check_positive, check_runtime)
+                      check_out_folder, check_positive, check_runtime, flag_names)
 
 # Sample i's noise is keyed by its index, which the Philox stream holds in 32 bits.
 MAX_SAMPLES = 2**32
@@ -72,7 +72,7 @@ def cmd_generate(args) -> None:
         )
         gen.check_format(config.format, cpu_model)
     except ValueError as exc:
-        raise UserError(str(exc).replace("format '", "--format '").replace("use format", "use --format")) from None
+        raise UserError(flag_names(str(exc), {"format": "--format"})) from None
     info = run_identity(cpu_model, cpu_inputs, args)
 
     def make_model(device: torch.device):
