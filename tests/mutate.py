@@ -299,7 +299,10 @@ MUTATIONS = (
     Mutation("cli-paint-default-region-top", "ddim_fused/cli/commands.py",
              '"bottom": (slice(h // 2, h), slice(None))', '"bottom": (slice(0, h // 2), slice(None))',
              ("tests/test_cli.py",), "paint's default --region bottom repaints the top half"),
-    # the rest of the host package: checks, metrics, the exact oracle, conditioning rows
+    # the rest of the host package: backend choice, checks, metrics, the exact oracle, conditioning rows
+    Mutation("auto-backend-kernel-on-cpu", "ddim_fused/backend.py",
+             'return device.type == "cuda" and dtype in KERNEL_DTYPES', "return dtype in KERNEL_DTYPES",
+             ("tests/test_backend.py",), "backend='auto' runs the Triton kernel on CPU tensors (the slow interpreter)"),
     Mutation("finite-check-any", "ddim_fused/finite.py",
              "if bool(torch.isfinite(x).all()):", "if bool(torch.isfinite(x).any()):",
              ("tests/test_finite.py",), "a batch with one NaN sample passes the finite check and is written"),
