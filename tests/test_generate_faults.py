@@ -1,6 +1,6 @@
 """Property-based file-system faults against generate: a finished run folder is mutated at random
-(delete, truncate, swap or symlink any of run.json, manifest.json, the shards, the lock, the preview),
-then the run is repeated. After the second run:
+(delete, truncate, swap, symlink, or replace by another run's copy any of run.json, manifest.json,
+the shards, the lock, the preview), then the run is repeated. After the second run:
 
 - it ends with status 0 (cli.errors.classify's mapping) and every sample equals the first run's
   bit for bit, metadata included; or it is refused with status 2 and changed no file;
@@ -10,8 +10,8 @@ then the run is repeated. After the second run:
 
 Runs go through ddim_fused.generate.run_generation in-process with a tiny batch-invariant model,
 in all three output formats. Symlinks point inside the folder, to the same file of a finished run
-of another configuration next to it, or nowhere. DDIM_FUSED_FAULT_EXAMPLES sets the number of
-examples (default 30, about 20 s on 2 busy cores).
+of another configuration next to it, or nowhere; copies come from that other run.
+DDIM_FUSED_FAULT_EXAMPLES sets the number of examples (default 30, about 20 s on 2 busy cores).
 """
 import dataclasses
 import os
@@ -39,6 +39,7 @@ MUTATION = st.one_of(
     st.tuples(st.just("delete"), TARGET),
     st.tuples(st.just("truncate"), TARGET, st.integers(0, 99)),
     st.tuples(st.just("swap"), TARGET, TARGET),
+    st.tuples(st.just("copy from the other run"), TARGET),
     st.tuples(st.just("symlink"), TARGET, st.sampled_from(["inside", "other run", "nowhere"]), TARGET),
 )
 
@@ -93,6 +94,11 @@ def mutate(out, other, output_format, mutation):
         if target.is_file() and not target.is_symlink():
             data = target.read_bytes()
             target.write_bytes(data[:len(data) * mutation[2] // 100])
+    elif op == "copy from the other run":
+        source = other / target.name
+        if os.path.lexists(source):
+            remove(target)
+            (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
     elif op == "swap":
         second = out / name_of(mutation[2], output_format)
         if target != second and os.path.lexists(target) and os.path.lexists(second):
