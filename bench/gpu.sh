@@ -188,6 +188,12 @@ run_session() {  # the whole session within GPU_SESSION_S (default 440 s)
     pack
 }
 
+run_sd() {
+    # bench.sd prints (and appends to sd/sd.jsonl) a line per row as it finishes, so the rows
+    # done before the limit are kept; SIGINT lets it end cleanly.
+    timed sd "${GPU_SD_S:-540}" -s INT -k 30 -- $PY -m bench.sd --out "$DEST/sd" ${EXTRA[@]+"${EXTRA[@]}"}
+}
+
 case "$STAGE" in
     smoke) run_smoke ;;
     sd) run_sd ;;
