@@ -793,3 +793,14 @@ def test_eager_op_on_the_kernel_path_launches_what_launch_ddim_step_launches(dev
         assert torch.equal(out, want) and torch.equal(x0, want_x0), step_key
     (plan,) = ops._EAGER.values()
     assert isinstance(plan.run, kernels().bound_step.StepLauncher)
+
+
+def test_launch_step_under_torch_compile_is_the_traceable_launch(monkeypatch):
+    bound_step = fresh_layouts(monkeypatch)
+    calls = []
+    monkeypatch.setattr(bound_step, "launch_ddim_step", lambda *args: calls.append(args) or args[2])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, model_out = inputs(torch.float32, False)
+    out = torch.empty_like(x)
+    assert bound_step.launch_step(x, model_out, out, StepArgs(**COEFS)) is out
+    assert len(calls) == 1 and not bound_step._LAUNCHERS

@@ -329,9 +329,13 @@ def launch_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, ste
     launch_ddim_step; a noise tensor with noise_coef 0 (which the kernel does not read) is
     left out of the launch.
 
+    Under torch.compile it is launch_ddim_step, whose `kernel[grid](...)` the compiler can trace.
+
     Returns:
         out.
     """
+    if torch.compiler.is_compiling():
+        return launch_ddim_step(x, model_out, out, step, x0_out, eps_out)
     return launcher_for(x, model_out, out, x0_out, eps_out)(x, model_out, out, step, x0_out, eps_out)
 
 
