@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -279,13 +280,12 @@ def main(argv=None) -> int:
         with open(jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps({**row, "settings": settings}) + "\n")
 
-    try:
-        _quiet()
-    except ImportError as exc:
-        print(f"bench.sd: error: needs diffusers and transformers ({exc})", file=sys.stderr)
+    missing = [name for name in ("diffusers", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"bench.sd: error: needs diffusers and transformers ({', '.join(missing)} not installed)", file=sys.stderr)
         return 2
     print(f"building a random {config} pipeline ...", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with _quiet(), tempfile.TemporaryDirectory() as tmp:
         folder = _build(Path(tmp), config, device, dtype)
         rows = run(folder, args.rows, settings["batches"], args.steps, args.repeats, device, dtype, log)
     text = summary(rows, env, settings)
@@ -296,14 +296,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def _quiet() -> None:
-    """diffusers' and transformers' loading progress bars and notes off (the rows are the output)."""
+@contextlib.contextmanager
+def _quiet():
+    """diffusers' and transformers' loading progress bars and notes off in the block (the rows are the output)."""
     from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415 - optional dependencies
     from transformers.utils import logging as transformers_logging  # noqa: PLC0415
 
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()
-        library.set_verbosity_error()
+    libraries = (diffusers_logging, transformers_logging)
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, (verbosity, bar) in zip(libraries, before):
+            lib.set_verbosity(verbosity)
+            if bar:
+                lib.enable_progress_bar()
 
 
 def _build(root: Path, config: str, device, dtype) -> Path:
