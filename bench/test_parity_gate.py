@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bench.cases import CASES, make_inputs
+from bench.cases import CASES, GUIDANCE, make_inputs
 from bench.parity import BASELINE_SLACK, check_group, exact_outputs, low_precision_bounds
 from bench.providers import Providers, availability
 from ddim_fused.metrics import relative_rms_error
@@ -130,6 +130,26 @@ def test_low_precision_baselines_get_slack_but_fused_providers_do_not(device):
         assert check.ok == (name == "labml"), check
     wrong = _providers_with(device, "labml", lambda outs: ((outs[0].float() * 1.05).to(torch.bfloat16),))
     assert not any(c.ok for c in check_group(wrong, ["labml"], case, "bf16", inputs))
+
+
+def test_guided_baselines_get_slack_scaled_by_the_guidance(device):
+    """With guidance a baseline's error may reach BASELINE_SLACK * GUIDANCE times the fused
+    bound (it rounds eps_c - eps_u before scaling it); a fused provider's may not."""
+    case = CASES["cfg"]
+    inputs = make_inputs(case, SHAPE, torch.float16, device)
+    (bound, _), = low_precision_bounds(Providers(device), case, inputs, "fp16", {})
+    exact = exact_outputs(Providers(device), case, inputs)[0]
+    noise = torch.randn(exact.shape, generator=torch.Generator().manual_seed(5)).to(exact.device, torch.float64)
+    scale = 2 * BASELINE_SLACK  # past the unguided slack, inside the guided one (GUIDANCE >= 2)
+    blurred = exact + noise * (scale * bound * exact.norm() / noise.norm())
+
+    def off(outs):
+        return (blurred.to(torch.float16),)
+
+    for name in ("torch", "labml"):
+        (check,) = check_group(_providers_with(device, name, off), [name], case, "fp16", inputs)
+        assert BASELINE_SLACK * bound < check.error < BASELINE_SLACK * GUIDANCE * bound
+        assert check.ok == (name == "labml"), check
 
 
 def test_low_precision_bound_ignores_an_eager_result_with_inf(device):
