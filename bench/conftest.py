@@ -1,7 +1,8 @@
 """pytest-benchmark setup for bench/: device choice, interpreter flag, CPU threads and allocator.
 
-Run explicitly: `pytest bench/ --benchmark-only` (the project's default test run
-collects tests/ only).
+The README's test command runs `pytest bench` after the suite, as a session of its own,
+since this file pins torch's threads and the allocator. `pytest bench --benchmark-only`
+times the cases.
 """
 import os
 
