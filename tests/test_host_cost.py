@@ -611,8 +611,8 @@ def test_launch_step_is_bit_identical_to_launch_ddim_step(outputs, device, monke
             assert bound_step.launch_step(x, model_out, got[0], step, *(got[i] for i in extra)) is got[0]
             for i in (0,) + extra:
                 assert torch.equal(got[i], want[i]), (name, i)
-    # Paint steps take the ordinary path: only the others were bound, none keeps a tensor.
-    assert len(all_layouts(bound_step)) == 8
+    # Every variant has its own layout (paint included), and none keeps a tensor.
+    assert len(all_layouts(bound_step)) == 16
     for layout in all_layouts(bound_step):
         assert all(layout.values[slot] is None for slot in bound_step._POINTERS)
 
@@ -804,3 +804,46 @@ def test_launch_step_under_torch_compile_is_the_traceable_launch(monkeypatch):
     out = torch.empty_like(x)
     assert bound_step.launch_step(x, model_out, out, StepArgs(**COEFS)) is out
     assert len(calls) == 1 and not bound_step._LAUNCHERS
+
+
+def test_launch_step_binds_each_paint_layout_on_its_own(device, monkeypatch):
+    """Masks of every layout and dtype, orig of batch 1 or B, orig noise drawn, given or off."""
+    bound_step = fresh_layouts(monkeypatch)
+    x, model_out = inputs(torch.float32, False, device)
+    masks = {"run": randn((SHAPE[0], 1) + SHAPE[2:], seed=7, device=device) > 0,
+             "dense": randn(SHAPE, seed=8, device=device).sigmoid(),
+             "shared": randn((1, 1) + SHAPE[2:], seed=9, device=device).sigmoid(),
+             "channels": randn(SHAPE[:2] + (1, 1), seed=10, device=device) > 0}
+    origs = {"B": randn(SHAPE, seed=11, device=device), "1": randn((1,) + SHAPE[1:], seed=12, device=device)}
+    cases = []
+    for (mname, mask), (oname, orig), orig_noise in itertools.product(masks.items(), origs.items(),
+                                                                      ("drawn", "tensor", "off")):
+        fields = dict(COEFS, seed=5, step_key=2, orig=orig, orig_coef=0.8,
+                      mask=mask_layout(mask.to(torch.float32) if mask.dtype != torch.bool else mask, SHAPE))
+        if orig_noise != "off":
+            fields["orig_noise_coef"] = 0.6
+        if orig_noise == "tensor":
+            fields["orig_noise"] = randn(SHAPE, seed=13, device=device)
+        cases.append((f"{mname}-{oname}-{orig_noise}", StepArgs(**fields)))
+    for _ in range(2):
+        for name, step in cases:
+            want = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
+            got = bound_step.launch_step(x, model_out, torch.empty_like(x), step)
+            assert torch.equal(got, want), name
+    assert len(all_layouts(bound_step)) == len(cases)
+
+
+def test_launch_step_passes_paint_tensors_as_addresses_once_bound(monkeypatch):
+    bound_step, ordinary, direct = stand_in_kernel(monkeypatch)
+    monkeypatch.setattr(bound_step, "_LAUNCHERS", {})
+    shape = (2, 3, 4, 4)
+    x, model_out, orig = randn(shape, seed=1), randn(shape, seed=2), randn(shape, seed=3)
+    mask = randn((2, 1, 4, 4), seed=4) > 0
+    step = StepArgs(**COEFS, orig=orig, orig_coef=0.8, orig_noise_coef=0.6, seed=5, mask=mask_layout(mask, shape))
+    out = torch.empty_like(x)
+    for _ in range(3):
+        bound_step.launch_step(x, model_out, out, step)
+    assert len(ordinary) == 1 and len(direct) == 2
+    first = ordinary[0][1]
+    assert first[bound_step._ORIG] is orig and first[bound_step._MASK].data_ptr() == mask.data_ptr()
+    assert all(args == addresses(first) for _, args in direct)

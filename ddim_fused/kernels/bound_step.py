@@ -8,8 +8,8 @@ per-launch work to filling the slots that change:
 - `launch_step` (what `ddim_fused.backend.step_function` hands out for the kernel): a
   drop-in for `launch_ddim_step` that keeps the launch layout per key (shapes, dtypes and
   device of the tensors, guidance, the noise mode, which outputs are written, the integer
-  types of the noise keys), so a launch fills the tensors, coefficients and keys into a
-  copy of it. Steps with a paint mask take the ordinary path.
+  types of the noise keys, the paint mask's layout), so a launch fills the tensors,
+  coefficients and keys into a copy of it.
 - `bind_ddim_step`, for a sampler call whose steps are known before it starts:
   - per call (`CallLaunch`): the launch layout of each noise mode the steps use (one
     `step_launch`, so one source of truth for the argument list), with its geometry; a
@@ -48,6 +48,7 @@ _ARG_NAMES = tuple(_ddim_step_kernel.arg_names)
 _SLOT = {name: i for i, name in enumerate(_ARG_NAMES)}
 _X, _EPS, _EPS_C, _OUT, _X0 = (_SLOT[n] for n in ("x_ptr", "eps_ptr", "eps_c_ptr", "out_ptr", "x0_ptr"))
 _NOISE, _EPS_OUT = _SLOT["noise_ptr"], _SLOT["eps_out_ptr"]
+_ORIG, _ORIG_NOISE, _MASK = _SLOT["orig_ptr"], _SLOT["orig_noise_ptr"], _SLOT["mask_ptr"]
 _POINTERS = tuple(i for i, name in enumerate(_ARG_NAMES) if name.endswith("_ptr"))
 _STORE_X0 = _SLOT["STORE_X0"]
 _I32_MAX = 2**31 - 1
@@ -217,6 +218,7 @@ def _is_compiled(compiled) -> bool:
 _LAUNCHERS: dict = {}
 _MAX_LAUNCHERS = 128
 _EMPTY = "empty"  # the layout of tensors without elements: nothing to launch
+_ORDINARY = "ordinary"  # the layout of steps that launch_ddim_step launches
 # The scalar slots a launch fills from its StepArgs, as step_launch passes them.
 _X_COEF, _EPS_COEF, _NOISE_COEF, _ORIG_COEF, _ORIG_NOISE_COEF = (
     _SLOT[name] for name in ("x_coef", "eps_coef", "noise_coef", "orig_coef", "orig_noise_coef"))
@@ -241,7 +243,8 @@ class StepLauncher:
     """`launch_ddim_step` for tensors of one signature (shapes, dtypes and device of x,
     model_out, out, x0_out, eps_out), with a launch layout per step flags: guidance, the
     noise mode and its tensor's batch and dtype, repeat_noise, the integer types of the
-    noise keys. `launch_step` keeps one per signature; `launcher_for` hands it out.
+    noise keys, and for paint the mask layout, the mask's and orig's batch and dtype and the
+    orig noise mode. `launch_step` keeps one per signature; `launcher_for` hands it out.
     """
 
     __slots__ = ("layouts", "numel", "batch")
@@ -253,11 +256,19 @@ class StepLauncher:
     def __call__(self, x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, step,
                  x0_out: torch.Tensor | None = None, eps_out: torch.Tensor | None = None) -> torch.Tensor:
         """run(x, model_out, out, step, x0_out=None, eps_out=None) -> out, as launch_ddim_step."""
-        if step.mask is not None:
-            return launch_ddim_step(x, model_out, out, step, x0_out, eps_out)
         seed, step_key, offset, noise, coef = step.seed, step.step_key, step.sample_offset, step.noise, step.noise_coef
-        batch = self.batch
-        if coef != 0.0 and noise is None and not (
+        mask, batch = step.mask, self.batch
+        if mask is None:
+            paint = orig = orig_noise = mask_t = None
+            draws = coef != 0.0 and noise is None
+        else:
+            orig, orig_noise, mask_t, orig_coef = step.orig, step.orig_noise, mask.mask, step.orig_noise_coef
+            draws = coef != 0.0 and noise is None or orig_coef != 0.0 and orig_noise is None
+            if orig_coef == 0.0:
+                orig_noise = None  # the kernel does not read it
+            paint = (mask.batch_stride, mask.mid, mask.inner, mask_t.shape[0], mask_t.dtype, orig.shape[0], orig.dtype,
+                     orig_coef == 0.0, None if orig_noise is None else (orig_noise.shape[0], orig_noise.dtype))
+        if draws and not (
                 type(seed) is int and type(step_key) is int and type(offset) is int
                 and 0 <= seed < SEED_LIMIT and 0 <= step_key < KEY_LIMIT and 0 <= offset <= KEY_LIMIT - batch):
             check_keys(seed, step_key, offset, batch)
@@ -269,13 +280,21 @@ class StepLauncher:
         if coef == 0.0:
             noise = None  # the kernel does not read it
         key = (guidance is None, coef == 0.0, None if noise is None else (noise.shape[0], noise.dtype),
-               bool(step.repeat_noise), key_types)
+               bool(step.repeat_noise), key_types, paint)
         layout = self.layouts.get(key)
         if layout is None:
-            launch = step_launch(x, model_out, out, step._replace(noise=noise), x0_out, eps_out)
-            layout = self.layouts[key] = _EMPTY if launch is None else _Layout(launch)
+            launch = step_launch(x, model_out, out, step._replace(noise=noise, orig_noise=orig_noise), x0_out, eps_out)
+            if launch is None:
+                layout = _EMPTY
+            elif mask is not None and launch.args[_MASK] is not mask_t:
+                layout = _ORDINARY  # a mask expanded per launch (samples of 2**31 elements or more)
+            else:
+                layout = _Layout(launch)
+            self.layouts[key] = layout
         if layout is _EMPTY:
             return out
+        if layout is _ORDINARY:
+            return launch_ddim_step(x, model_out, out, step, x0_out, eps_out)
         values = layout.values.copy()
         values[_X_COEF], values[_EPS_COEF], values[_NOISE_COEF] = float(step.x_coef), float(step.eps_coef), float(coef)
         values[_ORIG_COEF], values[_ORIG_NOISE_COEF] = float(step.orig_coef), float(step.orig_noise_coef)
@@ -290,14 +309,21 @@ class StepLauncher:
             p0 = 0 if x0_out is None else x0_out.data_ptr()
             pe = 0 if eps_out is None else eps_out.data_ptr()
             pn = 0 if noise is None else noise.data_ptr()
-            if not (px | pm | pc | po | p0 | pe | pn) & 15:  # the variant the runner launches: all aligned
+            if mask is None:
+                pr = prn = pk = 0
+            else:
+                pr, pk = orig.data_ptr(), mask_t.data_ptr()
+                prn = 0 if orig_noise is None else orig_noise.data_ptr()
+            if not (px | pm | pc | po | p0 | pe | pn | pr | prn | pk) & 15:  # the runner's variant: all aligned
                 values[_X], values[_EPS], values[_EPS_C], values[_OUT] = px, pm, pc or None, po
                 values[_NOISE], values[_X0], values[_EPS_OUT] = pn or None, p0 or None, pe or None
+                values[_ORIG], values[_ORIG_NOISE], values[_MASK] = pr or None, prn or None, pk or None
                 if runner(*values):
                     return out
         values[_X], values[_EPS], values[_OUT], values[_NOISE] = x, model_out, out, noise
         values[_EPS_C] = None if guidance is None else model_out[batch:]
         values[_X0], values[_EPS_OUT] = x0_out, eps_out
+        values[_ORIG], values[_ORIG_NOISE], values[_MASK] = orig, orig_noise, mask_t
         compiled = _ddim_step_kernel[layout.grid](*values, **layout.options)
         if DIRECT_LAUNCH and runner is None and _is_compiled(compiled) and _aligned(values):
             layout.runner = direct_runner(compiled, layout.grid)
@@ -325,9 +351,9 @@ def launch_step(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, ste
     """`launch_ddim_step`, with the launch layout bound once per key (see the module docstring).
 
     Same arguments (validated inputs: contiguous tensors on one device), same results, same
-    errors for noise keys outside their words. A step with a paint mask passes through to
-    launch_ddim_step; a noise tensor with noise_coef 0 (which the kernel does not read) is
-    left out of the launch.
+    errors for noise keys outside their words. A noise tensor with a coefficient of 0 (which
+    the kernel does not read) is left out of the launch; a paint mask that the launch
+    expands (samples of 2**31 elements or more) passes through to launch_ddim_step.
 
     Under torch.compile it is launch_ddim_step, whose `kernel[grid](...)` the compiler can trace.
 
