@@ -278,7 +278,8 @@ def readme_section(result: dict) -> str:
     bases = [b for b in ("minimal", "compile", "labml", "diffusers") if any(b in g for g in groups.values())]
     load = result.get("load_average") or {}
     lines = [f"**{'GPU' if on_gpu else 'CPU'}**: {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
-             f"commit {str(env['commit'])[:7]}, {env['date'][:10]}, `{result['mode']}` run, parity gate "
+             f"commit {str(env['commit'])[:7]}{' with uncommitted changes' if env.get('dirty') else ''}, "
+             f"{env['date'][:10]}, `{result['mode']}` run, parity gate "
              f"{'passed' if result['parity']['ok'] else 'FAILED (speedups withheld)'}."]
     if result.get("tests_status"):
         lines[-1] += f" Test suite: {result['tests_status']}."

@@ -29,13 +29,15 @@ DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 def _environment(results: dict) -> str:
     env = results["environment"]
+    dirty = " with uncommitted changes" if env.get("dirty") else ""
     return (f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
-            f"commit {str(env['commit'])[:7]}, {env['date'][:10]}")
+            f"commit {str(env['commit'])[:7]}{dirty}, {env['date'][:10]}")
 
 
-def _largest_step(results: dict, case: str, dtype: str, provider: str) -> dict | None:
-    rows = [r for r in results["steps"]
-            if r["case"] == case and r["dtype"] == dtype and r["provider"] == provider and r.get("p50_s")]
+def _step(results: dict, case: str, dtype: str, provider: str, shape_id: str | None = None) -> dict | None:
+    """The timed step row of provider for (case, dtype): at shape_id, else at the largest shape."""
+    rows = [r for r in results["steps"] if r["case"] == case and r["dtype"] == dtype and r["provider"] == provider
+            and r.get("p50_s") and shape_id in (None, r["shape_id"])]
     return max(rows, key=lambda r: r["bytes"], default=None)
 
 
@@ -65,11 +67,12 @@ def gpu_summary(results: dict, graph: dict, sd: dict | None = None) -> str:
     copy = results["copy_bandwidth"]["gbs"]
     lines = ["| measured | ddim-fused | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
     for case, dtype, label in SUMMARY_STEPS:
-        fused = _largest_step(results, case, dtype, "triton")
+        fused = _step(results, case, dtype, "triton")
         if fused is None:
             lines.append(f"| one step, {dtype}, {label} | {NOT_MEASURED} | | |")
             continue
-        base = _largest_step(results, case, dtype, "compile") or _largest_step(results, case, dtype, "minimal")
+        base = (_step(results, case, dtype, "compile", fused["shape_id"])
+                or _step(results, case, dtype, "minimal", fused["shape_id"]))
         cells = [f"one step, {dtype}, {label}, {fused['shape_id']} ({fused['bytes'] / 1e6:.0f} MB moved)",
                  f"{fused['gbs']:.0f} GB/s, {fused['gbs'] / copy:.0%} of a copy", "", ""]
         if base is not None:
@@ -93,9 +96,8 @@ def gpu_summary(results: dict, graph: dict, sd: dict | None = None) -> str:
                f"ratio = baseline time / ddim-fused time (above 1: ddim-fused is faster).")
     if sd is not None:
         env = sd["environment"]
-        caption += (f" Stable Diffusion rows: `python -m bench.sd` (random weights), {env.get('device_name', env['device'])}, "
-                    f"commit {str(env.get('commit'))[:7]}, {str(env.get('date'))[:10]}; each row's images checked "
-                    "against diffusers' before timing.")
+        caption += (f" Stable Diffusion rows: `python -m bench.sd` (random weights), {_environment(sd)}; "
+                    "each row's images checked against diffusers' before timing.")
     return "\n".join(lines) + "\n\n" + caption + "\n"
 
 
@@ -110,7 +112,7 @@ def _sd_rows(sd: dict | None) -> list[str]:
     rows = {(r["row"], r["batch"]): r for r in sd["rows"]}
     ratios = {(s["row"], s["batch"]): s for s in sd.get("speedups", []) if s["vs"] == SD_BASE}
     out = []
-    for batch in settings["batches"]:
+    for batch in sorted(set(SD_BATCHES) | set(settings["batches"])):
         label = (f"Stable Diffusion 1.5 architecture, 512x512, {settings['steps']} steps, CFG {settings['guidance']:g}, "
                  f"{DTYPES.get(settings['dtype'], settings['dtype'])}, batch {batch}, images/s")
         ours, base = rows.get((SD_FUSED, batch), {}), rows.get((SD_BASE, batch), {})
@@ -147,7 +149,7 @@ def graph_table(graph: dict, results: dict) -> str:
 def _verdict(value: float, target, unit: str = "") -> str:
     if target is None:
         return "no target"
-    return f"{'met' if value <= target else 'missed'}: <= {target:g}{unit}"
+    return f"{'met' if value <= target else 'missed'}: {value:.2f} {'<=' if value <= target else '>'} {target:g}{unit}"
 
 
 def host_table(rows: list) -> str:

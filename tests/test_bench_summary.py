@@ -14,7 +14,9 @@ def _results(gate=True, device="cuda"):
 
     steps = [step("eta0", "fp32", "triton", 40e-6, 3600.0), step("eta0", "fp32", "compile", 44e-6, 3300.0),
              step("eta0", "fp32", "triton", 5e-6, 40.0, nbytes=200_000, shape_id="B1-4x64x64"),
-             step("eta-drawn", "fp32", "triton", 40e-6, 3600.0), step("eta-drawn", "fp32", "minimal", 120e-6, 1200.0)]
+             step("eta-drawn", "fp32", "triton", 40e-6, 3600.0), step("eta-drawn", "fp32", "minimal", 120e-6, 1200.0),
+             # a baseline at another shape than the fused row's largest: never its comparison
+             step("eta0", "fp32", "compile", 1e-6, 9999.0, nbytes=300_000_000, shape_id="B128-3x256x256")]
     return {"environment": env, "parity": {"ok": gate}, "copy_bandwidth": {"gbs": 4000.0}, "steps": steps}
 
 
@@ -49,7 +51,8 @@ def _sd(config="sd15", device="cuda", check=True):
             {"row": "a", "batch": 4, "s_per_image": 0.2}, {"row": "e", "batch": 4, "error": "OutOfMemoryError: ..."}]
     speedups = [{"row": "e", "batch": 1, "vs": "a", **({"speedup": 2.0} if check else {"withheld": "a row failed"})},
                 {"row": "e", "batch": 1, "vs": "c", "speedup": 1.1}]
-    return {"environment": {"device": device}, "rows": rows, "speedups": speedups,
+    env = {**_results()["environment"], "device": device}
+    return {"environment": env, "rows": rows, "speedups": speedups,
             "settings": {"config": config, "steps": 50, "guidance": 7.5, "dtype": "float16", "batches": [1, 4]}}
 
 
@@ -58,6 +61,7 @@ def test_stable_diffusion_rows_when_measured():
     assert "fp16, batch 1, images/s | 4.00 (`generate --cuda-graph`) | diffusers: 2.00 | 2.00x |" in text
     # A row that failed to run shows no number; its baseline still does.
     assert f"fp16, batch 4, images/s | {NOT_MEASURED} | diffusers: 5.00 |  |" in text
+    assert f"fp16, batch 16, images/s | {NOT_MEASURED} | diffusers: {NOT_MEASURED} |" in text  # not in this run
     assert "withheld (images differ from diffusers')" in gpu_summary(_results(), GRAPH, _sd(check=False))
 
 
@@ -93,10 +97,10 @@ def test_host_table_judges_each_row_by_its_own_target():
             {"kind": "sampler-step", "case": "guidance", "shape": [1, 4, 8, 8], "fused_us": 30.0,
              "reference_us": 100.0, "ratio": 0.3, "target": 0.25}]
     text = host_table(rows)
-    assert "| sampler/step eta0 on Test GPU | 1x4x64x64 | 12.0 µs | | | missed: <= 10 µs |" in text
+    assert "| sampler/step eta0 on Test GPU | 1x4x64x64 | 12.0 µs | | | missed: 12.00 > 10 µs |" in text
     assert "| ddim_fused.ddim_step eta0 on CPU | 1x4x64x64 | 50.0 µs | | | no target |" in text
-    assert "| 40.0 µs | diffusers' step: 200.0 µs | 0.20 | met: <= 0.25 |" in text
-    assert "| 30.0 µs | reference sampler: 100.0 µs | 0.30 | missed: <= 0.25 |" in text
+    assert "| 40.0 µs | diffusers' step: 200.0 µs | 0.20 | met: 0.20 <= 0.25 |" in text
+    assert "| 30.0 µs | reference sampler: 100.0 µs | 0.30 | missed: 0.30 > 0.25 |" in text
     gpu_scheduler = dict(rows[2], target=0.2, target_us=30.0, fused_us=25.0)
     assert "| 0.20 | met: <= 30 µs and <= 0.2x |" in host_table([gpu_scheduler])
     assert "missed: <= 30 µs and <= 0.2x" in host_table([dict(gpu_scheduler, fused_us=31.0)])
