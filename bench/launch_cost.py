@@ -12,8 +12,9 @@ best of 5 rounds), each "before" row beside its "after" row in the same run:
 - entry points, on CPU tensors routed to the stubbed kernel: `ddim_fused.ddim_step`
   through the operator (full validation, torch.library dispatch) against its eager path;
   `FusedDDIMScheduler.step` with `launch_ddim_step` against `launch_step` (needs
-  diffusers); `DDIMSampler.sample` per step at eta 0, and with guidance with a torch.cat
-  per step against the batch-doubled loop.
+  diffusers); `DDIMSampler.sample` per step at eta 0, and with guidance: a torch.cat per
+  step, the batch-doubled loop with a copy into the second half per step, and the
+  batch-doubled loop whose one launch per step stores both halves.
 
 One row times a part of Triton's own ordinary launch that needs no GPU: its check that
 every global a kernel reads still has its compile-time value (`JITFunction.run` compares
@@ -182,7 +183,7 @@ def entry_rows(launches: int) -> dict[str, float]:
         call()  # remembers the combination
         rows["ddim_step, eager path"] = _per_call_us(call, launches)
         rows.update(_scheduler_rows(bound_mod, x, eps, max(1, launches // SAMPLER_STEPS)))
-        rows.update(_sampler_rows(max(1, launches // (4 * SAMPLER_STEPS))))
+        rows.update(_sampler_rows(bound_mod, max(1, launches // (4 * SAMPLER_STEPS))))
     return rows
 
 
@@ -224,7 +225,7 @@ def _scheduler_rows(bound_mod, x, eps, loops: int) -> dict[str, float]:
     return rows
 
 
-def _sampler_rows(calls: int) -> dict[str, float]:
+def _sampler_rows(bound_mod, calls: int) -> dict[str, float]:
     model = _TrivialEps()
     cond, uncond = torch.ones(1), torch.zeros(1)
     x_T = torch.randn(ENTRY_SHAPE, generator=torch.Generator().manual_seed(2))
@@ -241,7 +242,12 @@ def _sampler_rows(calls: int) -> dict[str, float]:
                 rows["sampler step, guidance, torch.cat per step"] = _per_call_us(run, calls) / SAMPLER_STEPS
             finally:
                 DDIMSampler._denoise_doubled = saved
-        rows[f"sampler step, {name}" + (", batch-doubled buffers" if un is not None else "")] = \
+            bound_mod.BoundStep.stores_twice = False  # each step's launch stores one half, a copy the other
+            try:
+                rows["sampler step, guidance, doubled, copy per step"] = _per_call_us(run, calls) / SAMPLER_STEPS
+            finally:
+                bound_mod.BoundStep.stores_twice = True
+        rows[f"sampler step, {name}" + (", doubled, one launch" if un is not None else "")] = \
             _per_call_us(run, calls) / SAMPLER_STEPS
     return rows
 

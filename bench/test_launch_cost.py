@@ -9,7 +9,7 @@ def _stubbed_state():
     ks = kernels()
     return (ks.ddim_step._ddim_step_kernel, ks.bound_step._ddim_step_kernel, ks.bound_step.DIRECT_LAUNCH,
             ks.bound_step._cuda_current, ks.bound_step._LAUNCHERS, ops.step_function, ops._EAGER_FIELDS,
-            DDIMSampler._denoise_doubled)
+            DDIMSampler._denoise_doubled, ks.bound_step.BoundStep.stores_twice)
 
 
 def test_rows_cover_every_launcher_and_restore_the_kernel():
@@ -31,7 +31,7 @@ def test_entry_rows_cover_the_op_the_scheduler_and_the_sampler_and_restore_every
     except ImportError:
         pass
     want += ["sampler step, eta0", "sampler step, guidance, torch.cat per step",
-             "sampler step, guidance, batch-doubled buffers"]
+             "sampler step, guidance, doubled, copy per step", "sampler step, guidance, doubled, one launch"]
     assert list(rows) == want
     assert all(us > 0 for us in rows.values())
     assert _stubbed_state() == before

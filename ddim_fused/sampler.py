@@ -473,9 +473,10 @@ class DDIMSampler:
         Without a callback the steps alternate between two output buffers (nothing outside
         sees them but the model, which gets each as its input x); with one, every step
         writes fresh tensors, so the callback may keep what it is given. Under guidance
-        without a callback the buffers are batch-doubled: a step writes x_prev into the
-        first half and copies it into the second, and the model's next input is the whole
-        buffer, so no step pays a torch.cat of [x; x] (only the first).
+        without a callback the buffers are batch-doubled: a step writes x_prev into both
+        halves (in its one launch where the step is bound to the kernel, else by a copy
+        into the second), and the model's next input is the whole buffer, so no step pays
+        a torch.cat of [x; x] (only the first).
 
         Without a callback the loop runs under torch.inference_mode, which makes every
         small torch op on the host cheaper (about a third on a CPU); the buffers are made
@@ -521,6 +522,9 @@ class DDIMSampler:
         spans = tuple((pair.data_ptr(), pair.data_ptr() + pair.numel() * pair.element_size()) for pair in pairs)
         result = torch.empty_like(x)  # the last step's output: not a view of a doubled buffer
         call_model, last = plan.guide.call_doubled, len(plan.steps) - 1
+        # Steps bound to the kernel store x_prev in both halves in their one launch; the
+        # others (torch and C paths, split steps) are followed by a copy into the second.
+        twice = [getattr(step.run, "stores_twice", False) for step in plan.steps]
         try:
             with torch.inference_mode():
                 x_in = torch.cat([x, x])
@@ -530,13 +534,14 @@ class DDIMSampler:
                     out = result if n == last else low
                     if start <= model_out.data_ptr() < end:  # the model returned the buffer this step writes
                         out = torch.empty_like(x)
-                    x = step.run(x, model_out, out, None)
-                    if n != last:
+                    if out is low and twice[n]:  # one launch writes both halves
+                        x = step.run(x, model_out, out, None, True)
+                    else:
+                        x = step.run(x, model_out, out, None)
                         if out is low:
                             high.copy_(low)
-                            x_in = pairs[n & 1]
-                        else:
-                            x_in = torch.cat([x, x])
+                    if n != last:  # (the last step's out is never low)
+                        x_in = pairs[n & 1] if out is low else torch.cat([x, x])
         finally:
             self._give_back(plan)
         if x.is_inference() and not torch.is_inference_mode_enabled():

@@ -76,8 +76,9 @@ def meta(shape, dtype=torch.float32) -> torch.Tensor:
 
 
 def step(shape, dtype="fp32", *, cfg=False, noise=None, x0=False, eps_out=False, mask=None, orig_noise=None,
-         repeat=False) -> Callable[[], Launch]:
-    """A step launch on meta tensors. noise / orig_noise: None, "tensor", "tensor1" (batch 1) or "philox"."""
+         repeat=False, twice=False) -> Callable[[], Launch]:
+    """A step launch on meta tensors. noise / orig_noise: None, "tensor", "tensor1" (batch 1) or "philox";
+    twice: x_prev stored in both halves of a batch-doubled buffer (a guided loop's next model input)."""
     def build() -> Launch:
         dt = DTYPES[dtype]
         B = shape[0]
@@ -95,7 +96,7 @@ def step(shape, dtype="fp32", *, cfg=False, noise=None, x0=False, eps_out=False,
             if orig_noise == "tensor":
                 fields["orig_noise"] = meta(shape, dt)
         return step_launch(x, model_out, meta(shape, dt), StepArgs(**fields),
-                           meta(shape, dt) if x0 else None, meta(shape, dt) if eps_out else None)
+                           meta(shape, dt) if x0 else None, meta(shape, dt) if eps_out else None, twice)
     return build
 
 
@@ -113,6 +114,11 @@ VARIANTS = [
     Variant("step fp16 noise tensor of batch 1", step(LATENT, "fp16", noise="tensor1"), "step", 0),
     Variant("step fp32 guidance", step(LATENT, cfg=True), "step", 0),
     Variant("step bf16 guidance", step(LATENT, "bf16", cfg=True), "step", 0),
+    Variant("step fp32 guidance, x_prev in both halves", step(LATENT, cfg=True, twice=True), "step", 0),
+    Variant("step fp32 guidance, in-kernel noise, x_prev in both halves",
+            step(LATENT, cfg=True, noise="philox", twice=True), "noise", 0),
+    Variant("step fp16 x_prev in both halves, 2**31 + 2**20 elements", step((2**11 + 1, 2**20), "fp16", twice=True),
+            "step", 0, "int64 offsets"),
     Variant("step fp16 guidance + pred_x0 + eps", step(LATENT, "fp16", cfg=True, x0=True, eps_out=True), None, 0,
             "two extra outputs"),
     Variant("step fp32 eta 0, N = 1173, B = 16", step(ODD), "step", 0, "N % 16 != 0, B * N % 16 == 0"),

@@ -118,6 +118,39 @@ def test_bound_kernel_step_is_bit_identical(want_x0, device):
             assert torch.equal(got_x0, expected_x0), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [SHAPE, (1, 3, 7, 11)], ids=["B2-3x5x7", "B1-3x7x11-tail"])
+def test_bound_step_stores_x_prev_in_both_halves_in_one_launch(dtype, shape, device):
+    """out_twice: out is the first half of a (2B, *s) buffer; both halves get launch_ddim_step's x_prev."""
+    batch = shape[0]
+    for name, step in step_variants(dtype, device):
+        if step.mask is not None or step.noise is not None:
+            continue  # those variants' tensors are shaped for SHAPE
+        x = randn(shape, dtype, 1, device)
+        model_out = randn(((2 if step.guidance is not None else 1) * batch,) + shape[1:], dtype, 2, device)
+        expected = kernels().launch_ddim_step(x, model_out, torch.empty_like(x), step)
+        run = kernels().bind_ddim_step(torch.empty(shape, dtype=dtype, device="meta")).step(step)
+        for _ in range(2):  # the second round: the direct runner on a GPU
+            pair = torch.full((2 * batch,) + shape[1:], float("nan"), dtype=dtype, device=device)
+            assert run(x, model_out, pair[:batch], None, True).data_ptr() == pair.data_ptr()
+            assert torch.equal(pair[:batch], expected) and torch.equal(pair[batch:], expected), name
+        single = torch.full((2 * batch,) + shape[1:], float("nan"), dtype=dtype, device=device)
+        run(x, model_out, single[:batch])
+        assert torch.equal(single[:batch], expected) and single[batch:].isnan().all(), name
+
+
+def test_direct_runner_keyed_by_out_twice(monkeypatch):
+    """A launch storing twice is another kernel variant: it never reuses the single store's runner."""
+    bound_step, ordinary, direct = stand_in_kernel(monkeypatch)
+    x, model_out = inputs(torch.float32, False)
+    run = bound_step.bind_ddim_step(torch.empty(SHAPE, device="meta")).step(StepArgs(**COEFS))
+    pair = torch.empty((2 * SHAPE[0],) + SHAPE[1:])
+    for twice in (False, True, False, True):
+        run(x, model_out, pair[:SHAPE[0]], None, twice)
+    assert [launch[1][bound_step._OUT_TWICE] for launch in ordinary] == [False, True]
+    assert [args[bound_step._OUT_TWICE] for _, args in direct] == [False, True]
+
+
 def test_bound_steps_of_one_call_share_layout_but_not_coefficients(device):
     call = kernels().bind_ddim_step(torch.empty(SHAPE, device="meta"))
     x, model_out = inputs(torch.float32, False, device)
@@ -700,6 +733,32 @@ def test_guided_loop_without_cat_equals_the_loop_with_it(backend, eta, backend_d
     for doubled, catted in zip(*(m.inputs for m in models)):
         assert torch.equal(doubled, catted)
         assert torch.equal(doubled[:2], doubled[2:])
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0], ids=["eta0", "eta1"])
+def test_guided_kernel_loop_is_one_launch_per_step(eta, monkeypatch):
+    """On the kernel path every guided step but the last stores both halves itself: one launch, no copy."""
+    bound_step = kernels().bound_step
+    kernel, flags = bound_step._ddim_step_kernel, []
+
+    class Counting:
+        arg_names = kernel.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                flags.append(args[bound_step._OUT_TWICE])
+                return kernel[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(bound_step, "_ddim_step_kernel", Counting())
+    copies = []
+    copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: copies.append(self.shape) or copy(self, *a, **k))
+    cond, uncond = torch.tensor([0.5, -0.25]), torch.zeros(2)
+    sampler = DDIMSampler(_GuidedRecorder(), 5, ddim_eta=eta, backend="triton")
+    sampler.sample(SHAPE, cond, x_last=randn(SHAPE, seed=3), seed=4, uncond_scale=2.5, uncond_cond=uncond)
+    assert flags == [True] * 4 + [False]
+    assert torch.Size(SHAPE) not in copies  # no half copied into the other
 
 
 def test_guided_loop_with_a_model_returning_its_input_or_an_earlier_one():

@@ -50,7 +50,7 @@ _X, _EPS, _EPS_C, _OUT, _X0 = (_SLOT[n] for n in ("x_ptr", "eps_ptr", "eps_c_ptr
 _NOISE, _EPS_OUT = _SLOT["noise_ptr"], _SLOT["eps_out_ptr"]
 _ORIG, _ORIG_NOISE, _MASK = _SLOT["orig_ptr"], _SLOT["orig_noise_ptr"], _SLOT["mask_ptr"]
 _POINTERS = tuple(i for i, name in enumerate(_ARG_NAMES) if name.endswith("_ptr"))
-_STORE_X0 = _SLOT["STORE_X0"]
+_STORE_X0, _OUT_TWICE = _SLOT["STORE_X0"], _SLOT["OUT_TWICE"]
 _I32_MAX = 2**31 - 1
 
 
@@ -172,10 +172,14 @@ class CallLaunch:
 
 
 class BoundStep:
-    """One step of a `CallLaunch`: run(x, model_out, out, x0_out=None) -> out.
+    """One step of a `CallLaunch`: run(x, model_out, out, x0_out=None, out_twice=False) -> out.
 
     x, out, x0_out: (B, *s) of the call's dtype; model_out: (B, *s), or (2B, *s) guided.
+    With out_twice, out is the first half of a contiguous (2B, *s) buffer and the same
+    launch stores x_prev in its second half too (a guided loop's next model input).
     """
+
+    stores_twice = True  # run takes out_twice (a sampler's batch-doubled loop asks for it)
 
     __slots__ = ("_call", "_mode", "_grid", "_values", "_options", "_guided", "_batch", "_half")
 
@@ -186,15 +190,15 @@ class BoundStep:
         self._half = numel  # elements of x: where the conditional half of a guided model_out starts
 
     def __call__(self, x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor,
-                 x0_out: torch.Tensor | None = None) -> torch.Tensor:
+                 x0_out: torch.Tensor | None = None, out_twice: bool = False) -> torch.Tensor:
         values = self._values.copy()
-        values[_STORE_X0] = x0_out is not None
+        values[_STORE_X0], values[_OUT_TWICE] = x0_out is not None, out_twice
         if DIRECT_LAUNCH:
             px, pm, po = x.data_ptr(), model_out.data_ptr(), out.data_ptr()
             p0 = 0 if x0_out is None else x0_out.data_ptr()
             pc = pm + self._half * model_out.element_size() if self._guided else 0
             key = (self._mode, model_out.dtype, x.dtype, out.dtype, None if x0_out is None else x0_out.dtype,
-                   px & 15, pm & 15, pc & 15, po & 15, p0 & 15, self._call.key_types)
+                   px & 15, pm & 15, pc & 15, po & 15, p0 & 15, self._call.key_types, out_twice)
             runner = self._call.runners.get(key)
             if runner is not None:
                 values[_X], values[_EPS], values[_OUT] = px, pm, po

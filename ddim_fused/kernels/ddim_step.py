@@ -68,11 +68,12 @@ def _load_f32(ptr, offs, live, first, end, numel, n_magic, n_shift, BCAST: tl.co
 @triton.jit
 def _step_block(
     x_ptr, eps_ptr, eps_c_ptr, out_ptr, noise_ptr, x0_ptr, eps_out_ptr, orig_ptr, orig_noise_ptr, mask_ptr,
-    first, end, numel, n_magic, n_shift, g_magic, g_shift,
+    first, end, total, numel, n_magic, n_shift, g_magic, g_shift,
     x_coef, eps_coef, noise_coef, x0_x_coef, x0_eps_coef, guidance, orig_coef, orig_noise_coef,
     seed, step_key, sample_offset,
     mask_bstride, mask_mid, p_magic, p_shift, mask_inner, i_magic, i_shift,
-    SIZE: tl.constexpr, HAS_CFG: tl.constexpr, NOISE_MODE: tl.constexpr, NOISE_BCAST: tl.constexpr,
+    SIZE: tl.constexpr, OUT_TWICE: tl.constexpr, HAS_CFG: tl.constexpr, NOISE_MODE: tl.constexpr,
+    NOISE_BCAST: tl.constexpr,
     REPEAT_NOISE: tl.constexpr, STORE_X0: tl.constexpr, STORE_EPS: tl.constexpr,
     MASK_MODE: tl.constexpr, ORIG_BCAST: tl.constexpr, ORIG_NOISE_MODE: tl.constexpr, ORIG_NOISE_BCAST: tl.constexpr,
     GROUPED: tl.constexpr, COORDS: tl.constexpr, FAST_MATH: tl.constexpr, SPLIT_COUNTERS: tl.constexpr,
@@ -81,7 +82,9 @@ def _step_block(
     """The step for the flattened elements first .. first + SIZE that are below `end`.
 
     Batch-broadcast inputs and paint masks are gathered per chunk of CHUNK (MASK_CHUNK)
-    elements that lie in one sample and, for masks, in one run of the mask layout.
+    elements that lie in one sample and, for masks, in one run of the mask layout. With
+    OUT_TWICE, x_prev is stored at out and again `total` elements past it (the second half
+    of a batch-doubled (2B, *s) buffer whose first half is out).
     """
     offs = first + tl.arange(0, SIZE)
     live = offs < end
@@ -151,7 +154,12 @@ def _step_block(
             b_m = b_m.to(tl.float32)
             b_out = b_m * b_orig_t + (b_out - b_m * b_out)
 
-    tl.store(out_ptr + offs, cast_for_store(b_out, out_ptr), mask=live)
+    b_store = cast_for_store(b_out, out_ptr)
+    tl.store(out_ptr + offs, b_store, mask=live)
+    if OUT_TWICE:
+        # The scalar total (int64 where indices need it) moves the base pointer, so
+        # offs keeps its own width and total + offs never overflows an int32.
+        tl.store((out_ptr + total) + offs, b_store, mask=live)
 
 
 @triton.jit(do_not_specialize=["seed", "step_key", "sample_offset", "n_magic", "n_shift", "g_magic", "g_shift",
@@ -163,7 +171,7 @@ def _ddim_step_kernel(
     seed, step_key, sample_offset,
     mask_bstride, mask_mid, p_magic, p_shift, mask_inner, i_magic, i_shift,
     HAS_CFG: tl.constexpr, NOISE_MODE: tl.constexpr, NOISE_BCAST: tl.constexpr, REPEAT_NOISE: tl.constexpr,
-    STORE_X0: tl.constexpr, STORE_EPS: tl.constexpr,
+    STORE_X0: tl.constexpr, STORE_EPS: tl.constexpr, OUT_TWICE: tl.constexpr,
     MASK_MODE: tl.constexpr, ORIG_BCAST: tl.constexpr, ORIG_NOISE_MODE: tl.constexpr, ORIG_NOISE_BCAST: tl.constexpr,
     GROUPED: tl.constexpr, COORDS: tl.constexpr, HAS_TAIL: tl.constexpr, FAST_MATH: tl.constexpr,
     SPLIT_COUNTERS: tl.constexpr, CHUNK: tl.constexpr, MASK_CHUNK: tl.constexpr, MASK_SPREAD: tl.constexpr,
@@ -175,22 +183,22 @@ def _ddim_step_kernel(
     else:
         first = pid.to(tl.int64) * BLOCK
     _step_block(x_ptr, eps_ptr, eps_c_ptr, out_ptr, noise_ptr, x0_ptr, eps_out_ptr, orig_ptr, orig_noise_ptr, mask_ptr,
-                first, bulk, numel, n_magic, n_shift, g_magic, g_shift,
+                first, bulk, total, numel, n_magic, n_shift, g_magic, g_shift,
                 x_coef, eps_coef, noise_coef, x0_x_coef, x0_eps_coef, guidance, orig_coef, orig_noise_coef,
                 seed, step_key, sample_offset,
                 mask_bstride, mask_mid, p_magic, p_shift, mask_inner, i_magic, i_shift,
-                BLOCK, HAS_CFG, NOISE_MODE, NOISE_BCAST, REPEAT_NOISE, STORE_X0, STORE_EPS,
+                BLOCK, OUT_TWICE, HAS_CFG, NOISE_MODE, NOISE_BCAST, REPEAT_NOISE, STORE_X0, STORE_EPS,
                 MASK_MODE, ORIG_BCAST, ORIG_NOISE_MODE, ORIG_NOISE_BCAST, GROUPED, COORDS, FAST_MATH, SPLIT_COUNTERS,
                 CHUNK, MASK_CHUNK, MASK_SPREAD, MASK_BATCHED)
     if HAS_TAIL:
         # The last few elements, past the last multiple of TAIL: masked scalar accesses.
         if pid == tl.num_programs(0) - 1:
             _step_block(x_ptr, eps_ptr, eps_c_ptr, out_ptr, noise_ptr, x0_ptr, eps_out_ptr, orig_ptr, orig_noise_ptr,
-                        mask_ptr, first * 0 + bulk, total, numel, n_magic, n_shift, g_magic, g_shift,
+                        mask_ptr, first * 0 + bulk, total, total, numel, n_magic, n_shift, g_magic, g_shift,
                         x_coef, eps_coef, noise_coef, x0_x_coef, x0_eps_coef, guidance, orig_coef, orig_noise_coef,
                         seed, step_key, sample_offset,
                         mask_bstride, mask_mid, p_magic, p_shift, mask_inner, i_magic, i_shift,
-                        TAIL, HAS_CFG, NOISE_MODE, NOISE_BCAST, REPEAT_NOISE, STORE_X0, STORE_EPS,
+                        TAIL, OUT_TWICE, HAS_CFG, NOISE_MODE, NOISE_BCAST, REPEAT_NOISE, STORE_X0, STORE_EPS,
                         MASK_MODE, ORIG_BCAST, ORIG_NOISE_MODE, ORIG_NOISE_BCAST, GROUPED, COORDS, FAST_MATH,
                         SPLIT_COUNTERS, CHUNK, MASK_CHUNK, MASK_SPREAD, MASK_BATCHED)
 
@@ -207,10 +215,12 @@ def _broadcast(t: torch.Tensor | None, batch: int) -> bool:
 
 
 def step_launch(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, step,
-                x0_out: torch.Tensor | None = None, eps_out: torch.Tensor | None = None) -> Launch | None:
+                x0_out: torch.Tensor | None = None, eps_out: torch.Tensor | None = None,
+                out_twice: bool = False) -> Launch | None:
     """The launch of one step (a `ddim_fused.step_args.StepArgs`) on validated inputs.
 
-    Shapes as `launch_ddim_step`. Reads only shapes, dtypes and data pointers, so it
+    Shapes as `launch_ddim_step`; with out_twice, out is the first half of a (2B, *s)
+    buffer and x_prev is stored in both halves. Reads only shapes, dtypes and data pointers, so it
     also works on meta tensors (the static compile test builds launches from them).
     Returns None when there is nothing to compute (no elements).
     """
@@ -262,7 +272,8 @@ def step_launch(x: torch.Tensor, model_out: torch.Tensor, out: torch.Tensor, ste
     kwargs = dict(
         HAS_CFG=guidance is not None, NOISE_MODE=noise_mode, NOISE_BCAST=_broadcast(step.noise, batch),
         REPEAT_NOISE=bool(step.repeat_noise), STORE_X0=x0_out is not None, STORE_EPS=eps_out is not None,
-        MASK_MODE=mask_mode, ORIG_BCAST=_broadcast(step.orig, batch), ORIG_NOISE_MODE=orig_noise_mode,
+        OUT_TWICE=bool(out_twice), MASK_MODE=mask_mode, ORIG_BCAST=_broadcast(step.orig, batch),
+        ORIG_NOISE_MODE=orig_noise_mode,
         ORIG_NOISE_BCAST=_broadcast(step.orig_noise, batch), MASK_BATCHED=mask_bstride != 0 or batch == 1,
         GROUPED=numel % 4 == 0, COORDS=geo.coords, HAS_TAIL=geo.bulk < geo.total, FAST_MATH=FAST_MATH,
         SPLIT_COUNTERS=split_counters(x.dtype), CHUNK=chunk, MASK_CHUNK=mask_chunk, MASK_SPREAD=mask_spread,
