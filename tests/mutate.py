@@ -106,7 +106,7 @@ MUTATIONS = (
              ("tests/test_ops.py::test_eager_path_still_names_bad_values",),
              "ddim_step's eager path writes into an output that overlaps an input"),
     Mutation("guided-loop-skips-the-second-half", "ddim_fused/sampler.py",
-             "                            high.copy_(low)\n", "",
+             "                            high.copy_(low)\n", "                            pass\n",
              ("tests/test_host_cost.py::test_guided_loop_without_cat_equals_the_loop_with_it",),
              "the guided loop's model input keeps a stale second half"),
     Mutation("kernel-stores-one-half", "ddim_fused/kernels/ddim_step.py",
