@@ -40,8 +40,9 @@ import ddim_fused  # noqa: E402
 from ddim_fused import ops  # noqa: E402
 from ddim_fused.backend import kernels  # noqa: E402
 from ddim_fused.sampler import DDIMSampler  # noqa: E402
-from ddim_fused.schedules import make_alpha_bar  # noqa: E402
 from ddim_fused.step_args import StepArgs  # noqa: E402
+
+from .host import TrivialEps  # noqa: E402
 
 SHAPE = (4, 4, 64, 64)
 ENTRY_SHAPE = (1, 4, 64, 64)  # bench.host's GPU shape
@@ -153,18 +154,6 @@ def launch_rows(launches: int) -> dict[str, float]:
     return rows
 
 
-class _TrivialEps:
-    """bench.host's trivial model: returns its input (only the host path is left to time)."""
-
-    n_steps = 1000
-
-    def __init__(self):
-        self.alpha_bar = make_alpha_bar("linear", 1000)
-
-    def __call__(self, x, t, cond):
-        return x
-
-
 def entry_rows(launches: int) -> dict[str, float]:
     """Microseconds per step of each entry point's host path on the stubbed kernel, before/after pairs."""
     rows = {}
@@ -226,7 +215,7 @@ def _scheduler_rows(bound_mod, x, eps, loops: int) -> dict[str, float]:
 
 
 def _sampler_rows(bound_mod, calls: int) -> dict[str, float]:
-    model = _TrivialEps()
+    model = TrivialEps()
     cond, uncond = torch.ones(1), torch.zeros(1)
     x_T = torch.randn(ENTRY_SHAPE, generator=torch.Generator().manual_seed(2))
     rows = {}
