@@ -41,6 +41,9 @@
 # bench[-quick].log and the runner's results.{json,csv,txt,png} under bench[-quick]/.
 # When OUT is set (the device tool copies $OUT back, a few files only), the folder is also
 # packed into "$OUT/gpu-<date>-<HHMM>.tar.gz" after every step, so a later timeout keeps it.
+# Set DDIM_FUSED_COMMIT to the commit the tree holds (git rev-parse HEAD where the tree was
+# copied from): a lent machine's copy of the tree may carry a stale .git, and every result
+# file records that commit (bench.timing.source_commit).
 # Exits non-zero if any stage failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -84,7 +87,7 @@ export PYTHONUNBUFFERED=1
     $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1
     $PY -c "import diffusers; print('diffusers', diffusers.__version__)" 2>/dev/null \
         || echo "diffusers: not installed (its tests and baseline are skipped)"
-    git rev-parse HEAD 2>/dev/null
+    echo "commit ${DDIM_FUSED_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"
 } >"$DEST/environment.log" 2>&1
 pack
 # The checkout itself, never installed (these machines have no package index to build

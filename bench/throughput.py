@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import source_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = re.compile(r"generated (\d+) samples in ([\d.]+) s \(([\d.]+) samples/s")
 # name: (description, generate arguments, samples, batch size); --quick divides samples by 5.
@@ -110,11 +112,8 @@ def markdown_table(data: dict) -> str:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    commit, _ = source_commit()
+    return commit[:7] if commit else "unknown"
 
 
 def main(argv=None) -> int:

@@ -222,9 +222,7 @@ def environment(device: torch.device, malloc_tuned: bool = False) -> dict:
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
-    root = Path(__file__).resolve().parent.parent
-    commit = _git(root, "rev-parse", "HEAD")
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    commit, dirty = source_commit()
     return {
         "device": str(device),
         "device_name": device_name(device),
@@ -233,12 +231,25 @@ def environment(device: torch.device, malloc_tuned: bool = False) -> dict:
         "diffusers": diffusers_version,
         "python": platform.python_version(),
         "commit": commit,
-        "dirty": bool(dirty) if dirty is not None else None,
+        "dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "torch_threads": torch.get_num_threads(),
         "triton_interpret": interpreter_on(),
         "malloc_tuned": malloc_tuned,
     }
+
+
+def source_commit() -> tuple[str | None, bool | None]:
+    """(commit, has uncommitted changes) of the code a run times.
+
+    DDIM_FUSED_COMMIT, where set, names a clean checkout of that commit: a copy of the tree
+    on a lent machine may carry a stale `.git` of its own, or none.
+    """
+    if os.environ.get("DDIM_FUSED_COMMIT"):
+        return os.environ["DDIM_FUSED_COMMIT"], False
+    root = Path(__file__).resolve().parent.parent
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return _git(root, "rev-parse", "HEAD"), bool(dirty) if dirty is not None else None
 
 
 def _git(root: Path, *args: str):
