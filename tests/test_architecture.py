@@ -99,3 +99,13 @@ def test_kernels_import_nothing_from_the_host_package():
         if name.startswith("ddim_fused.kernels"):
             host = sorted(d for d in deps if not d.startswith("ddim_fused.kernels") and d != "ddim_fused")
             assert not host, f"{name} imports host modules {host}"
+
+
+def test_setup_installs_every_package_folder():
+    """A non-editable install copies only the packages setup.py lists: every folder of the
+    package with an __init__.py must be there (ddim_fused.cli once was not)."""
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    listed = next(kw.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for kw in node.keywords if kw.arg == "packages")
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ddim_fused").rglob("__init__.py")}
+    assert set(ast.literal_eval(listed)) == folders
