@@ -6,7 +6,14 @@ times the cases.
 """
 import os
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as exc:  # pytest run outside the project's environment
+    import pytest
+
+    pytest.exit(f"{exc.name} is not installed: set up with the README's test command "
+                f"(python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e '.[test]' ...)",
+                returncode=4)
 
 if not torch.cuda.is_available():
     # Triton on CPU only through the interpreter, chosen before triton is imported; the

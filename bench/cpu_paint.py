@@ -19,18 +19,9 @@ import torch
 from ddim_fused import native
 
 from .cases import CASES, make_inputs
-from .providers import Providers
+from .providers import Providers, with_torch_ops
 from .timing import time_interleaved, tune_malloc
 
-
-def _without_c_kernel(fn):
-    def run():
-        os.environ[native.DISABLE_ENV] = "0"
-        try:
-            return fn()
-        finally:
-            os.environ.pop(native.DISABLE_ENV, None)
-    return run
 
 
 def main(argv=None) -> int:
@@ -48,7 +39,7 @@ def main(argv=None) -> int:
     inputs = make_inputs(case, shape, torch.float32, device)
     providers = Providers(device)
     fused = providers.make("torch", case, inputs, "fp32")
-    fns = {"C pass": fused, "torch ops": _without_c_kernel(fused),
+    fns = {"C pass": fused, "torch ops": with_torch_ops(fused),
            "minimal": providers.make("minimal", case, inputs, "fp32"),
            "compile": providers.make("compile", case, inputs, "fp32")}
     diff = (fns["C pass"]()[0] - fns["torch ops"]()[0]).abs().max().item()

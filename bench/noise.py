@@ -27,23 +27,11 @@ from ddim_fused.philox import keyed_normal_torch
 from ddim_fused.torch_step import torch_ddim_step
 
 from .cases import CASES, INDEX, SEED, make_inputs
-from .providers import Samplers, eager_step, fused_args
-from .timing import MALLOC_TUNED, environment, time_interleaved, tune_malloc
+from .providers import Samplers, fused_args, labml_step, with_torch_ops
+from .timing import environment, time_interleaved, tune_malloc
 
 SHAPE = (16, 4, 128, 128)
 
-
-def _with_torch_ops(fn):
-    """fn with the C kernel switched off for the duration of each call."""
-
-    def run():
-        os.environ[native.DISABLE_ENV] = "0"
-        try:
-            return fn()
-        finally:
-            del os.environ[native.DISABLE_ENV]
-
-    return run
 
 
 def callables(shape=SHAPE) -> dict:
@@ -51,7 +39,7 @@ def callables(shape=SHAPE) -> dict:
     case = CASES["eta-drawn"]
     inputs = make_inputs(case, shape, torch.float32, torch.device("cpu"))
     samplers = Samplers(case.eta)
-    eager = eager_step(samplers.ref, case)
+    eager = labml_step(samplers.ref, case)
     args = fused_args(samplers, case, inputs)
     x, model_out = inputs["x"], inputs["model_out"]
     batch, numel = shape[0], x[0].numel()
@@ -66,10 +54,10 @@ def callables(shape=SHAPE) -> dict:
     return {
         "randn": lambda: torch.randn(shape),
         "keyed-c": keyed,
-        "keyed-ops": _with_torch_ops(keyed),
+        "keyed-ops": with_torch_ops(keyed),
         "step-eager": lambda: eager(x, model_out, None, None, None, None),
         "step-fused": fused,
-        "step-fused-ops": _with_torch_ops(fused),
+        "step-fused-ops": with_torch_ops(fused),
     }
 
 
@@ -82,12 +70,12 @@ def cold_build_seconds() -> float:
         return time.perf_counter() - t0
 
 
-def report(results: dict, build_s: float, load_before, load_after) -> str:
+def report(results: dict, build_s: float, load_before, load_after, malloc_tuned: bool) -> str:
     """The printed report: environment, one line per callable, the two ratios that matter."""
-    env = environment(torch.device("cpu"))
+    env = environment(torch.device("cpu"), malloc_tuned)
     lines = [
         f"{env['device_name']} | torch {env['torch']} | {env['date']} | commit {(env['commit'] or '?')[:10]}"
-        f"{' (dirty)' if env['dirty'] else ''} | malloc tuned {MALLOC_TUNED[0]}",
+        f"{' (dirty)' if env['dirty'] else ''} | malloc tuned {env['malloc_tuned']}",
         f"1M fp32 elements {SHAPE}; interleaved samples; load average {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after on {os.cpu_count()} CPUs (shared: timings taken under contention)",
         f"C kernel cold build (compile + load): {build_s:.2f} s; later processes load the cached build",
@@ -112,11 +100,11 @@ def main(argv=None) -> int:
         print("bench.noise: error: the CPU kernels are unavailable (no C compiler?)", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
-    MALLOC_TUNED[0] = tune_malloc()
+    malloc_tuned = tune_malloc()
     build_s = cold_build_seconds()
     load_before = os.getloadavg()
     results = time_interleaved(callables(), torch.device("cpu"), budget_s=args.budget)
-    print(report(results, build_s, load_before, os.getloadavg()))
+    print(report(results, build_s, load_before, os.getloadavg(), malloc_tuned))
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .timing import MALLOC_TUNED, QUANTILES, environment, tune_malloc
+from .timing import QUANTILES, environment, tune_malloc
 
 PROVIDERS = ("stock", "fused")
 # (name, UNet sample size, channels, batch, eta): a pixel-space 32x32 model and a
@@ -164,9 +164,9 @@ def main(argv=None) -> int:
         print("ddim-fused: error: --threads must be >= 1", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    MALLOC_TUNED[0] = tune_malloc()
+    malloc_tuned = tune_malloc()
     device = torch.device("cpu")
-    env = environment(device)
+    env = environment(device, malloc_tuned)
     # Other processes on the machine: the timings' noise floor, recorded with them.
     env["load_average"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     rows = pipeline_rows(QUICK_CASES, steps=10, rounds=3) if args.quick else pipeline_rows()

@@ -25,13 +25,14 @@ others torch.randn from torch's global generator (the compiled one through
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ddim_fused import DDIMSampler, ReferenceDDIMSampler
+from ddim_fused import DDIMSampler, ReferenceDDIMSampler, native
 from ddim_fused.backend import interpreter_on, step_function
 from ddim_fused.masks import mask_layout
 from ddim_fused.philox import keyed_normal_torch
@@ -328,6 +329,19 @@ class Providers:
             return result
 
         return first
+
+
+def with_torch_ops(fn):
+    """fn with the CPU C kernel switched off for the duration of each call (its torch-ops path)."""
+
+    def run():
+        os.environ[native.DISABLE_ENV] = "0"
+        try:
+            return fn()
+        finally:
+            os.environ.pop(native.DISABLE_ENV, None)
+
+    return run
 
 
 def first_call_seconds(fn, device: torch.device) -> float:

@@ -13,7 +13,14 @@ Every test that runs the Triton backend takes its tensors from `device` (or from
 """
 import os
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as exc:  # pytest run outside the project's environment
+    import pytest
+
+    pytest.exit(f"{exc.name} is not installed: set up with the README's test command "
+                f"(python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e '.[test]' ...)",
+                returncode=4)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
