@@ -12,13 +12,13 @@
 #                   rows a-f; needs diffusers and transformers); extra options go to bench.sd,
 #                   e.g. --rows abde --batches 1 4 16; limit GPU_SD_S (default 540)
 #   --stage all     (default) tests, then the quick benchmark, then the full one
-#   --stage session one device call of about 450 s (GPU_SESSION_S=440 for the stages), ordered
-#                   by value, each under its own limit so a slow stage cannot eat the rest, its
-#                   elapsed seconds printed and kept in STATUS: host cost per step (bench.host
-#                   --device cuda, GPU_HOST_S=50), the test suite (GPU_TEST_WORKERS=16 workers;
-#                   GPU_TESTS_S defaults to what the session has left after the next two), the
-#                   captured loop (bench.gpu_graph, GPU_GRAPH_S=50), the quick step matrix
-#                   without loops (python -m bench --quick --skip-loops, GPU_BENCH_S=100)
+#   --stage session one device call of about 450 s (GPU_SESSION_S=440 for the stages), the
+#                   timings first on a quiet machine, each stage under its own limit so a slow
+#                   one cannot eat the rest, its elapsed seconds printed and kept in STATUS:
+#                   host cost per step (bench.host --device cuda, GPU_HOST_S=50), the captured
+#                   loop (bench.gpu_graph, GPU_GRAPH_S=50), the quick step matrix without loops
+#                   (python -m bench --quick --skip-loops, GPU_BENCH_S=100), then the test
+#                   suite (GPU_TEST_WORKERS=16 workers; GPU_TESTS_S defaults to what is left)
 #
 # Carried wheels: every .whl/*.whl (e.g. diffusers, on a machine without a package index) is
 # installed into /tmp/site first (no index, no dependencies) and put on PYTHONPATH.
@@ -169,10 +169,15 @@ timed() {  # timed NAME LIMIT_S [timeout options] -- COMMAND...: COMMAND under i
 }
 
 run_session() {  # the whole session within GPU_SESSION_S (default 440 s)
+    # The timings first, on a quiet machine (a test stage leaves 16 workers' load behind it
+    # for a minute or more); the tests then get what the session has left (at least 60 s).
     local start=$SECONDS session=${GPU_SESSION_S:-440} graph_s=${GPU_GRAPH_S:-50} bench_s=${GPU_BENCH_S:-100}
     timed host "${GPU_HOST_S:-50}" -k 10 -- $PY -m bench.host --device cuda --out-dir "$DEST/host"
-    # The tests get what the session has left after the two stages that follow them (at least 60 s).
-    local tests_s=$(( session - (SECONDS - start) - graph_s - bench_s - 20 ))
+    timed graph "$graph_s" -k 10 -- $PY -m bench.gpu_graph --out-dir "$DEST/graph"
+    export BENCH_TESTS_STATUS="tests run after the timings in this call: see STATUS"
+    timed bench-quick "$bench_s" -s INT -k 10 -- \
+        $PY -m bench --quick --skip-loops --out-dir "$DEST/bench-quick" ${EXTRA[@]+"${EXTRA[@]}"}
+    local tests_s=$(( session - (SECONDS - start) - 10 ))
     [ "$tests_s" -ge 60 ] || tests_s=60
     tests_s=${GPU_TESTS_S:-$tests_s}
     local workers=()
@@ -180,13 +185,6 @@ run_session() {  # the whole session within GPU_SESSION_S (default 440 s)
     # SIGINT at the limit: pytest then still prints the failures and skips it has so far.
     timed tests "$tests_s" -s INT -k 20 -- $PY -m pytest tests/ -q --tb=short -rfEs -p no:cacheprovider \
         --durations=15 ${workers[@]+"${workers[@]}"}
-    local tests_code=$?
-    local verdict=passed
-    [ "$tests_code" -eq 0 ] || verdict="FAILED (exit $tests_code)"
-    export BENCH_TESTS_STATUS="tests $verdict in this call"
-    timed graph "$graph_s" -k 10 -- $PY -m bench.gpu_graph --out-dir "$DEST/graph"
-    timed bench-quick "$bench_s" -s INT -k 10 -- \
-        $PY -m bench --quick --skip-loops --out-dir "$DEST/bench-quick" ${EXTRA[@]+"${EXTRA[@]}"}
     echo "session: $((SECONDS - start)) s of ${session} s" | tee -a "$DEST/STATUS"
     pack
 }
