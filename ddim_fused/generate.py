@@ -6,8 +6,9 @@ Sample i of a run is keyed by (run seed, i) alone: its class label is classes[i 
 sampler's Philox stream with global index i. So batch size, shard size, process count and
 resume point never change what sample i is.
 
-Sampling runs under torch.inference_mode; a writer thread with a bounded queue writes each
-finished shard while the next one is sampled.
+Sampling runs under torch.inference_mode. Two threads work behind it, each a bounded queue
+long: one finishes each sampled batch (a pipeline's VAE decode, the finiteness check, the
+copy to the host) while the next batch is sampled, and one writes each finished shard.
 
 Layout of an output directory:
     run.json                 the run's identity (config + model), written before any shard
@@ -25,6 +26,8 @@ whose run.json, manifest or intact shards show another configuration is refused.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -73,6 +76,8 @@ _LEGACY_TEMP = re.compile(r"\.(?P<target>.+)\.tmp\.\d+(\.png)?")
 _FREE_FIELDS = ("batch_size", "device", "backend")
 # Finished shards waiting for the writer thread: bounds the memory a fast sampler holds.
 _WRITE_QUEUE_DEPTH = 2
+# Sampled batches waiting to be decoded and checked (_BatchFinisher), for the same reason.
+_FINISH_DEPTH = 2
 
 
 class RunMismatchError(ValueError):
@@ -486,20 +491,42 @@ def generate_shards(
     check_format(config.format, inputs.loaded)
     sampler = inputs.sampler(config.steps, config.discretize, config.eta, backend=config.backend, seed=config.seed)
     fmt = config.shard_format
-    with _ShardWriter(out_dir, fmt) as writer, torch.inference_mode():
+    parts: dict[int, list] = {}  # shard -> its finished batches, in order
+    # Batches sampled but not yet finished: (shard, size, future), oldest first.
+    pending: collections.deque = collections.deque()
+    captured_sizes: set[int] = set()
+
+    def collect_oldest() -> None:
+        k, n, future = pending.popleft()
+        parts[k].append(future.result())
+        if on_batch is not None:
+            on_batch(n)
+        start, stop = config.shard_range(k)
+        if sum(len(p) for p in parts[k]) == stop - start:
+            indices = np.arange(start, stop, dtype=np.int64)
+            writer.put(fmt.shard_name(k), Shard(
+                np.concatenate(parts.pop(k)), indices, inputs.labels(indices),
+                np.full(len(indices), config.seed, np.int64),
+                sample_metadata(config, model_info or {}, inputs, indices), chash))
+
+    with _ShardWriter(out_dir, fmt) as writer, _BatchFinisher(inputs, config) as finisher, torch.inference_mode():
         for k in shards:
             start, stop = config.shard_range(k)
-            parts = []
+            parts[k] = []
             for b0 in range(start, stop, config.batch_size):
                 writer.check()
                 b1 = min(b0 + config.batch_size, stop)
-                parts.append(sample_batch(inputs, sampler, config, b0, b1))
-                if on_batch is not None:
-                    on_batch(b1 - b0)
-            indices = np.arange(start, stop, dtype=np.int64)
-            writer.put(fmt.shard_name(k), Shard(
-                np.concatenate(parts), indices, inputs.labels(indices), np.full(len(indices), config.seed, np.int64),
-                sample_metadata(config, model_info or {}, inputs, indices), chash))
+                if config.cuda_graph and b1 - b0 not in captured_sizes:
+                    # A new batch size may capture a graph, and CUDA refuses other threads'
+                    # calls during a capture: let the finisher go idle first.
+                    while pending:
+                        collect_oldest()
+                    captured_sizes.add(b1 - b0)
+                pending.append((k, b1 - b0, finisher.submit(sample_latents(inputs, sampler, config, b0, b1), b0)))
+                while len(pending) > _FINISH_DEPTH:
+                    collect_oldest()
+        while pending:
+            collect_oldest()
     return writer.written
 
 
@@ -515,23 +542,35 @@ def check_format(output_format: str, loaded: LoadedModel) -> None:
                          f"{shape[1:]} (latents, not grey or RGB images): use format 'npz'")
 
 
-def sample_batch(inputs: Conditioning, sampler, config: GenerateConfig, b0: int, b1: int) -> np.ndarray:
-    """Samples b0..b1-1 of a run as stored: sampled, decoded by a pipeline's VAE if it has one, checked.
+def sample_latents(inputs: Conditioning, sampler, config: GenerateConfig, b0: int, b1: int) -> torch.Tensor:
+    """Samples b0..b1-1 of a run as the sampler returns them, before decoding.
 
     Args:
         inputs: the run's Conditioning; sampler: its DDIMSampler (`inputs.sampler(...)`).
-        config: the run (device, dtype, cuda_graph, guidance for the error message).
+        config: the run (device, dtype, cuda_graph).
 
     Returns:
-        (b1 - b0, *shape) float32 samples, or (b1 - b0, H, W, 3) uint8 pixels of decoded images.
+        (b1 - b0, *shape) samples (latents for a pipeline with a VAE) on config.device in config.dtype.
+    """
+    cond, extra = inputs.batch(b0, b1)
+    return sampler.sample((b1 - b0,) + tuple(inputs.loaded.sample_shape), cond, sample_offset=b0,
+                          device=torch.device(config.device), dtype=getattr(torch, config.dtype),
+                          cuda_graph=config.cuda_graph, **extra)
+
+
+def finish_batch(inputs: Conditioning, config: GenerateConfig, x: torch.Tensor, b0: int) -> np.ndarray:
+    """A sampled batch as stored: decoded by the pipeline's VAE if it has one, checked, on the host.
+
+    Args:
+        x: (B, *shape) samples of `sample_latents`, the first being sample b0.
+        config: the run (guidance and dtype, for the error message).
+
+    Returns:
+        (B, *shape) float32 samples, or (B, H, W, 3) uint8 pixels of decoded images.
 
     Raises:
         NonFiniteError: a sample (or decoded image) holds NaN or Inf.
     """
-    cond, extra = inputs.batch(b0, b1)
-    x = sampler.sample((b1 - b0,) + tuple(inputs.loaded.sample_shape), cond, sample_offset=b0,
-                       device=torch.device(config.device), dtype=getattr(torch, config.dtype),
-                       cuda_graph=config.cuda_graph, **extra)
     if inputs.loaded.decodes:
         x = inputs.loaded.pipeline.decode(x)
     hint = nonfinite_hint(config.guidance, config.dtype, "its weights", "no shard holding it was written")
@@ -539,10 +578,61 @@ def sample_batch(inputs: Conditioning, sampler, config: GenerateConfig, b0: int,
     return to_uint8(x) if inputs.loaded.decodes else x.float().cpu().numpy()
 
 
+def sample_batch(inputs: Conditioning, sampler, config: GenerateConfig, b0: int, b1: int) -> np.ndarray:
+    """Samples b0..b1-1 of a run as stored: `finish_batch` of `sample_latents`, on this thread.
+
+    Returns:
+        (b1 - b0, *shape) float32 samples, or (b1 - b0, H, W, 3) uint8 pixels of decoded images.
+
+    Raises:
+        NonFiniteError: a sample (or decoded image) holds NaN or Inf.
+    """
+    return finish_batch(inputs, config, sample_latents(inputs, sampler, config, b0, b1), b0)
+
+
 def _class_inputs(model, config: GenerateConfig) -> Conditioning:
     """The inputs of a digits-like protocol model: labels as cond, null_cond for guidance."""
     loaded = LoadedModel.from_protocol(model, {}, conditioning="class", device=config.device)
     return Conditioning(loaded, classes=config.classes, guidance=config.guidance, num=config.num)
+
+
+class _BatchFinisher:
+    """Finishes sampled batches (VAE decode, finiteness check, copy to the host) on a thread.
+
+    So the next batch is sampled while the last one is decoded. On CUDA the thread works on
+    its own stream, which waits for the sampling stream's work on each batch (an event), so
+    the decode overlaps the next batch's loop on the GPU too. Leaving the `with` block drops
+    what has not started and waits for the rest.
+    """
+
+    def __init__(self, inputs: Conditioning, config: GenerateConfig):
+        self.inputs, self.config = inputs, config
+        device = torch.device(config.device)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ddim-fused-finisher")
+
+    def __enter__(self) -> "_BatchFinisher":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, x: torch.Tensor, b0: int) -> concurrent.futures.Future:
+        """Queue x (B, *shape), sample b0 first; the future gives `finish_batch`'s array."""
+        ready = None
+        if self._stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(x.device))
+            x.record_stream(self._stream)  # x's memory is not reused before the finisher's stream is done
+        return self._pool.submit(self._finish, x, b0, ready)
+
+    def _finish(self, x: torch.Tensor, b0: int, ready) -> np.ndarray:
+        # inference_mode and the current stream are per thread.
+        on_stream = torch.cuda.stream(self._stream) if ready is not None else contextlib.nullcontext()
+        with torch.inference_mode(), on_stream:
+            if ready is not None:
+                self._stream.wait_event(ready)
+            return finish_batch(self.inputs, self.config, x, b0)
 
 
 class _ShardWriter:
