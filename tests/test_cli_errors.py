@@ -4,6 +4,7 @@ Usage errors exit 2, runtime failures 1, Ctrl-C 130; --debug adds the traceback.
 argument is checked before the model is first called.
 """
 import errno
+import itertools
 import os
 
 import numpy as np
@@ -320,20 +321,24 @@ def test_ctrl_c_while_writing_the_png_leaves_no_file(tmp_path, capfd, monkeypatc
 
 def test_generate_ctrl_c_keeps_finished_shards_and_resumes(tmp_path, capfd, interrupt_model):
     out = tmp_path / "run"
-    args = ["generate", *TINY, "--num", "8", "--shard-size", "2", "--batch-size", "2", "--out", str(out)]
-    interrupt_model["when"] = lambda: len(list(out.glob("shard-*.npz"))) >= 2
+    args = ["generate", *TINY, "--num", "16", "--shard-size", "2", "--batch-size", "2", "--out", str(out)]
+    # Two steps, one (batch-doubled) model call each: call 2b is the first of batch b. Ctrl-C
+    # while batch 5 is sampled: the shards of the batches finished by then (all but the
+    # _FINISH_DEPTH batches still waiting for the finisher) were handed to the writer.
+    calls = itertools.count()
+    interrupt_model["when"] = lambda: next(calls) == 2 * 5
     line = fail(args, capfd, 130)
     assert line == (f"ddim-fused: interrupted; finished shards in {out} are kept: rerun the same command "
                     "to resume")
-    # The writer thread finishes the shards queued before the interrupt: at least the two the
-    # interrupt waited for, in order, and never all four (the interrupted shard is not written).
+    # The writer thread finishes the shards queued before the interrupt, in order; the
+    # interrupted shard and the ones waiting to be finished are not written.
     kept = sorted(p.name for p in out.glob("shard-*"))
-    assert 2 <= len(kept) < 4 and kept == [gen.shard_name(k) for k in range(len(kept))]
+    assert kept == [gen.shard_name(k) for k in range(5 - gen._FINISH_DEPTH)]
     assert not temp_files(out) and not (out / gen.MANIFEST).exists()
     interrupt_model["when"] = lambda: False
     assert main(args) == 0
     assert f"{len(kept)} complete shard(s) kept" in capfd.readouterr().out
-    assert np.array_equal(gen.load_samples(out)["indices"], np.arange(8))
+    assert np.array_equal(gen.load_samples(out)["indices"], np.arange(16))
 
 
 def test_generate_ctrl_c_in_the_middle_of_a_shard_write_leaves_no_partial_shard(tmp_path, capfd, monkeypatch):
