@@ -44,7 +44,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -491,43 +491,63 @@ def generate_shards(
     check_format(config.format, inputs.loaded)
     sampler = inputs.sampler(config.steps, config.discretize, config.eta, backend=config.backend, seed=config.seed)
     fmt = config.shard_format
-    parts: dict[int, list] = {}  # shard -> its finished batches, in order
-    # Batches sampled but not yet finished: (shard, size, future), oldest first.
-    pending: collections.deque = collections.deque()
+    batches = []  # (b0, b1) of every batch, shard by shard: a batch never spans two shards
+    for k in shards:
+        start, stop = config.shard_range(k)
+        batches += [(b0, min(b0 + config.batch_size, stop)) for b0 in range(start, stop, config.batch_size)]
+    with _ShardWriter(out_dir, fmt) as writer, torch.inference_mode(), \
+            contextlib.closing(finished_batches(inputs, sampler, config, batches)) as finished:
+        parts = []
+        for b0, samples in finished:
+            writer.check()
+            parts.append(samples)
+            if on_batch is not None:
+                on_batch(len(samples))
+            k = b0 // config.shard_size
+            start, stop = config.shard_range(k)
+            if b0 + len(samples) == stop:  # the shard's last batch
+                indices = np.arange(start, stop, dtype=np.int64)
+                writer.put(fmt.shard_name(k), Shard(
+                    np.concatenate(parts), indices, inputs.labels(indices),
+                    np.full(len(indices), config.seed, np.int64),
+                    sample_metadata(config, model_info or {}, inputs, indices), chash))
+                parts = []
+    return writer.written
+
+
+def finished_batches(inputs: Conditioning, sampler, config: GenerateConfig, batches) -> Iterator[tuple]:
+    """Sample and finish batches in order, each batch's finishing overlapping the next ones' sampling.
+
+    `finish_batch` runs on a thread (`_BatchFinisher`) while this generator samples up to
+    _FINISH_DEPTH batches ahead; close it (contextlib.closing) to stop that thread early.
+
+    Args:
+        batches: (b0, b1) ranges of sample indices, in the order to yield them.
+
+    Yields:
+        (b0, samples): `finish_batch`'s (b1 - b0, ...) array of each range.
+
+    Raises:
+        NonFiniteError: a batch holds NaN or Inf (raised in order: every batch before it was yielded).
+    """
+    pending: collections.deque = collections.deque()  # (b0, future), oldest first
     captured_sizes: set[int] = set()
 
-    def collect_oldest() -> None:
-        k, n, future = pending.popleft()
-        parts[k].append(future.result())
-        if on_batch is not None:
-            on_batch(n)
-        start, stop = config.shard_range(k)
-        if sum(len(p) for p in parts[k]) == stop - start:
-            indices = np.arange(start, stop, dtype=np.int64)
-            writer.put(fmt.shard_name(k), Shard(
-                np.concatenate(parts.pop(k)), indices, inputs.labels(indices),
-                np.full(len(indices), config.seed, np.int64),
-                sample_metadata(config, model_info or {}, inputs, indices), chash))
+    def oldest() -> tuple:
+        b0, future = pending.popleft()
+        return b0, future.result()
 
-    with _ShardWriter(out_dir, fmt) as writer, _BatchFinisher(inputs, config) as finisher, torch.inference_mode():
-        for k in shards:
-            start, stop = config.shard_range(k)
-            parts[k] = []
-            for b0 in range(start, stop, config.batch_size):
-                writer.check()
-                b1 = min(b0 + config.batch_size, stop)
-                if config.cuda_graph and b1 - b0 not in captured_sizes:
-                    # A new batch size may capture a graph, and CUDA refuses other threads'
-                    # calls during a capture: let the finisher go idle first.
-                    while pending:
-                        collect_oldest()
-                    captured_sizes.add(b1 - b0)
-                pending.append((k, b1 - b0, finisher.submit(sample_latents(inputs, sampler, config, b0, b1), b0)))
-                while len(pending) > _FINISH_DEPTH:
-                    collect_oldest()
+    with _BatchFinisher(inputs, config) as finisher:
+        for b0, b1 in batches:
+            # A new batch size under cuda_graph may capture a graph, and CUDA refuses other
+            # threads' calls during a capture: the finisher goes idle first.
+            idle = config.cuda_graph and b1 - b0 not in captured_sizes
+            while len(pending) > (0 if idle else _FINISH_DEPTH):
+                yield oldest()
+            captured_sizes.add(b1 - b0)
+            pending.append((b0, finisher.submit(sample_latents(inputs, sampler, config, b0, b1), b0)))
         while pending:
-            collect_oldest()
-    return writer.written
+            yield oldest()
 
 
 def check_format(output_format: str, loaded: LoadedModel) -> None:
