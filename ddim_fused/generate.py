@@ -628,7 +628,7 @@ class _BatchFinisher:
     def __init__(self, inputs: Conditioning, config: GenerateConfig):
         self.inputs, self.config = inputs, config
         device = torch.device(config.device)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # None: finish on the CPU
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ddim-fused-finisher")
 
     def __enter__(self) -> "_BatchFinisher":
@@ -648,11 +648,12 @@ class _BatchFinisher:
 
     def _finish(self, x: torch.Tensor, b0: int, ready) -> np.ndarray:
         # inference_mode and the current stream are per thread.
-        on_stream = torch.cuda.stream(self._stream) if ready is not None else contextlib.nullcontext()
-        with torch.inference_mode(), on_stream:
-            if ready is not None:
+        with torch.inference_mode():
+            if ready is None:
+                return finish_batch(self.inputs, self.config, x, b0)
+            with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
-            return finish_batch(self.inputs, self.config, x, b0)
+                return finish_batch(self.inputs, self.config, x, b0)
 
 
 class _ShardWriter:

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from ddim_fused import generate as gen
-from test_generate import CONFIG, INFO, TinyModel
+from test_generate import CONFIG, INFO, TinyModel, run
 
 TIMEOUT = 30  # seconds; a wait that long means the overlap is not there
 
 
-def run(out, config=CONFIG):
-    return gen.run_generation(out, config, TinyModel, INFO, progress=False)
+def slow(b0):
+    threading.Event().wait(0.05)  # a slow decode: the sampler runs ahead as far as it may
 
 
 def test_shards_equal_batches_finished_one_by_one_on_the_sampling_thread(tmp_path):
@@ -78,9 +78,6 @@ def test_the_next_batch_is_sampled_while_one_is_finished(tmp_path, monkeypatch):
 
 
 def test_at_most_finish_depth_batches_wait(tmp_path, monkeypatch):
-    def slow(b0):
-        threading.Event().wait(0.05)  # a slow decode: the sampler runs ahead as far as it may
-
     recorder = Recorder(monkeypatch, slow)
     run(tmp_path, dataclasses.replace(CONFIG, batch_size=2))
     assert recorder.most_waiting == gen._FINISH_DEPTH
@@ -88,7 +85,7 @@ def test_at_most_finish_depth_batches_wait(tmp_path, monkeypatch):
 
 def test_a_new_batch_size_under_cuda_graph_waits_for_the_finisher(tmp_path, monkeypatch):
     # Capturing a graph for a new batch size must not meet another thread's CUDA calls.
-    recorder = Recorder(monkeypatch)
+    recorder = Recorder(monkeypatch, slow)
     real_sample = recorder.sample
     idle_at_new_size = []
 
@@ -98,10 +95,6 @@ def test_a_new_batch_size_under_cuda_graph_waits_for_the_finisher(tmp_path, monk
                 idle_at_new_size.append((b1 - b0, len(recorder.finished) == len(recorder.sampled)))
         return real_sample(inputs, sampler, dataclasses.replace(config, cuda_graph=False), b0, b1)
 
-    def slow(b0):
-        threading.Event().wait(0.05)
-
-    recorder.finish_hook = slow
     monkeypatch.setattr(gen, "sample_latents", sample)
     config = dataclasses.replace(CONFIG, cuda_graph=True)
     chash = gen.prepare_dir(tmp_path, config, INFO)
